@@ -1,0 +1,285 @@
+"""Lazy reading and streaming writing of safetensors checkpoints.
+
+A conversion never holds a model in memory: `Checkpoint` reads one tensor at a time,
+and `write_shards` writes each output shard by computing its header from shapes first,
+then streaming tensor bytes as they are produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeify.errors import MoeifyError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype codes, both ways.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header; reject truncated or corrupted files."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise MoeifyError(f"{path} is not a safetensors file (too short); re-download it")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > size - 8:
+            raise MoeifyError(f"{path} is truncated or corrupted (header runs past the end); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MoeifyError(f"{path} has a corrupted header; re-download it") from None
+    if not isinstance(header, dict):
+        raise MoeifyError(f"{path} has a corrupted header; re-download it")
+    header.pop("__metadata__", None)
+    infos, data_start, end = {}, 8 + header_len, 0
+    for name, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MoeifyError(f"{path} has a corrupted entry for {name!r}; re-download it") from None
+        if stop - begin != math.prod(shape) * dtype.itemsize:
+            raise MoeifyError(f"{path} is corrupted: {name!r} has the wrong byte size; re-download it")
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, stop - begin)
+        end = max(end, stop)
+    if data_start + end > size:
+        raise MoeifyError(
+            f"{path} is truncated ({size} bytes, the header promises {data_start + end}); re-download it"
+        )
+    return infos
+
+
+class Checkpoint:
+    """A folder of safetensors weights plus config.json, read one tensor at a time.
+
+    Tensors are read with pread into fresh buffers rather than memory-mapped: pages of a
+    mapping stay in the resident set after use, and peak memory must not grow with the model.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config = _read_config(self.folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in _shard_files(self.folder):
+            self.tensors.update(read_header(shard))
+        if not self.tensors:
+            raise MoeifyError(f"{self.folder} holds no tensors; point at a folder with model weights")
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MoeifyError(f"tensor {name!r} is missing from {self.folder}; the checkpoint is incomplete") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        with open(info.path, "rb") as f:
+            while done < info.nbytes:  # one pread returns at most ~2 GiB
+                got = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+                if got == 0:
+                    raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
+                done += got
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor with the right shape and dtype but no data, for planning."""
+        info = self.info(name)
+        return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MoeifyError(f"{folder} has no config.json; point at a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoeifyError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MoeifyError(f"{index} is corrupted; re-download it") from None
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise MoeifyError(f"shard {shard.name} is named in {INDEX_FILE} but missing; re-download it")
+        return shards
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise MoeifyError(f"{folder} has no safetensors weights; convert the checkpoint to safetensors first")
+    return shards
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor known by shape before its bytes exist."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, as transformers reads max_shard_size."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise MoeifyError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Group tensors in order into shards of at most max_bytes (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def write_shards(
+    tensors: Sequence[PlannedTensor],
+    folder: Path,
+    max_shard_size: str,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> list[str]:
+    """Write tensors as safetensors shards (plus an index when there are several)."""
+    shards = plan_shards(tensors, parse_size(max_shard_size))
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, shard in zip(names, shards):
+        _write_shard(folder / name, shard, on_bytes)
+    if len(shards) > 1:
+        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        total = sum(t.nbytes for t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _header(shard: Sequence[PlannedTensor]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_shard(path: Path, shard: Sequence[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
+    with open(path, "wb") as f:
+        f.write(_header(shard))
+        for planned in shard:
+            tensor = planned.produce()
+            assert tensor.shape == planned.shape and tensor.dtype == planned.dtype, planned.name
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            on_bytes(planned.nbytes)
+
+
+# ---------------------------------------------------------------------------- output folder
+
+
+@contextmanager
+def staged_output(dest: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside dest; move it into place only if the block completes.
+
+    Any failure, Ctrl-C included, removes the temporary folder and leaves dest untouched.
+    """
+    dest = Path(dest).absolute()
+    check_output(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.moeify-", dir=dest.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is not
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_output(dest: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder without overwrite."""
+    if dest.is_file():
+        raise MoeifyError(f"output {dest} is an existing file; choose a folder path")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise MoeifyError(f"output folder {dest} is not empty; pass --overwrite or choose another path")

@@ -1,0 +1,42 @@
+"""The `moeify` command: wiring only. Each command lives in moeify/commands/."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import typer
+
+from moeify.commands.models import models
+from moeify.commands.upcycle import upcycle
+from moeify.errors import MoeifyError
+
+app = typer.Typer(
+    name="moeify",
+    help="Turn a dense Hugging Face causal LM into a Mixture-of-Experts model.\n\n"
+    "Example: moeify upcycle smollm2-135m --experts 8 --topk 2 --output smollm2-8x135m",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.command(epilog="Aliases: see `moeify models`.")(upcycle)
+app.command()(models)
+
+
+def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app(args=argv, prog_name="moeify")
+    except MoeifyError as e:
+        from moeify.ui import say
+
+        say(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

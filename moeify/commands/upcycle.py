@@ -1,0 +1,62 @@
+"""`moeify upcycle`: copy each FFN into experts behind a new router (sparse upcycling).
+
+Examples:
+
+    moeify upcycle smollm2-135m --experts 8 --topk 2 --output smollm2-8x135m
+    moeify upcycle mistral-7b --experts 8 --topk 2 --dtype bfloat16 --output mixtral-upcycled
+    moeify upcycle ./my-llama --experts 4 --topk 1 --noise 0.01 --output ./my-llama-4e
+    moeify upcycle model.gguf --experts 8 --topk 2 --drop-ratio 0.5 --seed 1 --output out
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeify import conversion, source, ui
+from moeify.commands.options import (
+    DropOpt, DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
+    RouterInitOpt, RouterStdOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg, TopkOpt,
+)
+from moeify.checkpoint import check_output
+from moeify.spec import DType, Format, RouterInit, Spec
+from moeify.transforms import upcycle as upcycle_layer
+
+
+def upcycle(
+    source_: SourceArg,
+    output: OutputOpt,
+    experts: ExpertsOpt = 8,
+    topk: TopkOpt = 2,
+    granularity: GranularityOpt = 1,
+    shared_experts: SharedOpt = 0,
+    moe_layers: LayersOpt = "all",
+    format_: FormatOpt = Format.AUTO,
+    dtype: DTypeOpt = DType.AUTO,
+    router_init: RouterInitOpt = RouterInit.RANDOM,
+    router_std: RouterStdOpt = 0.02,
+    noise: NoiseOpt = 0.0,
+    drop_ratio: DropOpt = 0.0,
+    seed: SeedOpt = 0,
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Turn a dense model into a MoE whose experts are copies of its FFNs.
+
+    With --noise 0 and --drop-ratio 0 (the default) the result computes exactly what the
+    source did; train it further so its experts can specialise.
+    """
+    spec = Spec(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
+                moe_layers=moe_layers, format=format_, dtype=dtype, router_init=router_init,
+                router_std=router_std, noise=noise, drop_ratio=drop_ratio, seed=seed,
+                max_shard_size=max_shard_size)
+    run(source_, output, spec, overwrite)
+
+
+def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=upcycle_layer) -> None:
+    """Resolve, convert with a progress bar, and print the summary: shared by every converting command."""
+    check_output(output.absolute(), overwrite)  # before any download
+    folder = source.resolve(source_name, notify=ui.say)
+    with ui.byte_progress("writing") as (set_total, advance):
+        result = conversion.convert(folder, output, spec, source=source_name, transform=transform,
+                                    overwrite=overwrite, on_plan=set_total, on_bytes=advance)
+    ui.console.print(ui.summary(result))

@@ -1,0 +1,170 @@
+"""The single streaming pass: source checkpoint -> transform per layer -> target names -> shards.
+
+Nothing here holds the model: the plan lists every output tensor by shape (learnt by running
+the transform on meta tensors), and each tensor's bytes are produced only when the writer
+reaches it. One layer's MoE is kept while its tensors are written, then dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeify import __version__, card
+from moeify.adapters import Adapter, adapter_for
+from moeify.checkpoint import Checkpoint, PlannedTensor, staged_output, write_shards
+from moeify.spec import DType, Spec
+from moeify.targets import choose
+from moeify.targets.base import Target
+from moeify.transforms import FFN, MoELayer, upcycle
+
+# Files of the source folder that describe weights or the model itself: never copied verbatim.
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".py", ".ckpt")
+NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md", "moeify.json", ".gitattributes"}
+
+Transform = Callable[[FFN, Spec, int], MoELayer]
+
+
+@dataclass
+class Result:
+    """What a conversion produced, for the summary table, the card and moeify.json."""
+
+    output: Path
+    source: str
+    spec: Spec
+    target: str
+    reason: str
+    num_layers: int
+    moe_layers: list[int]
+    total_params: int
+    active_params: int
+    total_bytes: int
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _LayerCache:
+    """Builds one layer's MoE on first use and keeps only the latest layer."""
+
+    def __init__(self, build: Callable[[int], MoELayer]):
+        self._build, self._layer, self._moe = build, -1, None
+
+    def get(self, layer: int) -> MoELayer:
+        if layer != self._layer:
+            self._moe = None  # free the previous layer before building the next
+            self._moe, self._layer = self._build(layer), layer
+        return self._moe
+
+
+@dataclass
+class _Job:
+    ckpt: Checkpoint
+    adapter: Adapter
+    target: Target
+    spec: Spec
+    moe_layers: list[int]
+    transform: Transform
+    dtype: torch.dtype | None  # None keeps each tensor's own dtype
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def moe(self, layer: int, meta: bool = False) -> MoELayer:
+        ffn = self.adapter.read_ffn(self.ckpt, layer, meta=meta).map(lambda role, t: self.cast(t))
+        return self.transform(ffn, self.spec, layer)
+
+
+def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
+    """Every output tensor in writing order, and the parameters a token does not use."""
+    replaced = {name: layer for layer in job.moe_layers for name in job.adapter.ffn_names(layer).values()}
+    cache = _LayerCache(job.moe)
+    planned: list[PlannedTensor] = []
+    inactive = 0
+    for name in job.ckpt.names():
+        layer = replaced.get(name)
+        if layer is None:
+            meta = job.cast(job.ckpt.meta(name))
+            planned.append(PlannedTensor(job.target.rename(name), tuple(meta.shape), meta.dtype,
+                                         lambda name=name: job.cast(job.ckpt.read(name))))
+            continue
+        if name != next(iter(job.adapter.ffn_names(layer).values())):
+            continue  # the layer's MoE tensors are planned once, at its first FFN tensor
+        skeleton = job.moe(layer, meta=True)
+        for out_name, take in job.target.moe_tensors(job.adapter, layer, skeleton):
+            t = take(skeleton)
+            planned.append(PlannedTensor(out_name, tuple(t.shape), t.dtype,
+                                         lambda layer=layer, take=take: take(cache.get(layer))))
+        inactive += _inactive_params(skeleton)
+    return planned, inactive
+
+
+def _inactive_params(moe: MoELayer) -> int:
+    per_expert = sum(t.numel() for t in moe.experts[0].tensors().values())
+    return (len(moe.experts) - moe.topk) * per_expert
+
+
+def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    floats = [i.dtype for i in ckpt.tensors.values() if i.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transform: Transform = upcycle,
+            overwrite: bool = False, on_plan: Callable[[int], None] = lambda total: None,
+            on_bytes: Callable[[int], None] = lambda n: None) -> Result:
+    """Convert the checkpoint in source_dir into a MoE checkpoint at output."""
+    started = time.perf_counter()
+    ckpt = Checkpoint(source_dir)
+    adapter = adapter_for(ckpt.config)
+    moe_layers = spec.layers(adapter.num_layers(ckpt.config))
+    target, reason = choose(adapter, ckpt.config, spec, moe_layers)
+    dtype = None if spec.dtype is DType.AUTO else getattr(torch, spec.dtype.value)
+    job = _Job(ckpt, adapter, target, spec, moe_layers, transform, dtype)
+    planned, inactive = plan(job)
+    total_bytes = sum(p.nbytes for p in planned)
+    on_plan(total_bytes)
+    expert_size = job.moe(moe_layers[0], meta=True).experts[0].intermediate_size
+    result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
+                    num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
+                    total_params=sum(math.prod(p.shape) for p in planned),
+                    active_params=sum(math.prod(p.shape) for p in planned) - inactive,
+                    total_bytes=total_bytes)
+    with staged_output(output, overwrite) as staging:
+        result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
+        config = target.config(ckpt.config, spec, moe_layers, expert_size, dtype or _source_dtype(ckpt))
+        config.save_pretrained(staging)
+        target.write_code(staging)
+        _copy_side_files(ckpt.folder, staging)
+        result.seconds = time.perf_counter() - started
+        card.write(staging, result, ckpt.config, ckpt.folder)
+        (staging / "moeify.json").write_text(json.dumps(record(result), indent=2) + "\n")
+    return result
+
+
+def record(result: Result) -> dict:
+    """moeify.json: the spec (a valid recipe by itself) plus where it came from."""
+    return result.spec.to_dict() | {
+        "source": result.source,
+        "moeify_version": __version__,
+        "target": result.target,
+        "moe_layer_indices": result.moe_layers,
+        "total_params": result.total_params,
+        "active_params": result.active_params,
+    }
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    """Tokenizer, chat template, generation config and the like go with the model."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in NOT_COPIED \
+                and not path.name.endswith(NOT_COPIED_SUFFIXES):
+            shutil.copy2(path, dest / path.name)

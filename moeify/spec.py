@@ -1,0 +1,141 @@
+"""One validated, frozen description of a requested conversion.
+
+The CLI builds it, recipes build it, and the output's moeify.json records it, so a
+conversion can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
+
+from moeify.checkpoint import parse_size
+from moeify.errors import MoeifyError
+
+
+class Mode(str, Enum):
+    UPCYCLE = "upcycle"  # copy each FFN into experts
+    SPLIT = "split"  # cut each FFN (or expert) into pieces
+
+
+class Format(str, Enum):
+    AUTO = "auto"  # native when a native architecture holds the result losslessly
+    NATIVE = "native"  # a transformers MoE architecture (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    REMOTE = "remote"  # moeify's own modeling code shipped with the checkpoint
+
+
+class RouterInit(str, Enum):
+    RANDOM = "random"  # normal(0, router_std)
+    ZEROS = "zeros"  # uniform routing at init
+
+
+class DType(str, Enum):
+    AUTO = "auto"  # keep each tensor's source dtype
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+@dataclass(frozen=True)
+class Spec:
+    mode: Mode = Mode.UPCYCLE
+    experts: int = 8  # copies of the FFN (before granularity)
+    topk: int = 2  # copies selected per token (before granularity)
+    granularity: int = 1  # each copy cut into this many pieces: experts*G experts, topk*G active
+    shared_experts: int = 0  # always-on experts per MoE layer
+    moe_layers: str = "all"  # which layers become MoE: all | every:N | skip-first:K | 0,2,4
+    router_init: RouterInit = RouterInit.RANDOM
+    router_std: float = 0.02  # std of a random router
+    noise: float = 0.0  # std of Gaussian noise added to expert weights
+    drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's neurons re-initialised
+    seed: int = 0  # every random choice derives from it
+    format: Format = Format.AUTO
+    dtype: DType = DType.AUTO
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # coerce strings from YAML/JSON/CLI into enums once, here
+            if isinstance(f.default, Enum) and not isinstance(getattr(self, f.name), Enum):
+                object.__setattr__(self, f.name, _enum(type(f.default), f.name, getattr(self, f.name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.experts < 2:
+            raise MoeifyError(f"--experts must be at least 2 (got {self.experts})")
+        if not 1 <= self.topk <= self.experts:
+            raise MoeifyError(f"--topk must be between 1 and --experts ({self.experts}) (got {self.topk})")
+        if self.granularity < 1:
+            raise MoeifyError(f"--granularity must be at least 1 (got {self.granularity})")
+        if self.shared_experts < 0:
+            raise MoeifyError(f"--shared-experts cannot be negative (got {self.shared_experts})")
+        if self.router_std < 0 or self.noise < 0:
+            raise MoeifyError("--router-std and --noise must be zero or positive")
+        if not 0 <= self.drop_ratio < 1:
+            raise MoeifyError(f"--drop-ratio must be in [0, 1) (got {self.drop_ratio})")
+        parse_size(self.max_shard_size)
+        parse_layers(self.moe_layers, None)
+
+    @property
+    def routed_experts(self) -> int:
+        return self.experts * self.granularity
+
+    @property
+    def active_experts(self) -> int:
+        return self.topk * self.granularity
+
+    def layers(self, num_layers: int) -> list[int]:
+        return parse_layers(self.moe_layers, num_layers)
+
+    def replace(self, **changes: Any) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Spec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MoeifyError(f"unknown conversion field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def parse_layers(expr: str, num_layers: int | None) -> list[int]:
+    """Resolve --moe-layers against a model depth (None only checks the syntax)."""
+    expr = str(expr).strip().replace(" ", "")
+    n = num_layers if num_layers is not None else 10**6
+    try:
+        if expr == "all":
+            chosen = list(range(n))
+        elif expr.startswith("every:"):
+            step = int(expr.split(":", 1)[1])
+            # Sparse upcycling converts every other layer, counting from the second.
+            chosen = list(range(step - 1, n, step)) if step >= 1 else []
+        elif expr.startswith("skip-first:"):
+            chosen = list(range(int(expr.split(":", 1)[1]), n))
+        else:
+            chosen = sorted({int(part) for part in expr.split(",")})
+    except ValueError:
+        raise MoeifyError(f"cannot read --moe-layers {expr!r}; use all, every:2, skip-first:1 or 0,2,4") from None
+    if num_layers is not None:
+        bad = [i for i in chosen if not 0 <= i < num_layers]
+        if bad:
+            raise MoeifyError(f"--moe-layers names layer {bad[0]}, but the model has layers 0..{num_layers - 1}")
+        if not chosen:
+            raise MoeifyError(f"--moe-layers {expr!r} selects no layer of this {num_layers}-layer model")
+    return chosen
+
+
+def _enum(kind: type[Enum], name: str, value: Any) -> Enum:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = "|".join(member.value for member in kind)
+        raise MoeifyError(f"unknown {name} {value!r}; choose one of {choices}") from None
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value

@@ -1,0 +1,57 @@
+"""What every output format answers: can it hold this conversion, and how is it named on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from moeify.adapters import Adapter
+from moeify.spec import Spec
+from moeify.transforms import MoELayer
+
+# One output tensor of a MoE layer: its name, and how to take it from the built layer.
+LayerTensor = tuple[str, Callable[[MoELayer], torch.Tensor]]
+
+# Source config keys that describe the source file, not the model.
+NOT_BACKBONE = {"architectures", "model_type", "auto_map", "transformers_version", "_name_or_path",
+                "_model_name_or_path", "quantization_config", "torch_dtype", "dtype"}
+
+
+class Target:
+    name: str
+
+    def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
+        """Why this format cannot hold the conversion losslessly, or None when it can."""
+        raise NotImplementedError
+
+    def rename(self, name: str) -> str:
+        """The output name of a tensor passed through unchanged."""
+        return name
+
+    def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
+        """Output names of one MoE layer, in writing order (moe may hold meta tensors)."""
+        raise NotImplementedError
+
+    def config(self, config: dict, spec: Spec, moe_layers: list[int], expert_size: int,
+               dtype: torch.dtype) -> PretrainedConfig:
+        raise NotImplementedError
+
+    def write_code(self, folder: Path) -> None:
+        """Files besides weights and config that the format needs (remote code)."""
+
+
+def backbone(config: dict) -> dict:
+    """Every field of the source config that describes the model, normalised by transformers.
+
+    Loading through AutoConfig turns legacy fields (rope_theta, rope_scaling) into the current
+    ones, so the target config states them explicitly instead of falling back to its defaults.
+    """
+    normalised = AutoConfig.for_model(**config).to_dict()
+    return {k: v for k, v in normalised.items() if k not in NOT_BACKBONE}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,53 @@
+"""Native Mixtral: routed experts only, every layer MoE, softmax-then-renormalised top-k."""
+
+from __future__ import annotations
+
+import torch
+from transformers import MixtralConfig, PretrainedConfig
+
+from moeify.adapters import Adapter
+from moeify.spec import Mode, Spec
+from moeify.targets.base import LayerTensor, Target, backbone, dtype_name
+from moeify.transforms import MoELayer
+
+
+class Mixtral(Target):
+    name = "mixtral"
+
+    def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
+        if "mixtral" not in adapter.native:
+            return f"Mixtral cannot hold {adapter.model_type}'s layers exactly"
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            return "Mixtral has no attention or FFN biases"
+        if spec.shared_experts:
+            return "Mixtral has no shared experts"
+        if len(moe_layers) != adapter.num_layers(config):
+            return "Mixtral makes every layer MoE"
+        if spec.mode is not Mode.UPCYCLE:
+            return "Mixtral renormalises top-k weights, which a split cannot match exactly"
+        return None
+
+    def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
+        base = f"model.layers.{layer}.block_sparse_moe"
+        tensors: list[LayerTensor] = [(f"{base}.gate.weight", lambda m: m.router)]
+        for j in range(len(moe.experts)):
+            tensors += [
+                (f"{base}.experts.{j}.w1.weight", lambda m, j=j: m.experts[j].gate),
+                (f"{base}.experts.{j}.w2.weight", lambda m, j=j: m.experts[j].down),
+                (f"{base}.experts.{j}.w3.weight", lambda m, j=j: m.experts[j].up),
+            ]
+        return tensors
+
+    def config(self, config: dict, spec: Spec, moe_layers: list[int], expert_size: int,
+               dtype: torch.dtype) -> PretrainedConfig:
+        fields = backbone(config) | {
+            "intermediate_size": expert_size,
+            "num_local_experts": spec.routed_experts,
+            "num_experts_per_tok": spec.active_experts,
+            "output_router_logits": False,
+            "router_jitter_noise": 0.0,
+            "dtype": dtype_name(dtype),
+        }
+        mixtral = MixtralConfig(**fields)
+        mixtral.architectures = ["MixtralForCausalLM"]
+        return mixtral

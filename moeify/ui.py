@@ -1,0 +1,41 @@
+"""What people see in the terminal: progress over bytes written and the closing summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from moeify.card import human
+from moeify.conversion import Result
+
+console = Console(stderr=True, highlight=False)
+
+
+def say(line: str) -> None:
+    console.print(line, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[tuple]:
+    """A progress bar over bytes; yields (set_total, advance) callbacks."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield (lambda total: progress.update(task, total=total)), (lambda n: progress.advance(task, n))
+
+
+def summary(result: Result) -> Table:
+    spec = result.spec
+    table = Table(title=f"{result.output}", show_header=False, title_justify="left")
+    table.add_row("format", f"{result.target} — {result.reason}")
+    table.add_row("layers", f"{len(result.moe_layers)} MoE of {result.num_layers}")
+    table.add_row("experts", f"{spec.routed_experts} routed, top-{spec.active_experts}, {spec.shared_experts} shared")
+    table.add_row("parameters", f"{human(result.total_params)} total, {human(result.active_params)} active per token")
+    table.add_row("size", f"{human(result.total_bytes, 'B')} in {len(result.files)} shard(s)")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    return table

