@@ -5,9 +5,10 @@ Code appears only where a tensor really changes shape (fused or transposed layou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from transformers import AutoConfig
 
 from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
@@ -25,6 +26,7 @@ class Adapter:
     fused_gate_up: bool = False  # one (2I, H) tensor named `up`, gate rows first (phi3)
     transposed: bool = False  # Conv1D layout (in, out) instead of nn.Linear's (out, in)
     bias: bool = False  # projections carry biases
+    bias_field: str | None = None  # config flag that adds biases to every projection (llama's mlp_bias)
     activation_field: str = "hidden_act"
     layers_field: str = "num_hidden_layers"
     hidden_field: str = "hidden_size"
@@ -57,14 +59,34 @@ class Adapter:
         return int(config[self.layers_field])
 
     def activation(self, config: dict) -> str:
-        return config.get(self.activation_field, "silu")
+        """The transformers ACT2FN key; a config that omits it means the family's default."""
+        if config.get(self.activation_field):
+            return config[self.activation_field]
+        return getattr(AutoConfig.for_model(self.model_type), self.activation_field)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
 
 
 ADAPTERS: dict[str, Adapter] = {
     a.model_type: a
     for a in (
-        Adapter("llama", native=("mixtral",)),
-        Adapter("mistral", native=("mixtral",)),
+        Adapter("llama", native=("mixtral", "qwen2_moe"), bias_field="mlp_bias"),
+        Adapter("mistral", native=("mixtral", "qwen2_moe")),
+        Adapter("qwen2", native=("qwen2_moe",)),
+        Adapter("qwen3", native=("qwen3_moe",)),
+        Adapter("gemma2", native=(), activation_field="hidden_activation"),
+        Adapter("gemma3_text", native=(), activation_field="hidden_activation"),
+        Adapter("phi3", native=(), up="gate_up_proj", fused_gate_up=True),
+        Adapter("olmo2", native=()),
+        Adapter("granite", native=(), bias_field="mlp_bias"),
+        # Conv1D stores (in, out); the FFN is up then GELU then down, both with biases.
+        Adapter("gpt2", native=(), mlp="transformer.h.{i}.mlp", gate=None, up="c_fc", down="c_proj",
+                transposed=True, bias=True, activation_field="activation_function", layers_field="n_layer",
+                hidden_field="n_embd"),
+        Adapter("gpt_neox", native=(), mlp="gpt_neox.layers.{i}.mlp", gate=None, up="dense_h_to_4h",
+                down="dense_4h_to_h", bias=True),
     )
 }
 
@@ -75,4 +97,7 @@ def adapter_for(config: dict) -> Adapter:
     if model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise MoeifyError(f"architecture {model_type!r} is not supported; supported families: {supported}")
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    if adapter.bias_field and config.get(adapter.bias_field):
+        adapter = replace(adapter, bias=True)
+    return adapter

@@ -132,7 +132,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     planned, inactive = plan(job)
     total_bytes = sum(p.nbytes for p in planned)
     on_plan(total_bytes)
-    expert_size = job.moe(moe_layers[0], meta=True).experts[0].intermediate_size
+    skeleton = job.moe(moe_layers[0], meta=True)  # shapes of the MoE layers, for the config
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=sum(math.prod(p.shape) for p in planned),
@@ -140,7 +140,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
                     total_bytes=total_bytes)
     with staged_output(output, overwrite) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
-        config = target.config(ckpt.config, spec, moe_layers, expert_size, dtype or _source_dtype(ckpt))
+        config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, dtype or _source_dtype(ckpt))
         config.save_pretrained(staging)
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)

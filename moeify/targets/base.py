@@ -35,8 +35,9 @@ class Target:
         """Output names of one MoE layer, in writing order (moe may hold meta tensors)."""
         raise NotImplementedError
 
-    def config(self, config: dict, spec: Spec, moe_layers: list[int], expert_size: int,
+    def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
+        """The output config; moe is the first MoE layer on meta tensors (its shapes hold for every layer)."""
         raise NotImplementedError
 
     def write_code(self, folder: Path) -> None:

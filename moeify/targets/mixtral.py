@@ -38,10 +38,10 @@ class Mixtral(Target):
             ]
         return tensors
 
-    def config(self, config: dict, spec: Spec, moe_layers: list[int], expert_size: int,
+    def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
         fields = backbone(config) | {
-            "intermediate_size": expert_size,
+            "intermediate_size": moe.experts[0].intermediate_size,
             "num_local_experts": spec.routed_experts,
             "num_experts_per_tok": spec.active_experts,
             "output_router_logits": False,
