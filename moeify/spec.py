@@ -31,6 +31,19 @@ class RouterInit(str, Enum):
     ZEROS = "zeros"  # uniform routing at init
 
 
+class Partition(str, Enum):
+    CONTIGUOUS = "contiguous"  # neurons in checkpoint order
+    RANDOM = "random"  # a seeded random permutation, cut into equal parts
+    CLUSTER = "cluster"  # balanced k-means over the neurons' weight vectors
+    ACTIVATION = "activation"  # balanced clustering by co-activation on calibration text
+
+
+class SplitRouter(str, Enum):
+    CENTROID = "centroid"  # the mean gate (or up) row of the expert's neurons
+    REPRESENTATIVE = "representative"  # the gate (or up) row of the neuron nearest that mean
+    FIT = "fit"  # least squares on each expert's activation mass over calibration text
+
+
 class DType(str, Enum):
     AUTO = "auto"  # keep each tensor's source dtype
     FLOAT32 = "float32"
@@ -54,6 +67,11 @@ class Spec:
     format: Format = Format.AUTO
     dtype: DType = DType.AUTO
     max_shard_size: str = "5GB"
+    # split only: how neurons are grouped, how routers start, and the calibration text
+    partition: Partition = Partition.ACTIVATION
+    split_router: SplitRouter = SplitRouter.FIT
+    calibration: str | None = None  # text or JSONL file, or a datasets name; None: sampled from the source
+    calibration_tokens: int = 8192  # budget of calibration tokens read
 
     def __post_init__(self) -> None:
         for f in fields(self):  # coerce strings from YAML/JSON/CLI into enums once, here
@@ -62,9 +80,11 @@ class Spec:
         self._validate()
 
     def _validate(self) -> None:
-        if self.experts < 2:
+        if self.mode is Mode.SPLIT:
+            self._validate_split()
+        elif self.experts < 2:
             raise MoeifyError(f"--experts must be at least 2 (got {self.experts})")
-        if not 1 <= self.topk <= self.experts:
+        elif not 1 <= self.topk <= self.experts:
             raise MoeifyError(f"--topk must be between 1 and --experts ({self.experts}) (got {self.topk})")
         if self.granularity < 1:
             raise MoeifyError(f"--granularity must be at least 1 (got {self.granularity})")
@@ -77,13 +97,27 @@ class Spec:
         parse_size(self.max_shard_size)
         parse_layers(self.moe_layers, None)
 
+    def _validate_split(self) -> None:
+        # experts counts the source's FFNs (1 for a dense source); topk counts pieces after the cut
+        if self.experts < 1 or self.granularity < 2:
+            raise MoeifyError(f"--granularity must be at least 2 to split (got {self.granularity})")
+        if self.shared_experts >= self.experts * self.granularity:
+            raise MoeifyError(f"--shared-experts ({self.shared_experts}) must leave some of the "
+                              f"{self.experts * self.granularity} pieces routed")
+        if not 1 <= self.topk <= self.routed_experts:
+            raise MoeifyError(f"--topk must be between 1 and the {self.routed_experts} routed experts (got {self.topk})")
+        if self.calibration_tokens < 16:
+            raise MoeifyError(f"--calibration-tokens must be at least 16 (got {self.calibration_tokens})")
+
     @property
     def routed_experts(self) -> int:
+        if self.mode is Mode.SPLIT:  # shared experts are carved out of the pieces
+            return self.experts * self.granularity - self.shared_experts
         return self.experts * self.granularity
 
     @property
     def active_experts(self) -> int:
-        return self.topk * self.granularity
+        return self.topk if self.mode is Mode.SPLIT else self.topk * self.granularity
 
     def layers(self, num_layers: int) -> list[int]:
         return parse_layers(self.moe_layers, num_layers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import torch
 
@@ -78,19 +79,24 @@ class LazyExperts(Sequence):
         return self._last[1]
 
 
+class Scoring(str, Enum):
+    SOFTMAX = "softmax"  # softmax over router logits, top-k, renormalised over the top-k
+    UNIT = "unit"  # each selected expert weighs 1: all pieces of a split selected = the dense FFN
+
+
 @dataclass(frozen=True)
 class MoELayer:
     """Routed experts behind a router, plus always-on shared experts.
 
     router: (E, H). A token's output is sum over its top-k experts of weight * expert(x),
-    the weights being the softmax over router logits renormalised over the top-k,
-    plus the sum of the shared experts' outputs.
+    the weights given by `scoring`, plus the sum of the shared experts' outputs.
     """
 
     experts: Sequence[FFN]
     router: torch.Tensor
     topk: int
     shared: Sequence[FFN] = field(default_factory=tuple)
+    scoring: Scoring = Scoring.SOFTMAX
 
 
 def seed_for(seed: int, *parts: object) -> int:
