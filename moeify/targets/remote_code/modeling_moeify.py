@@ -1,0 +1,334 @@
+"""moeify's remote-format model (copied as-is into every remote output; imports only torch and transformers).
+
+`MoeifyForCausalLM` builds the source family's own *ForCausalLM from `config.base_config`, so
+attention, norms and rotary embeddings are exactly the source's, then swaps the FFN at
+`moe.mlp_path` of every layer in `moe.moe_layers` for a `MoeifyBlock`. The family's modules are
+registered under their own names, so the state dict uses the source's tensor names, plus, per MoE
+layer M:
+
+    M.router.weight (E, H)                     M.router.expert_bias (E,) float32, with aux_free_bias
+    M.experts.{j}.{gate,up}_proj.weight (I, H) M.experts.{j}.down_proj.weight (H, I)   (+ .bias with bias)
+    M.shared_experts.{s}.*  (same, I_s)        M.output_bias (H,), with output_bias
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_moeify import MoeifyConfig
+
+
+class MoeifyExpert(nn.Module):
+    """One FFN: down(act(gate(x)) * up(x)), or down(act(up(x))) when not gated. x: (T, H) -> (T, H)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias) if gated else None
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeifyRouter(nn.Linear):
+    """Router logits (T, E) = x (T, H) @ weight.T, weight (E, H).
+
+    With aux-free balancing it also holds `expert_bias` (E,) float32, added to the scores for top-k
+    selection only (never to the mixing weights) and moved outside the gradient.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, aux_free_bias: bool):
+        super().__init__(hidden, num_experts, bias=False)
+        if aux_free_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+
+class Routing:
+    """Which experts each token uses and with what weight.
+
+    logits (T, E) raw router output; index (T, k) chosen experts; weight (T, k) mixing weights
+    (float32); keep (T, k) bool, False where capacity dropped the assignment.
+    """
+
+    def __init__(self, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None):
+        self.logits, self.index, self.weight, self.keep = logits, index, weight, keep
+
+
+class MoeifyBlock(nn.Module):
+    """Routed experts behind a top-k router, plus always-on shared experts and an optional output bias.
+
+    forward: (B, S, H) -> (B, S, H). Per-expert work is batched: assignments are sorted by expert
+    and each expert that received tokens runs once on its contiguous slice.
+    """
+
+    def __init__(self, moe: dict, hidden: int):
+        super().__init__()
+        self.moe = moe
+        self.top_k = moe["num_experts_per_tok"]
+        self.num_experts = moe["num_experts"]
+        shared_size = moe["shared_intermediate_size"] or moe["expert_intermediate_size"]
+        expert = (moe["hidden_act"], moe["gated"], moe["bias"])
+        self.router = MoeifyRouter(hidden, self.num_experts, moe["aux_free_bias"])
+        self.experts = nn.ModuleList(
+            MoeifyExpert(hidden, moe["expert_intermediate_size"], *expert) for _ in range(self.num_experts)
+        )
+        self.shared_experts = nn.ModuleList(
+            MoeifyExpert(hidden, shared_size, *expert) for _ in range(moe["num_shared_experts"])
+        )
+        self.output_bias = nn.Parameter(torch.zeros(hidden)) if moe["output_bias"] else None
+        self.sink: list | None = None  # set by MoeifyForCausalLM while router outputs are wanted
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.route(x)
+        if self.sink is not None:
+            self.sink.append(routing)
+        out = self.dispatch(x, routing)
+        for shared in self.shared_experts:
+            out = out + shared(x)
+        if self.output_bias is not None:
+            out = out + self.output_bias
+        return out.reshape(shape)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Top-k experts per token of x (T, H), and their mixing weights."""
+        moe = self.moe
+        if self.training and moe["router_jitter_noise"] > 0:  # Mixtral-style multiplicative input jitter
+            noise = moe["router_jitter_noise"]
+            x = x * torch.empty_like(x).uniform_(1.0 - noise, 1.0 + noise)
+        logits = F.linear(x, self.router.weight)
+        probs = logits.float().softmax(dim=-1)
+        scores = probs if self.router.expert_bias is None else probs + self.router.expert_bias.float()
+        index = scores.topk(self.top_k, dim=-1).indices
+        weight = probs.gather(1, index)
+        if moe["scoring"] == "unit":  # weight 1 forward, d(weight)/d(p) = 1/p backward: the router still learns
+            weight = weight / weight.detach()
+        elif moe["norm_topk_prob"]:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        keep = self.capacity_mask(index) if self.training and moe["capacity_factor"] else None
+        if self.training and self.router.expert_bias is not None:
+            self.update_bias(index)
+        return Routing(logits, index, weight, keep)
+
+    def capacity_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """(T, k) bool: an expert takes at most ceil(factor * T * k / E) assignments.
+
+        First choices of all tokens come before second choices (then token order), as in Switch
+        Transformer, so a dropped assignment is the least preferred one.
+        """
+        tokens, k = index.shape
+        capacity = math.ceil(self.moe["capacity_factor"] * tokens * k / self.num_experts)
+        choice_major = index.t().reshape(-1)
+        order = choice_major.argsort(stable=True)
+        counts = torch.bincount(choice_major, minlength=self.num_experts)
+        starts = counts.cumsum(0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=index.device) - starts[choice_major[order]]
+        return (rank < capacity).reshape(k, tokens).t()
+
+    @torch.no_grad()
+    def update_bias(self, index: torch.Tensor) -> None:
+        """DeepSeek-V3 aux-loss-free balancing: under-loaded experts' bias up, over-loaded down."""
+        load = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+        self.router.expert_bias += self.moe["aux_free_update_rate"] * torch.sign(load.mean() - load)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Sum over each token's kept experts of weight * expert(x). x: (T, H) -> (T, H)."""
+        flat_expert = routing.index.reshape(-1)
+        flat_weight = routing.weight.reshape(-1)
+        slot = torch.arange(flat_expert.numel(), device=x.device)
+        if routing.keep is not None:
+            slot = slot[routing.keep.reshape(-1)]
+        order = slot[flat_expert[slot].argsort(stable=True)]
+        counts = torch.bincount(flat_expert[order], minlength=self.num_experts).tolist()  # one host sync
+        token = order // self.top_k
+        inputs = x[token]
+        outputs, start = [], 0
+        for j, count in enumerate(counts):
+            if count:
+                outputs.append(self.experts[j](inputs[start : start + count]))
+                start += count
+        out = torch.zeros_like(x)
+        if not outputs:
+            return out
+        mixed = torch.cat(outputs) * flat_weight[order].unsqueeze(-1).to(x.dtype)
+        return out.index_add_(0, token, mixed)
+
+
+def dense_class(base_config) -> type[PreTrainedModel]:
+    """The family's own *ForCausalLM class for a base config."""
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+
+
+class MoeifyPreTrainedModel(PreTrainedModel):
+    config_class = MoeifyConfig
+    supports_gradient_checkpointing = True
+    # The attention is the family's own; every supported family implements these backends.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
+    """The source family's causal LM with MoE blocks in place of the chosen FFNs."""
+
+    # Copied from the family's class so loading, tying and device maps treat the model as the family's.
+    _ADOPTED = (
+        "_tied_weights_keys",
+        "_keys_to_ignore_on_load_unexpected",
+        "_keys_to_ignore_on_load_missing",
+        "_keep_in_fp32_modules",
+        "_keep_in_fp32_modules_strict",
+        "_no_split_modules",
+    )
+
+    def __init__(self, config: MoeifyConfig):
+        super().__init__(config)
+        dense = dense_class(config.base_config)(config.base_config)
+        # The dense model is kept unregistered: its modules are registered on self under their own
+        # names (so tensor names are the source's), and its forward is reused as is.
+        self.__dict__["dense"] = dense
+        for name in self._ADOPTED:
+            setattr(self, name, getattr(type(dense), name, None))
+        hidden = config.base_config.hidden_size
+        for layer in config.moe["moe_layers"]:
+            parent, _, leaf = config.moe["mlp_path"].format(i=layer).rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, MoeifyBlock(config.moe, hidden))
+        self._adopt()
+        self.post_init()
+
+    def _adopt(self) -> None:
+        """Register the dense model's top-level modules on self (again, after one was replaced)."""
+        for name, module in self.dense.named_children():
+            self.add_module(name, module)
+
+    def blocks(self) -> list[MoeifyBlock]:
+        return [m for m in self.modules() if isinstance(m, MoeifyBlock)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.dense.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.dense.set_input_embeddings(value)
+        self._adopt()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.dense.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.dense.set_output_embeddings(value)
+        self._adopt()
+
+    def train(self, mode: bool = True):
+        self.dense.training = mode  # its own flag: children follow through self
+        return super().train(mode)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.dense.prepare_inputs_for_generation(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        """The dense family's forward; with output_router_logits, also router_logits and aux_loss.
+
+        With labels the loss is the family's LM loss + router_aux_loss_coef * aux_loss (when router
+        outputs are requested) + router_z_loss_coef * z_loss (when that coefficient is set).
+        """
+        moe = self.config.moe
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        z_loss_wanted = labels is not None and moe["router_z_loss_coef"] > 0
+        sink = [] if output_router_logits or z_loss_wanted else None
+        blocks = self.blocks()
+        for block in blocks:
+            block.sink = sink
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        try:
+            out = self.dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)
+        finally:
+            for block in blocks:
+                block.sink = None
+        loss, aux_loss = out.loss, None
+        if output_router_logits and sink:
+            aux_loss = load_balancing_loss(sink, self.config.moe["num_experts"], attention_mask)
+            if loss is not None:
+                loss = loss + moe["router_aux_loss_coef"] * aux_loss.to(loss.device)
+        if z_loss_wanted and sink:
+            loss = loss + moe["router_z_loss_coef"] * router_z_loss(sink, attention_mask).to(loss.device)
+        result = MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=out.logits,
+            cache=out.get("cache"),
+            hidden_states=out.get("hidden_states"),
+            attentions=out.get("attentions"),
+            router_logits=tuple(r.logits for r in sink) if output_router_logits and sink else None,
+        )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
+
+
+def token_mask(attention_mask: torch.Tensor | None, tokens: int, device: torch.device) -> torch.Tensor:
+    """(T,) float32 weights: 1 for real tokens, 0 for padding (all ones without a 2-D mask)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != tokens:
+        return torch.ones(tokens, device=device)
+    return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def load_balancing_loss(routings: list[Routing], num_experts: int, attention_mask=None) -> torch.Tensor:
+    """Switch/Mixtral aux loss, averaged over MoE layers: E * sum_i f_i * P_i.
+
+    f_i: share of the (T*k) assignments that went to expert i, times k (as Mixtral counts it);
+    P_i: mean router probability of expert i. Both over real (unpadded) tokens. Equals k when
+    perfectly balanced, and grows as routing concentrates.
+    """
+    losses = []
+    for r in routings:
+        mask = token_mask(attention_mask, r.logits.shape[0], r.logits.device)
+        total = mask.sum().clamp(min=1)
+        probs = r.logits.float().softmax(dim=-1)
+        counts = torch.zeros(num_experts, device=probs.device).index_add_(
+            0, r.index.reshape(-1), mask.repeat_interleave(r.index.shape[1])
+        )
+        share = counts / total
+        mean_prob = (probs * mask.unsqueeze(-1)).sum(0) / total
+        losses.append(num_experts * (share * mean_prob).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(routings: list[Routing], attention_mask=None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2, averaged over MoE layers."""
+    losses = []
+    for r in routings:
+        mask = token_mask(attention_mask, r.logits.shape[0], r.logits.device)
+        z = torch.logsumexp(r.logits.float(), dim=-1).square()
+        losses.append((z * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+__all__ = ["MoeifyBlock", "MoeifyForCausalLM", "MoeifyPreTrainedModel"]
