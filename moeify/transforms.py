@@ -155,9 +155,11 @@ def pieces(ffn: FFN, granularity: int) -> list[FFN]:
 
     The down bias would be counted G times, so each piece carries 1/G of it.
     """
+    if granularity == 1:
+        return [ffn]
     size = ffn.intermediate_size // granularity
     cut = [ffn.neurons(torch.arange(g * size, (g + 1) * size)) for g in range(granularity)]
-    if ffn.down_bias is None or granularity == 1:
+    if ffn.down_bias is None:
         return cut
     return [replace(p, down_bias=p.down_bias / granularity) for p in cut]
 
