@@ -1,0 +1,311 @@
+"""checkpoint.py: lazy reading of single-file and sharded folders, the streaming shard writer,
+and the staged output folder that is renamed into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moeify.checkpoint import INDEX_FILE, Checkpoint, PlannedTensor, parse_size, read_header, staged_output, write_shards
+from moeify.errors import MoeifyError
+
+
+def planned(name: str, tensor: torch.Tensor) -> PlannedTensor:
+    return PlannedTensor(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.float32": torch.randn(7, 5, generator=gen),
+        "b.bfloat16": torch.randn(3, 11, generator=gen).to(torch.bfloat16),
+        "c.float16": torch.randn(13, generator=gen).to(torch.float16),
+        "d.int64": torch.randint(-(2**40), 2**40, (3, 3), generator=gen),
+        "e.scalar": torch.tensor(3.5),
+        "f.empty": torch.empty(0, 4),
+        "g.int8": torch.randint(-128, 127, (5,), dtype=torch.int8, generator=gen),
+    }
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def header_len(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def test_reads_single_file_folder(tiny_llama: Path):
+    ckpt = Checkpoint(tiny_llama)
+    expected = load_file(tiny_llama / "model.safetensors")
+    assert ckpt.config["model_type"] == "llama"
+    assert set(ckpt.names()) == set(expected)
+    for name, tensor in expected.items():
+        got = ckpt.read(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got, tensor), name
+        meta = ckpt.meta(name)
+        assert meta.is_meta and meta.shape == tensor.shape and meta.dtype == tensor.dtype
+    assert "model.embed_tokens.weight" in ckpt and "nope" not in ckpt
+    with pytest.raises(MoeifyError, match="missing"):
+        ckpt.read("nope")
+
+
+def sharded_folder(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A folder with config.json, two safetensors shards written by safetensors itself, and an index."""
+    folder.mkdir(parents=True)
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    save_file({n: tensors[n] for n in first}, folder / "model-00001-of-00002.safetensors", {"format": "pt"})
+    save_file({n: tensors[n] for n in second}, folder / "model-00002-of-00002.safetensors", {"format": "pt"})
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in first}
+    weight_map |= {n: "model-00002-of-00002.safetensors" for n in second}
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def test_reads_sharded_folder(tmp_path: Path):
+    tensors = {k: v for k, v in sample_tensors().items()}
+    folder = sharded_folder(tmp_path / "sharded", tensors)
+    # A stray safetensors file not named in the index must be ignored.
+    save_file({"stray": torch.zeros(2)}, folder / "stray.safetensors")
+    ckpt = Checkpoint(folder)
+    assert set(ckpt.names()) == set(tensors)
+    for name, tensor in tensors.items():
+        got = ckpt.read(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert raw(got) == raw(tensor), name
+    assert {ckpt.info(n).path.name for n in tensors} == {
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+
+
+def test_missing_shard_named_in_index(tmp_path: Path):
+    folder = sharded_folder(tmp_path / "sharded", sample_tensors())
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(MoeifyError, match="model-00002-of-00002.safetensors.*missing"):
+        Checkpoint(folder)
+
+
+def test_folder_without_config_or_weights(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(MoeifyError, match="config.json"):
+        Checkpoint(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("{}")
+    with pytest.raises(MoeifyError, match="no safetensors"):
+        Checkpoint(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("{not json")
+    with pytest.raises(MoeifyError, match="not valid JSON"):
+        Checkpoint(tmp_path / "a")
+
+
+def test_truncated_file_is_rejected(tmp_path: Path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])  # tensor bytes cut short
+    with pytest.raises(MoeifyError, match="truncated"):
+        read_header(path)
+    path.write_bytes(data[:20])  # header cut short
+    with pytest.raises(MoeifyError, match="truncated|corrupted"):
+        read_header(path)
+    path.write_bytes(data[:5])  # not even the length prefix
+    with pytest.raises(MoeifyError, match="too short"):
+        read_header(path)
+
+
+def test_corrupted_header_is_rejected(tmp_path: Path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4)}, path)
+    data = bytearray(path.read_bytes())
+    garbage = data.copy()
+    garbage[8:24] = b"\xff" * 16
+    path.write_bytes(bytes(garbage))
+    with pytest.raises(MoeifyError, match="corrupted header"):
+        read_header(path)
+    # Valid JSON whose entry lies about the tensor's size, or names an unknown dtype.
+    n = header_len(path)
+    header, body = json.loads(bytes(data[8 : 8 + n])), bytes(data[8 + n :])
+
+    def rewrite(h: dict) -> None:
+        text = json.dumps(h).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+    rewrite(header)
+    assert read_header(path)["w"].shape == (4, 4)  # the rewriting itself is sound
+    header["w"]["shape"] = [4, 5]
+    rewrite(header)
+    with pytest.raises(MoeifyError, match="wrong byte size"):
+        read_header(path)
+    header["w"] = {"dtype": "NOPE", "shape": [4, 4], "data_offsets": [0, 64]}
+    rewrite(header)
+    with pytest.raises(MoeifyError, match="corrupted entry"):
+        read_header(path)
+    rewrite([1, 2])
+    with pytest.raises(MoeifyError, match="corrupted header"):
+        read_header(path)
+
+# ---------------------------------------------------------------------------- writing
+
+
+def test_write_shards_round_trips_every_dtype_byte_exactly(tmp_path: Path):
+    tensors = sample_tensors()
+    written = []
+    names = write_shards([planned(k, v) for k, v in tensors.items()], tmp_path, "5GB", written.append)
+    assert names == ["model.safetensors"]
+    assert not (tmp_path / INDEX_FILE).exists()
+    assert sum(written) == sum(t.numel() * t.element_size() for t in tensors.values())
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert list(f.keys()) == sorted(tensors)  # safe_open lists keys sorted
+        assert f.metadata() == {"format": "pt"}
+        for name, tensor in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+            assert raw(got) == raw(tensor), name
+    # And moeify's own reader agrees, header alignment included.
+    assert header_len(tmp_path / "model.safetensors") % 8 == 0
+    infos = read_header(tmp_path / "model.safetensors")
+    assert infos["a.float32"].offset % 8 == 0  # the first tensor's data starts 8-byte aligned
+    assert [infos[n].offset for n in tensors] == sorted(infos[n].offset for n in tensors)  # written in order
+
+
+def test_write_shards_respects_max_shard_size_and_writes_index(tmp_path: Path):
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i:02d}": torch.randn(10 + i, 25, generator=gen) for i in range(12)}  # 1000..2100 bytes each
+    tensors["big"] = torch.randn(1000, generator=gen)  # 4000 bytes: larger than a shard, gets its own
+    tensors["z.bf16"] = torch.randn(300, generator=gen).to(torch.bfloat16)
+    max_bytes = 3500
+    names = write_shards([planned(k, v) for k, v in tensors.items()], tmp_path, f"{max_bytes}B")
+    assert len(names) > 2
+    assert names == [f"model-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)]
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert set(index["weight_map"]) == set(tensors)
+    assert set(index["weight_map"].values()) == set(names)
+    seen = {}
+    for name in names:
+        path = tmp_path / name
+        assert header_len(path) % 8 == 0
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            size = 0
+            for key in keys:
+                got = f.get_tensor(key)
+                assert raw(got) == raw(tensors[key]) and got.dtype == tensors[key].dtype
+                assert index["weight_map"][key] == name
+                size += got.numel() * got.element_size()
+                seen[key] = name
+        assert size <= max_bytes or len(keys) == 1, (name, size)
+    assert set(seen) == set(tensors)
+    assert len([n for n in names if seen["big"] == n]) == 1
+    # The sharded output is a valid checkpoint folder for moeify's own reader.
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path)
+    assert all(raw(ckpt.read(k)) == raw(v) for k, v in tensors.items())
+
+
+def test_write_shards_streams_one_tensor_at_a_time(tmp_path: Path):
+    """Each tensor is produced only when the writer reaches it, after the header is on disk."""
+    produced = []
+    path = tmp_path / "model.safetensors"
+
+    def producer(name: str, tensor: torch.Tensor):
+        def produce():
+            produced.append(name)
+            # The header is already written: its length prefix is on disk before any tensor exists.
+            assert path.exists()
+            return tensor
+        return produce
+
+    tensors = sample_tensors()
+    plan = [PlannedTensor(k, tuple(v.shape), v.dtype, producer(k, v)) for k, v in tensors.items()]
+    write_shards(plan, tmp_path, "5GB")
+    assert produced == list(tensors)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5kb") == 1500
+    assert parse_size("123") == 123
+    for bad in ("", "GB", "-1GB", "0", "5 parsecs"):
+        with pytest.raises(MoeifyError, match="cannot read size"):
+            parse_size(bad)
+
+
+# ---------------------------------------------------------------------------- staged output
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return list(parent.glob(f".{name}.moeify-*"))
+
+
+def test_staged_output_renames_into_place(tmp_path: Path):
+    dest = tmp_path / "out"
+    with staged_output(dest, overwrite=False) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".out.moeify-")
+        assert not dest.exists()
+        (staging / "f").write_text("x")
+    assert (dest / "f").read_text() == "x"
+    assert not leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, MoeifyError])
+def test_staged_output_failure_leaves_nothing(tmp_path: Path, error: type[BaseException]):
+    dest = tmp_path / "out"
+    with pytest.raises(error):
+        with staged_output(dest, overwrite=False) as staging:
+            (staging / "f").write_text("x")
+            raise error("stop")
+    assert not dest.exists()
+    assert not leftovers(tmp_path, "out")
+
+
+def test_staged_output_failure_keeps_existing_dest(tmp_path: Path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old").write_text("keep me")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(dest, overwrite=True) as staging:
+            (staging / "new").write_text("x")
+            raise KeyboardInterrupt
+    assert [p.name for p in dest.iterdir()] == ["old"] and (dest / "old").read_text() == "keep me"
+    assert not leftovers(tmp_path, "out")
+    with staged_output(dest, overwrite=True) as staging:
+        (staging / "new").write_text("x")
+    assert [p.name for p in dest.iterdir()] == ["new"]
+
+
+def test_staged_output_refuses_file_and_non_empty_folder(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MoeifyError, match="existing file"):
+        with staged_output(tmp_path / "file", overwrite=True):
+            pass
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(MoeifyError, match="--overwrite"):
+        with staged_output(tmp_path / "full", overwrite=False):
+            pass
+    (tmp_path / "empty").mkdir()
+    with staged_output(tmp_path / "empty", overwrite=False) as staging:  # an empty folder is fine
+        (staging / "f").write_text("x")
+    assert (tmp_path / "empty" / "f").is_file()
+    assert not leftovers(tmp_path, "file") and not leftovers(tmp_path, "full") and not leftovers(tmp_path, "empty")
+
+
+def test_staged_output_folder_is_not_private(tmp_path: Path):
+    with staged_output(tmp_path / "out", overwrite=False) as staging:
+        (staging / "f").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o755 == 0o755
+
