@@ -42,8 +42,15 @@ def upcycle(
 ) -> None:
     """Turn a dense model into a MoE whose experts are copies of its FFNs.
 
-    With --noise 0 and --drop-ratio 0 (the default) the result computes exactly what the
-    source did; train it further so its experts can specialise.
+    With --noise 0 and --drop-ratio 0 (the default) the result computes exactly what the source did.
+
+    Examples:
+
+    moeify upcycle smollm2-135m --experts 8 --topk 2 --output smollm2-8x135m
+
+    moeify upcycle mistral-7b --experts 8 --topk 2 --dtype bfloat16 --output mixtral-upcycled
+
+    moeify upcycle ./my-llama --experts 4 --topk 1 --drop-ratio 0.5 --seed 1 --output my-llama-4e
     """
     spec = Spec(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
                 moe_layers=moe_layers, format=format_, dtype=dtype, router_init=router_init,
