@@ -1,0 +1,86 @@
+"""The remote format: the source family's own transformers model with moeify MoE blocks as FFNs.
+
+It holds every family and every conversion: attention, norms and embeddings keep the source's
+tensor names and code, and the checkpoint carries configuration_moeify.py and modeling_moeify.py
+(loaded with trust_remote_code=True). Dense layers keep their FFN untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from moeify.adapters import Adapter
+from moeify.spec import Spec
+from moeify.targets.base import LayerTensor, Target, dtype_name
+from moeify.transforms import FFN, MoELayer
+
+CODE_DIR = Path(__file__).parent / "remote_code"
+CODE_FILES = ("configuration_moeify.py", "modeling_moeify.py")
+
+# FFN role -> tensor name under an expert's module path.
+ROLE_NAMES = {
+    "gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight",
+    "gate_bias": "gate_proj.bias", "up_bias": "up_proj.bias", "down_bias": "down_proj.bias",
+}
+
+# Source config keys that describe the source file rather than the model.
+NOT_BASE = {"architectures", "auto_map", "transformers_version", "_name_or_path", "_model_name_or_path",
+            "quantization_config", "torch_dtype"}
+
+
+class Remote(Target):
+    name = "remote"
+
+    def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
+        return None  # its MoE block has every option moeify uses
+
+    def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
+        base = adapter.mlp_path(layer)
+        tensors: list[LayerTensor] = [(f"{base}.router.weight", lambda m: m.router)]
+        for j in range(len(moe.experts)):
+            tensors += _ffn_tensors(f"{base}.experts.{j}", moe.experts[0], lambda m, j=j: m.experts[j])
+        for s in range(len(moe.shared)):
+            tensors += _ffn_tensors(f"{base}.shared_experts.{s}", moe.shared[0], lambda m, s=s: m.shared[s])
+        return tensors
+
+    def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
+               dtype: torch.dtype) -> PretrainedConfig:
+        from moeify.targets.remote_code.configuration_moeify import MoeifyConfig
+
+        base = {k: v for k, v in AutoConfig.for_model(**config).to_dict().items() if k not in NOT_BASE}
+        base["dtype"] = dtype_name(dtype)
+        expert = moe.experts[0]
+        block = {
+            "mlp_path": adapter.mlp,
+            "moe_layers": list(moe_layers),
+            "num_experts": len(moe.experts),
+            "num_experts_per_tok": moe.topk,
+            "expert_intermediate_size": expert.intermediate_size,
+            "num_shared_experts": len(moe.shared),
+            "shared_intermediate_size": moe.shared[0].intermediate_size if moe.shared else expert.intermediate_size,
+            "hidden_act": adapter.activation(config),
+            "gated": adapter.gated,
+            "bias": adapter.bias,
+            "output_bias": False,
+            "scoring": "softmax",
+            "norm_topk_prob": True,  # upcycled copies are exact only when the top-k weights sum to 1
+        }
+        out = MoeifyConfig(base_config=base, moe=block, dtype=dtype_name(dtype))
+        out.architectures = ["MoeifyForCausalLM"]
+        out.auto_map = {"AutoConfig": "configuration_moeify.MoeifyConfig",
+                        "AutoModelForCausalLM": "modeling_moeify.MoeifyForCausalLM"}
+        return out
+
+    def write_code(self, folder: Path) -> None:
+        for name in CODE_FILES:
+            shutil.copy2(CODE_DIR / name, Path(folder) / name)
+
+
+def _ffn_tensors(prefix: str, example: FFN, pick) -> list[LayerTensor]:
+    """Names of one expert's present weights and biases, in a fixed order."""
+    return [(f"{prefix}.{ROLE_NAMES[role]}", lambda m, role=role: getattr(pick(m), role))
+            for role in example.tensors()]
