@@ -75,6 +75,8 @@ def resolve(source: str, notify: Notify = lambda line: None) -> Path:
             raise MoeifyError(f"source folder {path} is empty; point at a folder with config.json and weights")
         return path
     repo = hub_repo_of(source)
+    if repo is None and source.startswith(("/", ".", "~")):
+        raise MoeifyError(f"source {path} does not exist; check the path")
     if repo is None:
         known = ", ".join(ALIASES)
         raise MoeifyError(f"source {source!r} is not a folder, a .gguf file, a Hub id or an alias ({known})")
