@@ -119,12 +119,13 @@ def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transform: Transform = upcycle,
+            adapter: Adapter | None = None,
             overwrite: bool = False, on_plan: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> Result:
     """Convert the checkpoint in source_dir into a MoE checkpoint at output."""
     started = time.perf_counter()
     ckpt = Checkpoint(source_dir)
-    adapter = adapter_for(ckpt.config)
+    adapter = adapter or adapter_for(ckpt.config)  # split passes its own reader for MoE sources
     moe_layers = spec.layers(adapter.num_layers(ckpt.config))
     target, reason = choose(adapter, ckpt.config, spec, moe_layers)
     dtype = None if spec.dtype is DType.AUTO else getattr(torch, spec.dtype.value)

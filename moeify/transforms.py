@@ -97,6 +97,13 @@ class MoELayer:
     topk: int
     shared: Sequence[FFN] = field(default_factory=tuple)
     scoring: Scoring = Scoring.SOFTMAX
+    output_bias: torch.Tensor | None = None  # (H,) added once to the block output (a split FFN's down bias)
+
+    def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> MoELayer:
+        """Every weight through fn(role, tensor), as FFN.map; the router's role is "router"."""
+        bias = None if self.output_bias is None else fn("output_bias", self.output_bias)
+        return replace(self, experts=[e.map(fn) for e in self.experts], router=fn("router", self.router),
+                       shared=[s.map(fn) for s in self.shared], output_bias=bias)
 
 
 def seed_for(seed: int, *parts: object) -> int:

@@ -45,6 +45,8 @@ class Remote(Target):
             tensors += _ffn_tensors(f"{base}.experts.{j}", moe.experts[0], lambda m, j=j: m.experts[j])
         for s in range(len(moe.shared)):
             tensors += _ffn_tensors(f"{base}.shared_experts.{s}", moe.shared[0], lambda m, s=s: m.shared[s])
+        if moe.output_bias is not None:
+            tensors.append((f"{base}.output_bias", lambda m: m.output_bias))
         return tensors
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
@@ -65,8 +67,8 @@ class Remote(Target):
             "hidden_act": adapter.activation(config),
             "gated": adapter.gated,
             "bias": adapter.bias,
-            "output_bias": False,
-            "scoring": "softmax",
+            "output_bias": moe.output_bias is not None,
+            "scoring": moe.scoring.value,
             "norm_topk_prob": True,  # upcycled copies are exact only when the top-k weights sum to 1
         }
         out = MoeifyConfig(base_config=base, moe=block, dtype=dtype_name(dtype))
