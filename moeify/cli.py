@@ -8,7 +8,9 @@ import sys
 import typer
 
 from moeify.commands.models import models
+from moeify.commands.split import split
 from moeify.commands.upcycle import upcycle
+from moeify.commands.verify import verify
 from moeify.errors import MoeifyError
 
 app = typer.Typer(
@@ -20,7 +22,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
+app.command(epilog="Aliases: see `moeify models`.")(split)
 app.command()(models)
+app.command()(verify)
 
 
 def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed

@@ -23,7 +23,7 @@ class Mixtral(Target):
             return "Mixtral has no shared experts"
         if len(moe_layers) != adapter.num_layers(config):
             return "Mixtral makes every layer MoE"
-        if spec.mode is not Mode.UPCYCLE:
+        if spec.mode is Mode.SPLIT and spec.experts == 1:  # splitting experts is virtual groups: exact
             return "Mixtral renormalises top-k weights, which a split cannot match exactly"
         return None
 

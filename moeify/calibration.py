@@ -1,0 +1,202 @@
+"""Calibration text and streaming statistics of FFN neurons on it.
+
+A split groups neurons that fire together, carves shared experts from neurons that fire
+often, and fits routers that predict which group matters for a token. All of it needs the
+FFN inputs of real text, so calibration runs the dense model once, in memory (the one place
+moeify holds a model; the conversion pass that writes the output still streams). Only running
+sums are kept per layer, never the activations themselves: memory is bounded by the model's
+shapes, whatever the token budget.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moeify.adapters import Adapter
+from moeify.checkpoint import Checkpoint
+from moeify.errors import MoeifyError
+from moeify.transforms import FFN
+
+SEQUENCE = 512  # tokens per calibration sequence
+BATCH = 4  # sequences per forward pass
+SAMPLE_LENGTH = 128  # tokens per sequence sampled from the model when no text is given
+HOT_SHARE = 0.1  # a neuron is "strongly active" on a token when it is in that token's top 10%
+
+
+def neuron_activations(ffn: FFN, act: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The intermediate activations (T, I) of an FFN for inputs x (T, H), before down."""
+    up = x @ ffn.up.T + (ffn.up_bias if ffn.up_bias is not None else 0)
+    if ffn.gate is None:
+        return act(up)
+    gate = x @ ffn.gate.T + (ffn.gate_bias if ffn.gate_bias is not None else 0)
+    return act(gate) * up
+
+
+def contributions(ffn: FFN, act: Callable, x: torch.Tensor) -> torch.Tensor:
+    """How much each neuron adds to the output, (T, I): |activation| times its down column's norm."""
+    return neuron_activations(ffn, act, x).abs() * ffn.down.float().norm(dim=0)
+
+
+@dataclass
+class LayerStats:
+    """Running sums over calibration tokens of one FFN (C: neuron contributions, X: FFN inputs)."""
+
+    hidden: int
+    intermediate: int
+    coactivation: bool  # keep C^T C (I, I) as well: only the activation partition needs it
+    tokens: int = 0
+    mass: torch.Tensor = field(init=False)  # (I,) sum of C
+    hot: torch.Tensor = field(init=False)  # (I,) tokens on which the neuron is strongly active
+    xx: torch.Tensor = field(init=False)  # (H, H) X^T X
+    xc: torch.Tensor = field(init=False)  # (H, I) X^T C: least-squares routers for any grouping
+    cc: torch.Tensor | None = field(init=False)  # (I, I) C^T C
+
+    def __post_init__(self) -> None:
+        H, I = self.hidden, self.intermediate
+        self.mass, self.hot = torch.zeros(I, dtype=torch.float64), torch.zeros(I, dtype=torch.float64)
+        self.xx, self.xc = torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64)
+        self.cc = torch.zeros(I, I) if self.coactivation else None
+
+    def update(self, x: torch.Tensor, c: torch.Tensor) -> None:
+        """Add tokens: x (T, H) FFN inputs, c (T, I) their neuron contributions."""
+        self.tokens += len(x)
+        self.mass += c.sum(0).double()
+        top = c.topk(max(1, int(HOT_SHARE * self.intermediate)), dim=1).indices
+        self.hot += torch.bincount(top.reshape(-1), minlength=self.intermediate).double()
+        xd = x.double()
+        self.xx += xd.T @ xd
+        self.xc += xd.T @ c.double()
+        if self.cc is not None:
+            self.cc += c.T @ c
+
+    def coactivation_features(self, neurons: torch.Tensor) -> torch.Tensor:
+        """(N, N) cosine similarity of the neurons' contributions over tokens: a row per neuron."""
+        assert self.cc is not None, "co-activation was not collected"
+        sub = self.cc[neurons][:, neurons].double()
+        norms = sub.diagonal().clamp_min(1e-12).sqrt()
+        return sub / norms[:, None] / norms[None, :]
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def read_texts(name: str) -> list[str]:
+    """The texts of a calibration file (plain text, or JSONL with a "text" field), or of a datasets name."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _file_texts(path)
+    if path.suffix in (".txt", ".jsonl", ".json") or "/" not in name and "." in name:
+        raise MoeifyError(f"calibration file {path} does not exist; check the path")
+    return _dataset_texts(name)
+
+
+def _file_texts(path: Path) -> list[str]:
+    raw = path.read_text(errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MoeifyError(f"{path} line {number} is not a JSON object with a \"text\" field") from None
+    else:
+        texts = [raw]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise MoeifyError(f"calibration file {path} is empty; give it some text in the model's language")
+    return texts
+
+
+def _dataset_texts(name: str) -> list[str]:
+    """A Hub dataset's "text" column, as NAME or NAME:CONFIG (needs `datasets` and the network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MoeifyError(f"calibration {name!r} is not a file, and reading it as a dataset name needs "
+                          f"`pip install datasets`; pass a text or JSONL file instead") from None
+    repo, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(repo, config or None, split="train", streaming=True)
+        return [row["text"] for row, _ in zip(rows, range(2000)) if row.get("text", "").strip()]
+    except Exception as e:
+        raise MoeifyError(f"cannot read dataset {name!r} ({type(e).__name__}); pass a text or JSONL file instead") from None
+
+
+def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor]:
+    """Texts tokenised end to end and cut into batches of (B, SEQUENCE) ids, at most `budget` tokens."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids = torch.tensor(tokenizer(sep.join(texts))["input_ids"][:budget])
+    if len(ids) < 16:
+        raise MoeifyError(f"calibration text has only {len(ids)} tokens; give at least a paragraph")
+    length = min(SEQUENCE, len(ids))
+    rows = ids[: len(ids) // length * length].reshape(-1, length)
+    return list(rows.split(BATCH))
+
+
+def sampled_batches(model, tokenizer, budget: int, seed: int) -> list[torch.Tensor]:
+    """Text sampled from the model itself, for calibration without any data (works offline)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # Short samples in a wide batch: generation time grows with length, not (much) with batch.
+    length = min(SAMPLE_LENGTH, budget)
+    rows = max(1, budget // length)
+    with torch.random.fork_rng():  # sampling must not disturb the caller's random state
+        torch.manual_seed(seed)
+        out = model.generate(torch.full((rows, 1), start), do_sample=True, top_p=0.95, max_new_tokens=length,
+                             min_new_tokens=length, pad_token_id=tokenizer.eos_token_id)
+    return list(out[:, 1:].split(BATCH))
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
+            coactivation: bool, on_tokens: Callable[[int, int], None] = lambda done, total: None
+            ) -> dict[int, LayerStats]:
+    """Run the dense model on calibration text and return statistics of each chosen layer's FFN.
+
+    text: a file or datasets name, or None to sample text from the model itself.
+    on_tokens(done, total) reports progress.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.activations import ACT2FN
+
+    ckpt = Checkpoint(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise MoeifyError(f"calibration needs the source's tokenizer, which failed to load ({type(e).__name__})") from None
+    texts = read_texts(text) if text is not None else None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    batches = token_batches(tokenizer, texts, budget) if texts is not None else \
+        sampled_batches(model, tokenizer, budget, seed)
+    act = ACT2FN[adapter.activation(ckpt.config)]
+    hidden = int(ckpt.config[adapter.hidden_field])
+    meta = {i: adapter.read_ffn(ckpt, i, meta=True) for i in layers}
+    stats = {i: LayerStats(hidden, meta[i].intermediate_size, coactivation) for i in layers}
+
+    def hook(layer: int):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, hidden).float()
+            ffn = adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float())  # re-read: the model's layout varies
+            stats[layer].update(x, contributions(ffn, act, x))
+        return record
+
+    handles = [model.get_submodule(adapter.mlp_path(i)).register_forward_pre_hook(hook(i)) for i in layers]
+    total, done = sum(b.numel() for b in batches), 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                done += batch.numel()
+                on_tokens(done, total)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,110 @@
+"""`moeify split`: cut each FFN (or each expert of a MoE) into finer experts.
+
+Examples:
+
+    moeify split smollm2-135m --granularity 8 --output smollm2-split8          # all 8 active: exact
+    moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
+    moeify split ./my-llama --granularity 16 --shared-experts 2 --topk 6 --partition activation --output out
+    moeify split ./my-mixtral --granularity 2 --output mixtral-16e                # native Mixtral, exact
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moeify import calibration, conversion, source, ui
+from moeify.adapters import adapter_for
+from moeify.checkpoint import Checkpoint, check_output
+from moeify.commands.options import (
+    DTypeOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
+)
+from moeify.errors import MoeifyError
+from moeify.moe_source import MoESource, moe_source_for
+from moeify.spec import DType, Format, Mode, Partition, Spec, SplitRouter
+from moeify.split import check_divisible, needs_calibration, split_ffn, split_moe
+
+GranularityOpt = Annotated[int, typer.Option(help="Pieces per FFN (or per expert of a MoE source).")]
+TopkOpt = Annotated[int | None, typer.Option(
+    help="Routed pieces per token. Default: all of them for a dense source (exact), top-k·G for a MoE source.")]
+PartitionOpt = Annotated[Partition, typer.Option(help="How neurons are grouped into experts.")]
+RouterOpt = Annotated[SplitRouter, typer.Option("--router-init", help="How routers are built for the pieces.")]
+CalibrationOpt = Annotated[str | None, typer.Option("--calibration",
+    help="Calibration text: a .txt or .jsonl ({\"text\": ...}) file, or a datasets name. "
+         "Default: text sampled from the source model.")]
+TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens to read.")]
+
+
+def split(
+    source_: SourceArg,
+    output: OutputOpt,
+    granularity: GranularityOpt = 8,
+    topk: TopkOpt = None,
+    shared_experts: SharedOpt = 0,
+    partition: PartitionOpt = Partition.ACTIVATION,
+    router_init: RouterOpt = SplitRouter.FIT,
+    calibration_: CalibrationOpt = None,
+    calibration_tokens: TokensOpt = 8192,
+    moe_layers: LayersOpt = "all",
+    format_: FormatOpt = Format.AUTO,
+    dtype: DTypeOpt = DType.AUTO,
+    seed: SeedOpt = 0,
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cut FFNs into G experts of disjoint neurons (dense source), or every expert into G pieces (MoE source).
+
+    A dense split uses unit combine weights (remote format): with all pieces selected it is the
+    dense model exactly; with fewer it keeps the chosen pieces' partial sum. A MoE split repeats
+    router rows and multiplies top-k by G, which is exact in the source's own native format.
+    """
+    check_output(output.absolute(), overwrite)  # before any download
+    if calibration_ is not None:
+        calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
+    folder = source.resolve(source_, notify=ui.say)
+    config = Checkpoint(folder).config
+    moe = moe_source_for(config)
+    if topk is None:  # the exact choice: every routed piece (dense), or the source's top-k times G (MoE)
+        topk = moe.topk(config) * granularity if moe else max(granularity - shared_experts, 1)
+    spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
+                shared_experts=shared_experts, partition=partition, split_router=router_init,
+                calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
+                format=format_, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
+    transform = _moe_transform(moe, spec) if moe else _dense_transform(folder, config, spec)
+    with ui.byte_progress("writing") as (set_total, advance):
+        result = conversion.convert(folder, output, spec, source=source_, transform=transform, adapter=moe,
+                                    overwrite=overwrite, on_plan=set_total, on_bytes=advance)
+    ui.console.print(ui.summary(result))
+
+
+def _moe_transform(moe: MoESource, spec: Spec):
+    if spec.shared_experts:
+        raise MoeifyError("--shared-experts carves neurons of dense FFNs; a MoE source keeps its own experts")
+    if spec.format is Format.REMOTE:
+        raise MoeifyError(f"a {moe.model_type} source is split into its own native format; drop --format remote")
+    return split_moe
+
+
+def _dense_transform(folder: Path, config: dict, spec: Spec):
+    """split_ffn bound to calibration statistics of every MoE layer (collected now when needed)."""
+    adapter = adapter_for(config)
+    layers = spec.layers(adapter.num_layers(config))
+    check_divisible(adapter.read_ffn(Checkpoint(folder), layers[0], meta=True).intermediate_size, spec.granularity)
+    if not needs_calibration(spec):
+        return split_ffn
+    if spec.calibration is None:
+        ui.say("no --calibration text: sampling calibration text from the source model")
+    stats = _calibrate(folder, adapter, layers, spec)
+    return lambda ffn, spec_, layer: split_ffn(ffn, spec_, layer, stats[layer])
+
+
+def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=ui.console, transient=True) as progress:
+        task = progress.add_task("calibrating (tokens)", total=None)
+        return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
+                                   coactivation=spec.partition is Partition.ACTIVATION,
+                                   on_tokens=lambda done, total: progress.update(task, completed=done, total=total))

@@ -1,0 +1,105 @@
+"""Neuron partitions: which intermediate neurons of an FFN go into which expert.
+
+Every partition here is balanced (all parts the same size, so experts stack into one shape)
+and a true partition (each neuron in exactly one part). Parts are index tensors into the
+FFN's intermediate dimension, each sorted, so `FFN.neurons(part)` cuts an expert out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeify.errors import MoeifyError
+from moeify.spec import Partition
+
+
+def contiguous(neurons: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """Neurons in their given order, cut into equal runs."""
+    return [p.clone() for p in _equal_chunks(neurons, parts)]
+
+
+def random(neurons: torch.Tensor, parts: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A seeded random permutation, cut into equal parts."""
+    shuffled = neurons[torch.randperm(len(neurons), generator=gen)]
+    return [p.sort().values for p in _equal_chunks(shuffled, parts)]
+
+
+def clustered(neurons: torch.Tensor, features: torch.Tensor, parts: int, gen: torch.Generator,
+              iters: int = 25) -> list[torch.Tensor]:
+    """Balanced k-means (cosine) over one feature row per neuron.
+
+    neurons: (N,) indices; features: (N, D), row n describing neurons[n].
+    """
+    labels = balanced_kmeans(features, parts, gen, iters)
+    return [neurons[labels == c].sort().values for c in range(parts)]
+
+
+def balanced_kmeans(points: torch.Tensor, parts: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Labels (N,) in 0..parts-1, each label used exactly N/parts times.
+
+    Cosine k-means whose assignment step is balanced greedily: (point, cluster) pairs are taken
+    in order of similarity while the cluster has room. Greedy is not the optimal transport
+    solution, but it keeps clusters equal and tight enough, in O(N·parts·log) per step.
+    """
+    n = len(points)
+    capacity = n // parts
+    x = torch.nn.functional.normalize(points.double(), dim=1)
+    centroids = x[torch.randperm(n, generator=gen)[:parts]]
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = _balanced_assign(x @ centroids.T, capacity)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        sums = torch.zeros(parts, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+        centroids = torch.nn.functional.normalize(sums, dim=1)
+    return labels
+
+
+def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Greedy balanced assignment of N points to K clusters of `capacity` points each.
+
+    similarity: (N, K). The most decided points (largest gap between their best and their
+    average cluster) choose first, each taking its best cluster that still has room.
+    """
+    n, k = similarity.shape
+    order = similarity.argsort(dim=1, descending=True)
+    gap = similarity.max(dim=1).values - similarity.mean(dim=1)
+    room = [capacity] * k
+    labels = torch.empty(n, dtype=torch.long)
+    for point in gap.argsort(descending=True).tolist():
+        for cluster in order[point].tolist():
+            if room[cluster]:
+                room[cluster] -= 1
+                labels[point] = cluster
+                break
+    return labels
+
+
+def _equal_chunks(neurons: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    if parts < 1 or len(neurons) % parts:
+        raise MoeifyError(f"cannot cut {len(neurons)} neurons into {parts} equal experts; "
+                          f"choose a granularity that divides the intermediate size")
+    return list(neurons.chunk(parts))
+
+
+def partition(kind: Partition, neurons: torch.Tensor, parts: int, gen: torch.Generator,
+              features: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Cut `neurons` into `parts` equal groups the way `kind` says.
+
+    features: (N, D) rows for the neurons, required by cluster and activation (which differ
+    only in what the rows describe: weights, or co-activation on calibration text).
+    """
+    _equal_chunks(neurons, parts)  # the size check, with its message, for every kind
+    if kind is Partition.CONTIGUOUS:
+        return contiguous(neurons, parts)
+    if kind is Partition.RANDOM:
+        return random(neurons, parts, gen)
+    assert features is not None and len(features) == len(neurons), "clustering needs one feature row per neuron"
+    return clustered(neurons, features, parts, gen)
+
+
+def is_balanced_partition(parts: list[torch.Tensor], size: int) -> bool:
+    """True when parts cover 0..size-1 exactly once and all have the same length."""
+    together = torch.cat(parts)
+    return len({len(p) for p in parts}) == 1 and torch.equal(together.sort().values, torch.arange(size))

@@ -1,0 +1,140 @@
+"""Split transforms: cut an FFN (or every expert of a MoE layer) into finer experts.
+
+Dense FFN -> G pieces made of disjoint sets of intermediate neurons. The pieces' outputs sum
+to the FFN's, so with unit combine weights (each selected piece weighs 1) selecting all of
+them is the dense FFN exactly, and selecting fewer is the partial sum of the chosen pieces.
+Shared experts are carved from the neurons most often strongly active on calibration text.
+
+MoE layer -> every expert cut into G contiguous pieces sharing its router row (a virtual
+group, chosen together), top-k multiplied by G: exact, as in granular upcycling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moeify.calibration import LayerStats
+from moeify.errors import MoeifyError
+from moeify.partition import partition
+from moeify.spec import Partition, Spec, SplitRouter
+from moeify.transforms import FFN, MoELayer, Scoring, generator, pieces
+
+RIDGE = 1e-3  # least-squares routers: ridge relative to the mean input energy, for ill-conditioned X^T X
+
+
+def check_divisible(intermediate: int, granularity: int) -> None:
+    if intermediate % granularity:
+        raise MoeifyError(f"--granularity {granularity} does not divide the intermediate size {intermediate}; "
+                          f"choose a divisor of {intermediate}")
+
+
+def needs_calibration(spec: Spec) -> bool:
+    """Whether a dense split of this spec reads calibration statistics."""
+    return (spec.partition is Partition.ACTIVATION or spec.split_router is SplitRouter.FIT
+            or spec.shared_experts > 0)
+
+
+def split_ffn(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> MoELayer:
+    """A dense FFN as spec.granularity equal experts (spec.shared_experts of them always on).
+
+    stats: calibration statistics of this layer, when needs_calibration(spec).
+    ffn may hold meta tensors (planning): the grouping is then contiguous, only shapes matter.
+    """
+    G, S = spec.granularity, spec.shared_experts
+    check_divisible(ffn.intermediate_size, G)
+    shared, groups = neuron_groups(ffn, spec, layer, stats)
+    experts = [_piece(ffn, g) for g in groups]
+    return MoELayer(experts=experts, router=route(ffn, groups, spec, stats), topk=spec.topk,
+                    shared=[_piece(ffn, s) for s in shared], scoring=Scoring.UNIT, output_bias=ffn.down_bias)
+
+
+def neuron_groups(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(shared, routed) neuron index groups, each of I/G neurons, together a partition of 0..I-1."""
+    G, S, I = spec.granularity, spec.shared_experts, ffn.intermediate_size
+    size = I // G
+    if ffn.up.is_meta:
+        all_ = list(torch.arange(I).chunk(G))
+        return all_[:S], all_[S:]
+    if S:
+        assert stats is not None, "shared experts are carved using calibration statistics"
+        order = stats.hot.argsort(descending=True, stable=True)  # most often strongly active first
+        shared = list(order[: S * size].sort().values.chunk(S))
+        rest = order[S * size:].sort().values
+    else:
+        shared, rest = [], torch.arange(I)
+    gen = generator(spec.seed, layer, "partition")
+    return shared, partition(spec.partition, rest, G - S, gen, features=_features(ffn, spec, stats, rest))
+
+
+def _features(ffn: FFN, spec: Spec, stats: LayerStats | None, neurons: torch.Tensor) -> torch.Tensor | None:
+    """What clustering compares: weight rows (cluster) or co-activation rows (activation)."""
+    if spec.partition is Partition.CLUSTER:
+        return _input_rows(ffn)[neurons]
+    if spec.partition is Partition.ACTIVATION:
+        assert stats is not None, "the activation partition needs calibration statistics"
+        return stats.coactivation_features(neurons)
+    return None
+
+
+def _input_rows(ffn: FFN) -> torch.Tensor:
+    """(I, H): the input weights that decide whether a neuron fires (gate, else up)."""
+    return (ffn.gate if ffn.gate is not None else ffn.up).float()
+
+
+def _piece(ffn: FFN, neurons: torch.Tensor) -> FFN:
+    """The expert made of these neurons; its down bias is zero, the layer adds the real one once."""
+    piece = ffn.neurons(neurons)
+    return piece if piece.down_bias is None else replace(piece, down_bias=torch.zeros_like(piece.down_bias))
+
+
+def route(ffn: FFN, groups: list[torch.Tensor], spec: Spec, stats: LayerStats | None) -> torch.Tensor:
+    """A router (E, H) for experts made of these neuron groups, in the FFN's dtype."""
+    like = ffn.up
+    if like.is_meta:
+        return torch.zeros(len(groups), ffn.hidden_size, dtype=like.dtype, device="meta")
+    if spec.split_router is SplitRouter.FIT:
+        assert stats is not None, "a fitted router needs calibration statistics"
+        weights = fitted_router(stats, groups)
+    else:
+        rows = _input_rows(ffn)
+        weights = torch.stack([_centroid(rows[g], spec.split_router) for g in groups])
+    return weights.to(like.dtype)
+
+
+def _centroid(rows: torch.Tensor, kind: SplitRouter) -> torch.Tensor:
+    """The mean of an expert's input rows, or (representative) the row closest to that mean."""
+    mean = rows.mean(0)
+    if kind is SplitRouter.CENTROID:
+        return mean
+    return rows[torch.nn.functional.cosine_similarity(rows, mean[None], dim=1).argmax()]
+
+
+def fitted_router(stats: LayerStats, groups: list[torch.Tensor]) -> torch.Tensor:
+    """(E, H): ridge least squares X w_e ≈ m_e, m_e the expert's contribution mass per token.
+
+    The mass of an expert is a sum over its neurons, so X^T m_e is a sum of columns of X^T C:
+    one calibration pass serves every grouping.
+    """
+    H = stats.hidden
+    xm = torch.stack([stats.xc[:, g].sum(1) for g in groups], dim=1)  # (H, E)
+    ridge = RIDGE * stats.xx.diagonal().mean() * torch.eye(H, dtype=stats.xx.dtype)
+    return torch.linalg.solve(stats.xx + ridge, xm).T.float()
+
+
+def split_moe(moe: MoELayer, spec: Spec, layer: int) -> MoELayer:
+    """Every expert of a MoE layer cut into G pieces that share its router row: exact.
+
+    With softmax scoring each piece gets 1/G of its expert's weight (ties within a group are
+    broken whole, since the rows are identical), which the down projection scaled by G undoes;
+    with unit scoring each piece weighs 1 already. Shared experts are kept as they are.
+    """
+    G = spec.granularity
+    for expert in moe.experts[:1]:
+        check_divisible(expert.intermediate_size, G)
+    scale = G if moe.scoring is Scoring.SOFTMAX else 1
+    experts = [p.scaled(scale) for e in moe.experts for p in pieces(e, G)]
+    return MoELayer(experts=experts, router=moe.router.repeat_interleave(G, dim=0), topk=spec.topk,
+                    shared=moe.shared, scoring=moe.scoring)
