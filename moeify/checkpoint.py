@@ -243,14 +243,56 @@ def _header(shard: Sequence[PlannedTensor]) -> bytes:
 
 
 def _write_shard(path: Path, shard: Sequence[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
-    with open(path, "wb") as f:
-        f.write(_header(shard))
+    repeats = _Repeats()
+    with open(path, "wb", buffering=0) as f:
+        _write_all(f, memoryview(_header(shard)))
         for planned in shard:
             tensor = planned.produce()
             assert tensor.shape == planned.shape and tensor.dtype == planned.dtype, planned.name
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
+            offset = f.tell()
+            if not repeats.copy(f, tensor, offset):
+                _write_all(f, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                repeats.remember(tensor, offset)
             on_bytes(planned.nbytes)
+
+
+def _write_all(f, view: memoryview) -> None:
+    while view:  # a raw write may take fewer bytes than offered
+        view = view[f.write(view):]
+
+
+class _Repeats:
+    """Recently written tensors; writing one again is an in-kernel copy from its first place in the file.
+
+    Upcycled experts are the same tensor N times: copy_file_range (what cp uses) then moves
+    those bytes without passing them through user space. The tensors are kept referenced, so
+    their identity cannot be reused by a new tensor while they are remembered.
+    """
+
+    def __init__(self, size: int = 16):
+        self._size, self._seen = size, {}
+
+    def remember(self, tensor: torch.Tensor, offset: int) -> None:
+        self._seen[id(tensor)] = (tensor, offset)
+        if len(self._seen) > self._size:
+            del self._seen[next(iter(self._seen))]
+
+    def copy(self, f, tensor: torch.Tensor, offset: int) -> bool:
+        seen = self._seen.get(id(tensor))
+        if seen is None or seen[0] is not tensor or not hasattr(os, "copy_file_range"):
+            return False
+        start, source, todo = offset, seen[1], tensor.numel() * tensor.element_size()
+        try:
+            while todo:
+                done = os.copy_file_range(f.fileno(), f.fileno(), todo, source, offset)
+                if done == 0:
+                    raise OSError("copy_file_range made no progress")
+                source, offset, todo = source + done, offset + done, todo - done
+        except OSError:  # unsupported here: rewind, and the caller writes the bytes instead
+            f.seek(start)
+            return False
+        f.seek(offset)
+        return True
 
 
 # ---------------------------------------------------------------------------- output folder
