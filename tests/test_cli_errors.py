@@ -1,0 +1,295 @@
+"""Bad input and interruptions: one line on stderr, exit code 2, no traceback, nothing left on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import moeify.checkpoint
+from tests.fixtures import make_tiny
+from tests.test_upcycle import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def leftovers(output: Path) -> list[Path]:
+    """Temporary folders a conversion into `output` could leave beside it."""
+    return list(output.parent.glob(f".{output.name}.moeify-*"))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(capsys, code: int, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.out == ""
+    return lines[0]
+
+
+def sharded(tmp_path: Path) -> Path:
+    tiny = make_tiny("llama", tmp_path / "tiny")
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def bad_source(kind: str, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """A source folder broken in one way, and words its error line must contain."""
+    if kind == "missing":
+        return tmp_path / "no-such-model", ("no-such-model", "does not exist")
+    if kind == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty", ("empty",)
+    if kind == "not-a-model":
+        (tmp_path / "stuff").mkdir()
+        (tmp_path / "stuff" / "notes.txt").write_text("hello")
+        return tmp_path / "stuff", ("config.json",)
+    source = make_tiny("llama", tmp_path / "tiny")
+    weights = source / "model.safetensors"
+    if kind == "bert":
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+        return source, ("'bert'", "not supported", "llama", "mistral")
+    if kind == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+        return source, ("model.safetensors", "truncated")
+    if kind == "corrupted-header":
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"\x00\xff" * 16
+        weights.write_bytes(bytes(data))
+        return source, ("model.safetensors", "corrupted")
+    if kind == "missing-shard":
+        source = sharded(tmp_path)
+        victim = sorted(source.glob("model-*.safetensors"))[1]
+        victim.unlink()
+        return source, (victim.name, "missing")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty", "not-a-model", "bert", "truncated", "corrupted-header", "missing-shard"]
+)
+def test_bad_source(tmp_path: Path, capsys, kind: str):
+    source, needles = bad_source(kind, tmp_path)
+    before = snapshot(source) if source.is_dir() else None
+    capsys.readouterr()  # building the broken source printed transformers' own progress
+    output = tmp_path / "out"
+    code = run_cli("upcycle", source, "--experts", 4, "--topk", 2, "--output", output)
+    assert_one_line_error(capsys, code, *needles)
+    assert not output.exists() and not leftovers(output)
+    if before is not None:
+        assert snapshot(source) == before  # the source is never touched
+
+
+@pytest.mark.parametrize(
+    "options, needles",
+    [
+        (("--experts", 1), ("--experts", "at least 2", "got 1")),
+        (("--experts", 0), ("--experts", "at least 2")),
+        (("--topk", 0), ("--topk", "between 1 and --experts")),
+        (("--experts", 4, "--topk", 5), ("--topk", "(4)", "got 5")),
+        (("--drop-ratio", 1.0), ("--drop-ratio",)),
+        (("--noise", -1.0), ("--noise",)),
+        (("--max-shard-size", "huge"), ("huge", "5GB")),
+    ],
+)
+def test_bad_options(tmp_path: Path, tiny_llama: Path, capsys, options, needles):
+    output = tmp_path / "out"
+    code = run_cli("upcycle", tiny_llama, "--output", output, *options)
+    assert_one_line_error(capsys, code, *needles)
+    assert not output.exists() and not leftovers(output)
+
+
+def test_unknown_dtype_is_a_usage_error(tmp_path: Path, tiny_llama: Path, capsys):
+    output = tmp_path / "out"
+    code = run_cli("upcycle", tiny_llama, "--output", output, "--dtype", "float8")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--dtype" in captured.err and "float8" in captured.err and "bfloat16" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert not output.exists() and not leftovers(output)
+
+
+def test_hub_id_without_the_hub(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    output = tmp_path / "out"
+    code = run_cli("upcycle", "nobody-here/no-such-model", "--output", output)
+    assert_one_line_error(capsys, code, "nobody-here/no-such-model", "Hub", "local folder")
+    assert not output.exists() and not leftovers(output)
+
+
+def test_output_is_an_existing_file(tmp_path: Path, tiny_llama: Path, capsys):
+    output = tmp_path / "out"
+    output.write_text("precious")
+    code = run_cli("upcycle", tiny_llama, "--output", output, "--overwrite")
+    assert_one_line_error(capsys, code, str(output), "existing file")
+    assert output.read_text() == "precious" and not leftovers(output)
+
+
+def test_non_empty_output_needs_overwrite(tmp_path: Path, tiny_llama: Path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old")
+    code = run_cli("upcycle", tiny_llama, "--experts", 2, "--topk", 1, "--output", output)
+    assert_one_line_error(capsys, code, "not empty", "--overwrite")
+    assert snapshot(output) == {"old.txt": b"old"} and not leftovers(output)
+    # With --overwrite the folder is replaced: the old file is gone, the model is there.
+    assert run_cli("upcycle", tiny_llama, "--experts", 2, "--topk", 1, "--output", output, "--overwrite") == 0
+    assert not (output / "old.txt").exists()
+    assert {"config.json", "model.safetensors", "moeify.json", "README.md"} <= {p.name for p in output.iterdir()}
+    assert json.loads((output / "config.json").read_text())["num_local_experts"] == 2
+    assert not leftovers(output)
+
+
+def test_empty_output_folder_is_used(tmp_path: Path, tiny_llama: Path):
+    output = tmp_path / "out"
+    output.mkdir()
+    assert run_cli("upcycle", tiny_llama, "--experts", 2, "--topk", 1, "--output", output) == 0
+    assert (output / "model.safetensors").is_file() and not leftovers(output)
+
+
+def cli_env() -> dict[str, str]:
+    return os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+def test_no_traceback_from_a_real_process(tmp_path: Path, tiny_llama: Path):
+    """The installed console script prints one line and exits 2 on a failure deep in the conversion."""
+    weights = tiny_llama / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    output = tmp_path / "out"
+    script = shutil.which("moeify")
+    assert script, "the moeify console script is not installed"
+    command = [script, "upcycle", str(tiny_llama), "--experts", "4", "--topk", "2", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "truncated" in lines[0] and str(weights) in lines[0]
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert not output.exists() and not leftovers(output)
+
+
+# ---------------------------------------------------------------------------- interruption
+
+
+def interrupt_after_first_tensor(monkeypatch) -> list[tuple[Path, list[str]]]:
+    """Make the shard writer raise KeyboardInterrupt when asked for its second tensor.
+
+    Returns what the staging folder held at that moment, to prove the interruption was mid-write.
+    """
+    seen: list[tuple[Path, list[str]]] = []
+    write_shard = moeify.checkpoint._write_shard
+    produced = 0
+
+    def interrupted(path, shard, on_bytes):
+        def wrap(tensor):
+            def produce():
+                nonlocal produced
+                produced += 1
+                if produced == 2:
+                    seen.append((path.parent, sorted(p.name for p in path.parent.iterdir())))
+                    raise KeyboardInterrupt
+                return tensor.produce()
+            return dataclasses.replace(tensor, produce=produce)
+
+        return write_shard(path, [wrap(t) for t in shard], on_bytes)
+
+    monkeypatch.setattr(moeify.checkpoint, "_write_shard", interrupted)
+    return seen
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path: Path, tiny_llama: Path, monkeypatch):
+    seen = interrupt_after_first_tensor(monkeypatch)
+    output = tmp_path / "out"
+    code = run_cli("upcycle", tiny_llama, "--experts", 4, "--topk", 2, "--output", output)
+    assert code != 0
+    (staging, files), = seen
+    assert staging.name.startswith(".out.moeify-") and files == ["model.safetensors"]  # interrupted mid-shard
+    assert not staging.exists() and not output.exists() and not leftovers(output)
+
+
+def test_interrupted_overwrite_keeps_the_old_output(tmp_path: Path, tiny_llama: Path, monkeypatch):
+    output = tmp_path / "out"
+    assert run_cli("upcycle", tiny_llama, "--experts", 2, "--topk", 1, "--output", output) == 0
+    before = snapshot(output)
+    seen = interrupt_after_first_tensor(monkeypatch)
+    code = run_cli("upcycle", tiny_llama, "--experts", 4, "--topk", 2, "--output", output, "--overwrite",
+                   "--max-shard-size", "100KB")
+    assert code != 0 and len(seen) == 1
+    assert snapshot(output) == before and not leftovers(output)
+
+
+# Runs the real CLI in a child process whose writer is slowed down (a pause per tensor), so a
+# signal reliably arrives while shards are being written.
+SLOW_CLI = """
+import sys, time, dataclasses
+import moeify.checkpoint as c
+write_shard = c._write_shard
+def slow(t):
+    def produce():
+        time.sleep(0.02)
+        return t.produce()
+    return dataclasses.replace(t, produce=produce)
+c._write_shard = lambda path, shard, on_bytes: write_shard(path, [slow(t) for t in shard], on_bytes)
+from moeify.cli import main
+sys.argv[0] = "moeify"
+main()
+"""
+
+
+@pytest.mark.parametrize("signum, existing", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_signal_mid_write_leaves_nothing(tmp_path: Path, tiny_llama: Path, signum: int, existing: bool):
+    output = tmp_path / "out"
+    if existing:
+        assert run_cli("upcycle", tiny_llama, "--experts", 2, "--topk", 1, "--output", output) == 0
+    before = snapshot(output) if existing else None
+    # 3 layers x 16 experts x 3 matrices + the rest: ~160 tensors, over 3 s of writing.
+    command = [sys.executable, "-c", SLOW_CLI, "upcycle", str(tiny_llama), "--experts", "16", "--topk", "2",
+               "--output", str(output), "--max-shard-size", "500KB"] + (["--overwrite"] if existing else [])
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        shards: list[Path] = []
+        while time.monotonic() < deadline and child.poll() is None:
+            shards = [s for staging in leftovers(output) for s in staging.glob("*.safetensors")]
+            if len(shards) >= 2:  # the first shard is complete, the second is being written
+                break
+            time.sleep(0.02)
+        assert child.poll() is None and len(shards) >= 2, "the conversion ended before it could be interrupted"
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode != 0
+    assert "Traceback" not in err, err
+    assert not leftovers(output)
+    if existing:
+        assert snapshot(output) == before
+    else:
+        assert not output.exists()
+
