@@ -5,6 +5,8 @@ Code appears only where a tensor really changes shape (fused or transposed layou
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +32,24 @@ class Adapter:
     activation_field: str = "hidden_act"
     layers_field: str = "num_hidden_layers"
     hidden_field: str = "hidden_size"
+    # Checkpoint names the family's transformers class renames or ignores on load (legacy layouts):
+    # (regex, replacement), a None replacement drops the tensor. Applied before anything else.
+    renames: tuple[tuple[str, str | None], ...] = ()
+
+    def loaded(self, ckpt: Checkpoint) -> Checkpoint:
+        """The checkpoint under the names the family's model has in memory (the same object when none change)."""
+        if not self.renames:
+            return ckpt
+        tensors = {}
+        for name, info in ckpt.tensors.items():
+            for pattern, replacement in self.renames:
+                if name is not None and re.search(pattern, name):
+                    name = None if replacement is None else re.sub(pattern, replacement, name)
+            if name is not None:
+                tensors[name] = info
+        view = copy.copy(ckpt)
+        view.tensors = tensors
+        return view
 
     def mlp_path(self, layer: int) -> str:
         return self.mlp.format(i=layer)
@@ -84,9 +104,11 @@ ADAPTERS: dict[str, Adapter] = {
         # Conv1D stores (in, out); the FFN is up then GELU then down, both with biases.
         Adapter("gpt2", native=(), mlp="transformer.h.{i}.mlp", gate=None, up="c_fc", down="c_proj",
                 transposed=True, bias=True, activation_field="activation_function", layers_field="n_layer",
-                hidden_field="n_embd"),
+                hidden_field="n_embd",
+                # OpenAI's checkpoints were saved from GPT2Model (no prefix) with causal-mask buffers.
+                renames=((r"\.attn\.(masked_)?bias$", None), (r"^(?!transformer\.|lm_head\.)", "transformer."))),
         Adapter("gpt_neox", native=(), mlp="gpt_neox.layers.{i}.mlp", gate=None, up="dense_h_to_4h",
-                down="dense_4h_to_h", bias=True),
+                down="dense_4h_to_h", bias=True, renames=((r"^embed_out\.", "lm_head."),)),
     )
 }
 

@@ -125,7 +125,9 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     """Convert the checkpoint in source_dir into a MoE checkpoint at output."""
     started = time.perf_counter()
     ckpt = Checkpoint(source_dir)
-    adapter = adapter or adapter_for(ckpt.config)  # split passes its own reader for MoE sources
+    if adapter is None:  # split passes its own reader for MoE sources
+        adapter = adapter_for(ckpt.config)
+        ckpt = adapter.loaded(ckpt)  # legacy tensor names as the family's model loads them
     moe_layers = spec.layers(adapter.num_layers(ckpt.config))
     target, reason = choose(adapter, ckpt.config, spec, moe_layers)
     dtype = None if spec.dtype is DType.AUTO else getattr(torch, spec.dtype.value)

@@ -30,5 +30,5 @@ def choose(adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) ->
         reasons.append(f"{name}: {reason}")
     why = "; ".join(reasons) or f"no native MoE architecture holds {adapter.model_type}"
     if spec.format is Format.NATIVE:
-        raise MoeifyError(f"no native format can hold this conversion ({why}); use --format remote")
-    return REMOTE, f"no native format holds it ({why})"
+        raise MoeifyError(f"--format native cannot hold this conversion ({why}); use --format remote")
+    return REMOTE, why
