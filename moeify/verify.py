@@ -1,0 +1,381 @@
+"""What a conversion cost: compare a converted model with its source on the same text.
+
+Both models read the same token ids in chunks that fit their context. The source runs first
+and keeps its logits; the converted model then runs chunk by chunk against them, so only one
+model is in memory at a time. Expert load is counted by hooks on the MoE blocks, found by
+convention: a child named `gate` (transformers' Mixtral and Qwen-MoE *TopKRouter, which returns
+the chosen indices) or `router` (moeify's remote format, logits whose top-k is the choice)
+beside an `experts` module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeify.checkpoint import _read_config
+from moeify.errors import MoeifyError
+from moeify.source import resolve
+
+DEFAULT_TOKENS = 512
+DEFAULT_CONTEXT = 2048  # when a config states no maximum position
+ROUTER_NAMES = ("gate", "router")  # last name component of a router module under a MoE block
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a MoE config says about routing."""
+
+    experts: int  # routed experts per MoE layer
+    topk: int  # routed experts chosen per token
+    shared: int = 0  # always-on experts per MoE layer
+
+
+@dataclass
+class ModelStats:
+    """One model's side of the comparison."""
+
+    name: str
+    perplexity: float
+    total_params: int
+    active_params: int  # total minus the routed experts a token does not use
+    routing: Routing | None = None
+    load: dict[int, list[float]] = field(default_factory=dict)  # MoE layer -> share of selections per expert
+
+
+@dataclass
+class Report:
+    source: ModelStats
+    converted: ModelStats
+    tokens: int  # tokens read; each chunk predicts all but its first
+    chunks: int
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float  # share of positions where both models predict the same next token
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.converted.perplexity / self.source.perplexity
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ppl_ratio": self.ppl_ratio}
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def load_text(path: Path | None) -> str:
+    """The text to evaluate on: a plain-text file, or the built-in English passage."""
+    if path is None:
+        return resources.files("moeify").joinpath("data/verify_text.txt").read_text(encoding="utf-8")
+    path = Path(path)
+    if not path.is_file():
+        raise MoeifyError(f"text file {path} does not exist; pass a plain-text file to --text")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise MoeifyError(f"text file {path} is empty; pass a file with some prose in it")
+    return text
+
+
+def read_config(folder: Path) -> dict:
+    """config.json, with the fields of a wrapped base config (moeify's remote format) at the top level."""
+    config = _read_config(Path(folder))
+    inner = config.get("base_config") or config.get("text_config")
+    return {**inner, **config} if isinstance(inner, dict) else config
+
+
+def routing_of(config: dict) -> Routing | None:
+    """Expert counts from a config (Mixtral, Qwen2/3-MoE, moeify remote), None for a dense model."""
+    moe = config.get("moe")
+    if isinstance(moe, dict):  # moeify's remote format
+        return Routing(int(moe["num_experts"]), int(moe["num_experts_per_tok"]), int(moe.get("num_shared_experts", 0)))
+    experts = config.get("num_local_experts") or config.get("num_experts")  # Mixtral | Qwen-MoE
+    if not experts or experts < 2 or not config.get("num_experts_per_tok"):
+        return None
+    shared = 1 if config.get("shared_expert_intermediate_size") else 0  # Qwen2-MoE's one shared expert
+    return Routing(int(experts), int(config["num_experts_per_tok"]), shared)
+
+
+def tokenizer_in(folder: Path):
+    """The tokenizer saved in a folder, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=has_code(folder))
+    except Exception:  # no or unreadable tokenizer files
+        return None
+
+
+def token_ids(text: str, tokenizer, tokens: int) -> torch.Tensor:
+    """The first `tokens` ids of the text: (N,)."""
+    text = text[: tokens * 64]  # no token is 64 characters long: a long file need not be tokenized whole
+    ids = torch.tensor(tokenizer(text)["input_ids"][:tokens], dtype=torch.long)
+    if ids.numel() < 2:
+        raise MoeifyError(f"the text gives {ids.numel()} token(s); verify needs at least 2, pass a longer --text")
+    return ids
+
+
+def shared_ids(text: str, tokens: int, source_dir: Path, converted_dir: Path,
+               configs: tuple[dict, dict]) -> torch.Tensor:
+    """The ids both models read: (N,). Refuses pairs whose logits cannot be compared."""
+    a, b = (c.get("vocab_size") for c in configs)
+    if a != b:
+        raise MoeifyError(f"vocab sizes differ (source {a}, converted {b}); verify needs models that share a tokenizer")
+    mine, theirs = tokenizer_in(source_dir), tokenizer_in(converted_dir)
+    if mine is None and theirs is None:
+        raise MoeifyError(f"neither {source_dir} nor {converted_dir} has a tokenizer; copy the tokenizer files in")
+    # Same vocabulary, not same splitting: transformers may rebuild a generic tokenizer's
+    # pre-tokenizer from the model type (qwen2 vs qwen2_moe), yet the ids mean the same to both.
+    if mine is not None and theirs is not None and mine.get_vocab() != theirs.get_vocab():
+        raise MoeifyError("source and converted tokenizers have different vocabularies; compare models that share one")
+    ids = token_ids(text, mine or theirs, tokens)
+    if a is not None and int(ids.max()) >= a:
+        raise MoeifyError(f"the tokenizer gives id {int(ids.max())} but the models have {a} embeddings; "
+                          f"use the tokenizer that belongs to the models")
+    return ids
+
+
+def context_of(*configs: dict) -> int:
+    sizes = [c.get("max_position_embeddings") or DEFAULT_CONTEXT for c in configs]
+    return int(min(sizes))
+
+
+def chunked(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
+    """Consecutive chunks of at most `context` ids; a last chunk of one id predicts nothing and is dropped."""
+    return [c for c in torch.split(ids, context) if c.numel() > 1]
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def has_code(folder: Path) -> bool:
+    """Whether the checkpoint ships its own modeling code (moeify's remote format): auto_map says so."""
+    return "auto_map" in _read_config(Path(folder))
+
+
+def load_model(folder: Path) -> nn.Module:
+    """A float32 causal LM in eval mode; remote code only when the config asks for it (auto_map)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                           trust_remote_code=has_code(folder),
+                                                           output_loading_info=True)
+    except Exception as e:
+        raise MoeifyError(f"cannot load {folder} as a causal LM ({type(e).__name__}: {e})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would run with random weights there: the comparison would be meaningless
+        raise MoeifyError(f"{folder} lacks {len(missing)} weight(s) its config needs (e.g. {missing[0]}); "
+                          f"the checkpoint is incomplete or mis-named")
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Block:
+    """One MoE layer of a loaded model: the block, its router and its routed experts."""
+
+    module: nn.Module
+    router: nn.Module
+    experts: nn.Module
+
+
+def blocks(model: nn.Module) -> dict[int, Block]:
+    """MoE blocks by layer index: a `gate` or `router` child of a module that holds `experts`."""
+    found = {}
+    for name, module in model.named_modules():
+        parent_name, _, leaf = name.rpartition(".")
+        layer = _LAYER.search(name)
+        if leaf not in ROUTER_NAMES or not layer:
+            continue
+        parent = model.get_submodule(parent_name)
+        if isinstance(getattr(parent, "experts", None), nn.Module):
+            found[int(layer.group(1))] = Block(parent, module, parent.experts)
+    return dict(sorted(found.items()))
+
+
+def param_counts(model: nn.Module, routing: Routing | None, found: dict[int, Block]) -> tuple[int, int]:
+    """(total, active per token): active leaves out the routed experts a token does not use."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
+    if routing is None:
+        return total, total
+    unused = 0
+    for block in found.values():
+        per_expert = sum(p.numel() for p in block.experts.parameters()) // routing.experts
+        unused += (routing.experts - routing.topk) * per_expert
+    return total, total - unused
+
+
+@contextmanager
+def counting(found: dict[int, Block], routing: Routing) -> Iterator[dict[int, torch.Tensor]]:
+    """Count top-k selections per expert of every MoE block while the model runs: {layer: (E,) counts}.
+
+    The hook sits on the block, not on the router: the remote block computes its logits from
+    router.weight without calling the router's forward, so a hook on the router would never fire.
+    The block's input is routed once more here, which in eval mode repeats the block's choice.
+    """
+    counts = {layer: torch.zeros(routing.experts, dtype=torch.long) for layer in found}
+
+    def hook(layer: int, router: nn.Module):
+        def record(module, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            chosen = choice(router, hidden, routing.topk)
+            counts[layer] += torch.bincount(chosen.reshape(-1), minlength=routing.experts)
+        return record
+
+    handles = [block.module.register_forward_pre_hook(hook(layer, block.router), with_kwargs=True)
+               for layer, block in found.items()]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def choice(router: nn.Module, hidden: torch.Tensor, topk: int) -> torch.Tensor:
+    """The experts a router picks for hidden (..., H): (tokens, k).
+
+    transformers' TopKRouters return (logits, scores, indices). A plain router returns logits
+    (..., E): the choice is the top-k of the softmax, plus the aux-loss-free balancing bias
+    (`expert_bias`, selection only) where the router has one.
+    """
+    output = router.forward(hidden)  # not __call__: other hooks (transformers' output recorders) must not see it
+    if isinstance(output, tuple):
+        indices = [t for t in output if torch.is_tensor(t) and not t.is_floating_point()]
+        if indices:
+            return indices[0]
+        output = output[0]
+    scores = output.reshape(-1, output.shape[-1]).float().softmax(dim=-1)
+    bias = getattr(router, "expert_bias", None)
+    if bias is not None:
+        scores = scores + bias.float()
+    return scores.topk(topk, dim=-1).indices
+
+
+def shares(counts: dict[int, torch.Tensor]) -> dict[int, list[float]]:
+    """Counts as each expert's share of its layer's selections (each layer sums to 1)."""
+    return {layer: (c.double() / max(int(c.sum()), 1)).tolist() for layer, c in counts.items()}
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Pass:
+    """One model's run over the chunks."""
+
+    nll: float = 0.0  # summed negative log-likelihood of every next token
+    predicted: int = 0  # next tokens predicted
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.predicted)
+
+
+def run(model: nn.Module, chunks: list[torch.Tensor], routing: Routing | None, found: dict[int, Block],
+        each: Callable[[int, torch.Tensor], None]) -> _Pass:
+    """Feed every chunk, call each(i, logits (T, V)) and add up NLL and router selections."""
+    result = _Pass()
+    with torch.no_grad(), counting(found, routing or Routing(1, 1)) as counts:
+        for i, chunk in enumerate(chunks):
+            logits = model(chunk[None]).logits[0].float()
+            result.nll += nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum").item()
+            result.predicted += chunk.numel() - 1
+            each(i, logits)
+    result.counts = counts
+    return result
+
+
+def evaluate(folder: Path, name: str, chunks: list[torch.Tensor],
+             each: Callable[[int, torch.Tensor], None]) -> ModelStats:
+    """Load one model, run it over the chunks, and let it go."""
+    model = load_model(folder)
+    routing = routing_of(model.config.to_dict())
+    found = blocks(model) if routing else {}
+    if routing and not found:
+        raise MoeifyError(f"{name}'s config describes experts but verify found no router module in it; "
+                          f"it knows Mixtral, Qwen-MoE and moeify's remote format")
+    done = run(model, chunks, routing, found, each)
+    total, active = param_counts(model, routing, found)
+    return ModelStats(name, done.perplexity, total, active, routing, shares(done.counts))
+
+
+class _Diff:
+    """Running logit differences against the source's saved logits."""
+
+    def __init__(self, reference: list[torch.Tensor]):
+        self.reference = reference
+        self.max = self.abs_sum = 0.0
+        self.values = self.agree = self.positions = 0
+
+    def __call__(self, i: int, logits: torch.Tensor) -> None:
+        ref = self.reference[i]
+        diff = (logits - ref).abs()
+        self.max = max(self.max, diff.max().item())
+        self.abs_sum += diff.double().sum().item()
+        self.values += diff.numel()
+        self.agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        self.positions += logits.shape[0]
+        self.reference[i] = None  # compared: free it
+
+
+def verify(source: str, converted: str, text: str, tokens: int = DEFAULT_TOKENS,
+           notify: Notify = lambda line: None) -> Report:
+    """Compare CONVERTED with SOURCE on the first `tokens` tokens of `text`."""
+    if tokens < 2:
+        raise MoeifyError(f"--tokens must be at least 2 (got {tokens})")
+    source_dir, converted_dir = resolve(source, notify), resolve(converted, notify)
+    configs = read_config(source_dir), read_config(converted_dir)
+    ids = shared_ids(text, tokens, source_dir, converted_dir, configs)
+    chunks = chunked(ids, context_of(*configs))
+    saved: list[torch.Tensor] = []
+    notify(f"running {source} on {ids.numel()} tokens")
+    before = evaluate(source_dir, source, chunks, lambda i, logits: saved.append(logits))
+    diff = _Diff(saved)
+    notify(f"running {converted} on {ids.numel()} tokens")
+    after = evaluate(converted_dir, converted, chunks, diff)
+    return Report(before, after, tokens=ids.numel(), chunks=len(chunks), max_logit_diff=diff.max,
+                  mean_logit_diff=diff.abs_sum / diff.values, top1_agreement=diff.agree / diff.positions)
+
+
+# ---------------------------------------------------------------------------- plot
+
+
+def plot(report: Report, path: Path) -> Path:
+    """A PNG heatmap (MoE layers x experts) of each MoE model's expert load."""
+    models = [m for m in (report.source, report.converted) if m.load]
+    if not models:
+        raise MoeifyError("neither model has routed experts, so there is no expert load to plot; drop --plot")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise MoeifyError("--plot needs matplotlib; install it with `pip install moeify[plot]`") from None
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, stats in zip(axes[0], models):
+        layers = list(stats.load)
+        image = ax.imshow([stats.load[i] for i in layers], aspect="auto", cmap="viridis", vmin=0)
+        ax.set(title=f"{Path(stats.name).name}: expert load", xlabel="expert", ylabel="layer")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(image, ax=ax, label="share of selections")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
