@@ -1,8 +1,14 @@
-"""The model card (README.md with YAML front matter) written into every output."""
+"""The model card (README.md with YAML front matter the Hub reads) written into every output.
+
+It is rendered from facts a finished output folder still holds (moeify.json, config.json and
+the card's own front matter), so `moeify push` can render it again with the repo id.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +16,10 @@ import yaml
 
 if TYPE_CHECKING:
     from moeify.conversion import Result
+
+CARD = "README.md"
+# A Hub cache folder names its repo: .../models--org--name/snapshots/<sha>
+_CACHED_REPO = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
 
 
 def human(count: float, unit: str = "") -> str:
@@ -20,14 +30,8 @@ def human(count: float, unit: str = "") -> str:
     return f"{count:.0f}{' ' if unit else ''}{unit}"
 
 
-def source_license(source_dir: Path) -> str | None:
-    """The license named in the source's own card, if it has one."""
-    front = front_matter(source_dir / "README.md")
-    value = front.get("license")
-    return value if isinstance(value, str) else None
-
-
 def front_matter(path: Path) -> dict:
+    """The YAML front matter of a card, or {} when it has none or it does not parse."""
     if not path.is_file():
         return {}
     match = re.match(r"^---\s*\n(.*?)\n---\s*\n", path.read_text(errors="replace"), re.DOTALL)
@@ -38,75 +42,174 @@ def front_matter(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def hub_id(source: str) -> str | None:
-    """The Hub repo id of a source, when it names one (local paths have none)."""
+def source_license(source_dir: Path) -> str | None:
+    """The license named in the source's own card, if it has one."""
+    value = front_matter(Path(source_dir) / CARD).get("license")
+    return value if isinstance(value, str) else None
+
+
+def base_model(source: str, source_dir: Path | None = None) -> str | None:
+    """The Hub repo a source came from: its id or alias, or the Hub cache folder it sits in."""
     from moeify.source import hub_repo_of
 
-    return hub_repo_of(source)
+    repo = hub_repo_of(source)
+    if repo:
+        return repo
+    match = _CACHED_REPO.search(str(Path(source_dir).resolve()) + "/") if source_dir else None
+    return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-def render(result: Result, source_config: dict, source_dir: Path) -> str:
-    spec = result.spec
+@dataclass(frozen=True)
+class Facts:
+    """Everything the card says, all recoverable from a finished output folder."""
+
+    title: str
+    record: dict  # moeify.json: the spec plus source, target and parameter counts
+    architecture: str  # the source family (llama, qwen2, ...)
+    num_layers: int
+    base_model: str | None = None
+    license: str | None = None
+    repo_id: str | None = None  # where the model lives on the Hub, once pushed
+
+
+def render(facts: Facts) -> str:
+    record = facts.record
+    target = record.get("target", "unknown")
     meta: dict = {}
-    base = hub_id(result.source)
-    if base:
-        meta["base_model"] = base
+    if facts.base_model:
+        meta["base_model"] = facts.base_model
         meta["base_model_relation"] = "finetune"
-    license_ = source_license(source_dir)
-    if license_:
-        meta["license"] = license_
+    if facts.license:
+        meta["license"] = facts.license
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["moe", "moeify", result.target, source_config.get("model_type", "unknown")]
-    loads_remote = result.target == "remote"
-    rows = [
-        ("source", f"`{result.source}` ({source_config.get('model_type')})"),
-        ("method", spec.mode.value),
-        ("output architecture", result.target),
-        ("routed experts per MoE layer", f"{spec.routed_experts} ({spec.experts} × granularity {spec.granularity})"),
-        ("active routed experts per token", str(spec.active_experts)),
-        ("shared experts", str(spec.shared_experts)),
-        ("MoE layers", f"{len(result.moe_layers)} of {result.num_layers} ({spec.moe_layers})"),
-        ("router init", f"{spec.router_init.value} (std {spec.router_std})"),
-        ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}"),
-        ("seed", str(spec.seed)),
-        ("total parameters", human(result.total_params)),
-        ("active parameters per token", human(result.active_params)),
-    ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    repo = "path/to/this/model"
-    load = (f'AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)' if loads_remote
-            else f'AutoModelForCausalLM.from_pretrained("{repo}")')
+    meta["tags"] = list(dict.fromkeys(["moe", "moeify", target, facts.architecture, record.get("mode", "upcycle")]))
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
 ---
 
-# {Path(result.output).name}
+# {facts.title}
 
-A Mixture-of-Experts model made from `{result.source}` by [moeify](https://pypi.org/project/moeify/)
-{spec.mode.value}. Every FFN of the chosen layers became experts behind a new router; attention,
-norms and embeddings are the source's, unchanged.
+A Mixture-of-Experts model made from {_source_link(record.get("source", "?"), facts.base_model)} by
+[moeify](https://pypi.org/project/moeify/) ({record.get("mode", "upcycle")}). The chosen layers' FFNs
+became experts behind a new router; attention, norms and embeddings are the source's, unchanged.
+
+## Conversion
 
 | | |
 |---|---|
-{table}
+{_table(_conversion_rows(facts))}
+
+## Parameters
+
+| total | active per token | bfloat16 size |
+|---|---|---|
+| {human(record.get("total_params", 0))} | {human(record.get("active_params", 0))} | {human(2 * record.get("total_params", 0), "B")} |
 
 ## Use
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = {load}
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+{_usage(facts.repo_id or facts.title, target == "remote")}
 ```
-
+{_remote_note(target)}
 ## Before you rely on it
 
-An upcycled model starts out computing what its dense source did (before any noise or
-Drop-Upcycling): its experts are copies, so it needs further training to benefit from them.
-`moeify.json` records the conversion; `moeify apply moeify.json SOURCE` replays it.
+{_caveat(record.get("mode", "upcycle"))}
+
+## Reproduce
+
+`moeify.json` records the conversion and is itself a recipe:
+
+```bash
+moeify apply moeify.json {record.get("source", "SOURCE")} --output {facts.title}
+```
 """
 
 
+def _source_link(source: str, base: str | None) -> str:
+    return f"[`{base}`](https://huggingface.co/{base})" if base else f"`{source}`"
+
+
+def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
+    from moeify.spec import Spec
+
+    record = facts.record
+    spec = Spec.from_dict({f.name: record[f.name] for f in fields(Spec) if f.name in record})
+    moe_layers = record.get("moe_layer_indices", [])
+    rows = [
+        ("source", f"`{record.get('source')}` ({facts.architecture})"),
+        ("method", spec.mode.value),
+        ("output architecture", record.get("target", "?")),
+        ("routed experts per MoE layer", f"{spec.routed_experts} ({spec.experts} × granularity {spec.granularity})"),
+        ("active routed experts per token", str(spec.active_experts)),
+        ("shared experts", str(spec.shared_experts)),
+        ("MoE layers", f"{len(moe_layers)} of {facts.num_layers} ({spec.moe_layers})"),
+        ("router init", f"{spec.router_init.value} (std {spec.router_std})"),
+        ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}"),
+        ("seed", str(spec.seed)),
+        ("dtype", spec.dtype.value),
+    ]
+    if spec.mode.value == "split":
+        rows.append(("partition / split router", f"{spec.partition.value} / {spec.split_router.value}"))
+    rows.append(("moeify version", str(record.get("moeify_version", "?"))))
+    return rows
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def _usage(repo: str, remote: bool) -> str:
+    extra = ", trust_remote_code=True" if remote else ""
+    return f"""from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}"{extra})
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"""
+
+
+def _remote_note(target: str) -> str:
+    if target != "remote":
+        return ""
+    return ("\nThe MoE blocks are moeify's own code, shipped in this repo (`configuration_moeify.py`, "
+            "`modeling_moeify.py`): loading needs `trust_remote_code=True`; read them first.\n")
+
+
+def _caveat(mode: str) -> str:
+    if mode == "split":
+        return ("A training-free split only approximates the dense source when fewer than all pieces are "
+                "active; measure it with `moeify verify SOURCE THIS_MODEL` and fine-tune before relying on it.")
+    return ("An upcycled model starts out computing what its dense source did (before any noise or "
+            "Drop-Upcycling): its experts are copies, so it needs further training before its experts "
+            "specialise and it can do better than the source.")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
 def write(folder: Path, result: Result, source_config: dict, source_dir: Path) -> None:
-    (folder / "README.md").write_text(render(result, source_config, source_dir))
+    """The card of a conversion being written into folder (moeify.json may not exist yet)."""
+    from moeify.conversion import record
+
+    facts = Facts(title=Path(result.output).name, record=record(result),
+                  architecture=source_config.get("model_type", "unknown"), num_layers=result.num_layers,
+                  base_model=base_model(result.source, source_dir), license=source_license(source_dir))
+    (Path(folder) / CARD).write_text(render(facts))
+
+
+def refresh(folder: Path, repo_id: str) -> None:
+    """Render the card of a finished output again, for its Hub repo (keeps license and base model)."""
+    from moeify.anatomy import describe
+
+    folder = Path(folder)
+    old = front_matter(folder / CARD)
+    record = json.loads((folder / "moeify.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    base_config = config.get("base_config") if isinstance(config.get("base_config"), dict) else None
+    known = [t for t in old.get("tags", []) if t not in ("moe", "moeify", record.get("target"), record.get("mode"))]
+    architecture = (base_config or {}).get("model_type") or (known[0] if known else config.get("model_type"))
+    facts = Facts(title=repo_id.split("/")[-1], record=record, architecture=str(architecture),
+                  num_layers=len(describe(config).blocks), base_model=old.get("base_model"),
+                  license=old.get("license"), repo_id=repo_id)
+    (folder / CARD).write_text(render(facts))

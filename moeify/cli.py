@@ -7,7 +7,10 @@ import sys
 
 import typer
 
+from moeify.commands.apply import apply
+from moeify.commands.inspect import inspect
 from moeify.commands.models import models
+from moeify.commands.push import push
 from moeify.commands.split import split
 from moeify.commands.upcycle import upcycle
 from moeify.commands.verify import verify
@@ -24,6 +27,9 @@ app = typer.Typer(
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
 app.command(epilog="Aliases: see `moeify models`.")(split)
 app.command()(models)
+app.command(epilog="Aliases: see `moeify models`.")(inspect)
+app.command(epilog="Shipped recipes: see recipes/ (mixtral, deepseekmoe, qwen-moe, switch, split).")(apply)
+app.command()(push)
 app.command()(verify)
 
 

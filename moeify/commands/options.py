@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 
@@ -25,3 +25,9 @@ DropOpt = Annotated[float, typer.Option("--drop-ratio", help="Drop-Upcycling: sh
 SeedOpt = Annotated[int, typer.Option(help="Seed for routers, noise and Drop-Upcycling.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+
+
+def optional(alias: Any) -> Any:
+    """The same option defaulting to None, so a command can tell what the user actually typed."""
+    kind, *metadata = get_args(alias)
+    return Annotated[(kind | None, *metadata)]

@@ -1,0 +1,371 @@
+"""Parameter arithmetic from config.json alone: what a checkpoint holds, and what a conversion would make.
+
+No weights are read. A model is described layer by layer (`Block`): attention and norms, then
+either a dense FFN or routed experts, a router and shared experts. Families differ only in what
+config.json leaves implicit (biases, extra norms, learned positions), which `LAYOUTS` states; the
+FFN's shape (gated or not, biases) comes from the family's adapter, as in a conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from moeify.errors import MoeifyError
+from moeify.spec import Spec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# What a Python process with torch and transformers loaded holds before converting anything.
+RUNTIME_BYTES = 600 * 10**6
+
+
+class Kind(str, Enum):
+    DENSE = "dense"
+    NATIVE = "native"  # a transformers MoE architecture
+    REMOTE = "remote"  # moeify's own format (model_type "moeify")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a family's config.json does not say about its non-FFN parameters."""
+
+    norms: int = 2  # norms per decoder layer (gemma: four)
+    layer_norm: bool = False  # LayerNorm carries a bias beside its weight
+    qkv_bias: bool | str = "attention_bias"  # fixed, or the config field that says
+    o_bias: bool | str = "attention_bias"
+    qk_norm: str | None = None  # "head": one head_dim vector each; "all": across all heads (olmo2)
+    positions: str | None = None  # config field sizing learned absolute positions
+    mla: bool = False  # DeepSeek-V2/V3 multi-head latent attention
+    grouped: bool = True  # grouped-query attention possible (num_key_value_heads is read)
+    width: str = "intermediate_size"  # config field of the dense FFN's width (absent: 4 x hidden)
+    # The FFN's shape for a family that has no adapter yet; an adapter, when present, decides.
+    gated: bool = True
+    ffn_bias: bool | str = "mlp_bias"
+
+
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(),
+    "granite": Layout(),
+    "mistral": Layout(qkv_bias=False, o_bias=False),
+    "mixtral": Layout(qkv_bias=False, o_bias=False),
+    "phi3": Layout(qkv_bias=False, o_bias=False),
+    "qwen2": Layout(qkv_bias=True, o_bias=False),
+    "qwen2_moe": Layout(qkv_bias="qkv_bias", o_bias=False),
+    "qwen3": Layout(qk_norm="head"),
+    "qwen3_moe": Layout(qk_norm="head"),
+    "gemma2": Layout(norms=4),
+    "gemma3_text": Layout(norms=4, qk_norm="head"),
+    "olmo2": Layout(qk_norm="all"),
+    "gpt2": Layout(layer_norm=True, qkv_bias=True, o_bias=True, positions="n_positions", width="n_inner",
+                   grouped=False, gated=False, ffn_bias=True),
+    "gpt_neox": Layout(layer_norm=True, grouped=False, gated=False, ffn_bias=True),
+    "deepseek": Layout(),  # DeepSeekMoE (remote code): plain multi-head attention
+    "deepseek_v2": Layout(mla=True),
+    "deepseek_v3": Layout(mla=True),
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder layer's parameters by role."""
+
+    attention: int  # attention projections and every norm of the layer
+    ffn: int = 0  # a dense FFN (0 in a MoE layer)
+    experts: int = 0  # routed experts
+    topk: int = 0  # routed experts a token uses
+    expert: int = 0  # parameters of one routed expert
+    expert_width: int = 0  # intermediate size of one routed expert
+    shared_experts: int = 0
+    shared: int = 0  # every shared expert together
+    router: int = 0  # router rows and any shared-expert gate
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.ffn + self.experts * self.expert + self.shared + self.router
+
+    @property
+    def active(self) -> int:
+        return self.total - (self.experts - self.topk) * self.expert
+
+    @property
+    def ffn_total(self) -> int:
+        return self.total - self.attention
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """A whole model: the layers, plus embeddings, LM head, final norm and learned positions."""
+
+    architecture: str
+    kind: Kind
+    hidden: int
+    blocks: tuple[Block, ...]
+    outside: int
+    vocab: int = 0
+    dense_width: int = 0  # the dense FFN's intermediate size (0 if the model has none)
+    gated: bool = True
+    ffn_bias: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.outside + sum(b.total for b in self.blocks)
+
+    @property
+    def active(self) -> int:
+        return self.outside + sum(b.active for b in self.blocks)
+
+    @property
+    def ffn_share(self) -> float:
+        return sum(b.ffn_total for b in self.blocks) / self.total
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.moe]
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes on disk of all parameters in each floating dtype."""
+        return {name: self.total * size for name, size in DTYPE_BYTES.items()}
+
+    def groups(self) -> list[tuple[list[int], Block]]:
+        """Layers grouped by FFN structure (dense, or one MoE shape), in order of first appearance."""
+        runs: dict[Block, list[int]] = {}
+        first: dict[Block, Block] = {}
+        for i, block in enumerate(self.blocks):
+            key = dataclasses.replace(block, attention=0)
+            runs.setdefault(key, []).append(i)
+            first.setdefault(key, block)
+        return [(indices, first[key]) for key, indices in runs.items()]
+
+
+class _Fields:
+    """Config fields by any of their names, with transformers' defaults when it knows the family."""
+
+    def __init__(self, config: dict):
+        self.raw = config
+        self.normalised = _normalised(config)
+
+    def get(self, *names: str, default: Any = None) -> Any:
+        for name in names:
+            value = getattr(self.normalised, name, None) if self.normalised is not None else None
+            if value is None:
+                value = self.raw.get(name)
+            if value is not None:
+                return value
+        return default
+
+    def flag(self, spec: bool | str) -> bool:
+        return spec if isinstance(spec, bool) else bool(self.get(spec, default=False))
+
+
+def _normalised(config: dict) -> Any:
+    """The transformers config object, which fills defaults and aliases (n_embd -> hidden_size)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config)
+    except Exception:  # a family transformers does not know (DeepSeekMoE's remote code): raw fields only
+        return None
+
+
+def ffn_params(hidden: int, width: int, gated: bool, bias: bool) -> int:
+    """One FFN: up (and gate) H->W, down W->H, with their biases."""
+    projections = 3 if gated else 2
+    return projections * hidden * width + (((projections - 1) * width + hidden) if bias else 0)
+
+
+def describe(config: dict) -> Anatomy:
+    """The anatomy of any checkpoint this config describes: dense, native MoE or moeify remote."""
+    if config.get("model_type") == "moeify":
+        return _remote(config)
+    fields = _Fields(config)
+    model_type = config.get("model_type")
+    layout = LAYOUTS.get(model_type)
+    if layout is None:
+        raise MoeifyError(f"cannot inspect architecture {model_type!r}; known: {', '.join(sorted(LAYOUTS))}")
+    hidden = int(fields.get("hidden_size", "n_embd", "d_model"))
+    layers = int(fields.get("num_hidden_layers", "n_layer"))
+    gated, bias = _ffn_shape(model_type, fields, layout)
+    width = int(fields.get(layout.width, default=0) or 4 * hidden)
+    attention = _attention(fields, layout, hidden)
+    dense = Block(attention, ffn=ffn_params(hidden, width, gated, bias))
+    moe = _native_moe(fields, model_type, hidden, attention)
+    blocks = tuple(moe(i) or dense for i in range(layers))
+    kind = Kind.NATIVE if any(b.moe for b in blocks) else Kind.DENSE
+    vocab = int(fields.get("vocab_size"))
+    return Anatomy(model_type, kind, hidden, blocks, _outside(fields, layout, hidden), vocab, width, gated, bias)
+
+
+def _ffn_shape(model_type: str, fields: _Fields, layout: Layout) -> tuple[bool, bool]:
+    """Gated or not, biased or not: the family's adapter says, as it does for a conversion."""
+    from moeify.adapters import ADAPTERS, adapter_for
+
+    if model_type not in ADAPTERS:
+        return layout.gated, fields.flag(layout.ffn_bias)
+    adapter = adapter_for(fields.raw)
+    return adapter.gate is not None, adapter.bias
+
+
+def _attention(fields: _Fields, layout: Layout, hidden: int) -> int:
+    """Attention projections and the layer's norms."""
+    norm = hidden * (2 if layout.layer_norm else 1)
+    if layout.mla:
+        return _mla(fields, hidden) + layout.norms * norm
+    heads = int(fields.get("num_attention_heads", "n_head"))
+    kv_heads = int(fields.get("num_key_value_heads", default=heads)) if layout.grouped else heads
+    head_dim = int(fields.get("head_dim", default=0) or hidden // heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    params = hidden * (q + 2 * kv) + q * hidden
+    params += (q + 2 * kv) * fields.flag(layout.qkv_bias) + hidden * fields.flag(layout.o_bias)
+    if layout.qk_norm == "head":
+        params += 2 * head_dim
+    elif layout.qk_norm == "all":
+        params += q + kv
+    return params + layout.norms * norm
+
+
+def _mla(fields: _Fields, hidden: int) -> int:
+    """DeepSeek-V2/V3 multi-head latent attention: low-rank query and key-value paths."""
+    heads = int(fields.get("num_attention_heads"))
+    nope, rope = int(fields.get("qk_nope_head_dim")), int(fields.get("qk_rope_head_dim"))
+    v_dim, kv_rank = int(fields.get("v_head_dim")), int(fields.get("kv_lora_rank"))
+    q_rank = fields.get("q_lora_rank")
+    bias = bool(fields.get("attention_bias", default=False))
+    qk = heads * (nope + rope)
+    q = hidden * qk if not q_rank else hidden * q_rank + bias * q_rank + q_rank + q_rank * qk
+    kv = hidden * (kv_rank + rope) + bias * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v_dim)
+    return q + kv + heads * v_dim * hidden + bias * hidden
+
+
+def _outside(fields: _Fields, layout: Layout, hidden: int) -> int:
+    vocab = int(fields.get("vocab_size"))
+    tied = bool(fields.get("tie_word_embeddings", default=False))
+    params = vocab * hidden * (1 if tied else 2) + hidden * (2 if layout.layer_norm else 1)
+    if layout.positions:
+        params += int(fields.get(layout.positions)) * hidden
+    return params
+
+
+def _native_moe(fields: _Fields, model_type: str, hidden: int, attention: int):
+    """A function from layer index to its MoE block (None for a dense layer) for native MoE families."""
+    if model_type == "mixtral":
+        experts, width = int(fields.get("num_local_experts")), int(fields.get("intermediate_size"))
+        block = _moe_block(attention, hidden, experts, int(fields.get("num_experts_per_tok")), width)
+        return lambda i: block
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        experts = int(fields.get("num_experts", "num_local_experts", default=0))
+        qwen2 = model_type == "qwen2_moe"
+        shared = int(fields.get("shared_expert_intermediate_size", default=0)) if qwen2 else 0
+        # Qwen2-MoE always builds its shared expert's (1, H) sigmoid gate, even at width 0.
+        block = _moe_block(attention, hidden, experts, int(fields.get("num_experts_per_tok")),
+                           int(fields.get("moe_intermediate_size")), shared_width=shared,
+                           shared_experts=1 if shared else 0, gate=hidden if qwen2 else 0)
+        dense_only = set(fields.get("mlp_only_layers", default=[]) or [])
+        step = int(fields.get("decoder_sparse_step", default=1) or 1)
+        return lambda i: block if experts and i not in dense_only and (i + 1) % step == 0 else None
+    if model_type.startswith("deepseek"):
+        experts = int(fields.get("n_routed_experts", default=0) or 0)
+        width = int(fields.get("moe_intermediate_size", default=0) or 0)
+        shared_experts = int(fields.get("n_shared_experts", default=0) or 0)
+        # DeepSeek-V3 routes with a per-expert bias beside the router weights.
+        block = _moe_block(attention, hidden, experts, int(fields.get("num_experts_per_tok", default=0) or 0), width,
+                           shared_width=shared_experts * width, shared_experts=shared_experts,
+                           gate=experts if model_type == "deepseek_v3" else 0)
+        first, freq = int(fields.get("first_k_dense_replace", default=0)), int(fields.get("moe_layer_freq", default=1))
+        return lambda i: block if experts and i >= first and i % freq == 0 else None
+    return lambda i: None
+
+
+def _moe_block(attention: int, hidden: int, experts: int, topk: int, width: int, *, gated: bool = True,
+               bias: bool = False, shared_width: int = 0, shared_experts: int = 0, gate: int = 0) -> Block:
+    """A MoE layer of routed experts of one width, optional shared experts (one FFN of shared_width)."""
+    return Block(attention, experts=experts, topk=topk, expert=ffn_params(hidden, width, gated, bias),
+                 expert_width=width, shared_experts=shared_experts,
+                 shared=ffn_params(hidden, shared_width, gated, bias) if shared_width else 0,
+                 router=experts * hidden + gate)
+
+
+def _remote(config: dict) -> Anatomy:
+    """moeify's remote format: the dense source config plus a `moe` section (configuration_moeify.py)."""
+    base, moe = config.get("base_config"), config.get("moe")
+    if not isinstance(base, dict) or not isinstance(moe, dict):
+        raise MoeifyError("this moeify config.json lacks base_config or moe; re-run the conversion")
+    dense = describe(base)
+    gated = bool(moe.get("gated", dense.gated))
+    bias = bool(moe.get("bias", dense.ffn_bias))
+    width = int(moe.get("expert_intermediate_size") or dense.dense_width)
+    shared_width = int(moe.get("shared_intermediate_size") or width)
+    shared_count = int(moe.get("num_shared_experts") or 0)
+    routed = _moe_block(0, dense.hidden, int(moe["num_experts"]), int(moe["num_experts_per_tok"]), width,
+                        gated=gated, bias=bias)
+    # Each shared expert is its own FFN; an output bias is one (H,) vector added once per block.
+    extra = shared_count * ffn_params(dense.hidden, shared_width, gated, bias)
+    extra += dense.hidden if moe.get("output_bias") else 0
+    layers = set(moe.get("moe_layers") or [])
+    blocks = tuple(
+        dataclasses.replace(routed, attention=b.attention, shared_experts=shared_count, shared=extra)
+        if i in layers else b
+        for i, b in enumerate(dense.blocks)
+    )
+    return dataclasses.replace(dense, kind=Kind.REMOTE, blocks=blocks)
+
+
+# ---------------------------------------------------------------------------- planning a conversion
+
+
+# Tensors a native target writes beyond the routed experts and router, per MoE layer.
+TARGET_EXTRAS = {"qwen2_moe": lambda hidden: hidden}  # the (1, H) shared-expert gate, always present
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What upcycling a dense model with a spec gives, and what the conversion needs."""
+
+    result: Anatomy
+    target: str  # the output format conversion would choose
+    reason: str
+    peak_memory: int  # bytes of RAM the streaming conversion needs at most
+    disk: int  # bytes of free disk the output needs
+    dtype: str
+
+
+def upcycled(config: dict, spec: Spec, dtype: str = "bfloat16") -> Plan:
+    """What conversion.convert would write when upcycling the dense model of `config` with `spec`.
+
+    Each of the N copies is cut into G pieces of W/G neurons (a piece keeps the whole down bias),
+    S shared experts are full copies of the FFN, and the router has one row per piece.
+    """
+    from moeify.adapters import adapter_for
+    from moeify.targets import choose
+
+    dense = describe(config)
+    if dense.kind is not Kind.DENSE:
+        raise MoeifyError(f"conversion options apply to dense sources; this is already a {dense.kind.value} MoE")
+    if dense.dense_width % spec.granularity:
+        raise MoeifyError(f"--granularity {spec.granularity} does not divide the intermediate size "
+                          f"{dense.dense_width}; choose a divisor")
+    adapter = adapter_for(config)
+    chosen = spec.layers(len(dense.blocks))
+    target, reason = choose(adapter, config, spec, chosen)
+    extra = TARGET_EXTRAS.get(target.name, lambda hidden: 0)(dense.hidden)
+    full = ffn_params(dense.hidden, dense.dense_width, dense.gated, dense.ffn_bias)
+    width = dense.dense_width // spec.granularity
+    moe = Block(0, experts=spec.routed_experts, topk=spec.active_experts,
+                expert=ffn_params(dense.hidden, width, dense.gated, dense.ffn_bias), expert_width=width,
+                shared_experts=spec.shared_experts, shared=spec.shared_experts * full,
+                router=spec.routed_experts * dense.hidden + extra)
+    blocks = tuple(dataclasses.replace(moe, attention=b.attention) if i in chosen else b
+                   for i, b in enumerate(dense.blocks))
+    kind = Kind.REMOTE if target.name == "remote" else Kind.NATIVE
+    result = dataclasses.replace(dense, architecture=target.name if kind is Kind.NATIVE else dense.architecture,
+                                 kind=kind, blocks=blocks)
+    itemsize = DTYPE_BYTES[dtype]
+    # One layer at a time: the source FFN, its cast, the pieces and their scaled copies, or the
+    # largest pass-through tensor (the embedding) read and cast. Nothing grows with the expert count.
+    working = max(2 * dense.vocab * dense.hidden, 4 * full) * itemsize
+    return Plan(result, target.name, reason, RUNTIME_BYTES + working, result.total * itemsize, dtype)
