@@ -103,6 +103,15 @@ def with_side_files(folder: Path) -> Path:
 # ---------------------------------------------------------------------------- exactness
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine is shared: one thread per process avoids oversubscription.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["llama", "mistral"])
 def pair(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(family, source, output) for the default 4-expert top-2 upcycle."""
