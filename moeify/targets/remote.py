@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Spec
-from moeify.targets.base import LayerTensor, Target, dtype_name
+from moeify.targets.base import NOT_BACKBONE, LayerTensor, Target, dtype_name
 from moeify.transforms import FFN, MoELayer
 
 CODE_DIR = Path(__file__).parent / "remote_code"
@@ -27,9 +27,8 @@ ROLE_NAMES = {
     "gate_bias": "gate_proj.bias", "up_bias": "up_proj.bias", "down_bias": "down_proj.bias",
 }
 
-# Source config keys that describe the source file rather than the model.
-NOT_BASE = {"architectures", "auto_map", "transformers_version", "_name_or_path", "_model_name_or_path",
-            "quantization_config", "torch_dtype"}
+# base_config keeps model_type (it picks the family's classes) and states the output dtype itself.
+NOT_BASE = NOT_BACKBONE - {"model_type"}
 
 
 class Remote(Target):
