@@ -365,12 +365,14 @@ def plot(report: Report, path: Path) -> Path:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MoeifyError("--plot needs matplotlib; install it with `pip install moeify[plot]`") from None
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    rows = max(len(m.load) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), min(3 + 0.12 * rows, 16)), squeeze=False)
     for ax, stats in zip(axes[0], models):
         layers = list(stats.load)
         image = ax.imshow([stats.load[i] for i in layers], aspect="auto", cmap="viridis", vmin=0)
         ax.set(title=f"{Path(stats.name).name}: expert load", xlabel="expert", ylabel="layer")
-        ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+        step = math.ceil(len(layers) / 24)  # at most ~24 labels stay readable
+        ax.set_yticks(range(0, len(layers), step), [str(i) for i in layers[::step]])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax, label="share of selections")
     fig.tight_layout()
