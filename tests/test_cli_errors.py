@@ -61,6 +61,11 @@ def bad_source(kind: str, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
     if kind == "empty":
         (tmp_path / "empty").mkdir()
         return tmp_path / "empty", ("empty",)
+    if kind == "plain-file":
+        (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+        return tmp_path / "weights.bin", ("weights.bin", "neither a model folder nor a .gguf file")
+    if kind == "missing-gguf":
+        return tmp_path / "model.gguf", ("model.gguf", "does not exist")
     if kind == "not-a-model":
         (tmp_path / "stuff").mkdir()
         (tmp_path / "stuff" / "notes.txt").write_text("hello")
@@ -89,7 +94,7 @@ def bad_source(kind: str, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "empty", "not-a-model", "bert", "truncated", "corrupted-header", "missing-shard"]
+    "kind", ["missing", "empty", "plain-file", "missing-gguf", "not-a-model", "bert", "truncated", "corrupted-header", "missing-shard"]
 )
 def test_bad_source(tmp_path: Path, capsys, kind: str):
     source, needles = bad_source(kind, tmp_path)

@@ -41,6 +41,15 @@ def moe_forward(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return routed + sum((ffn_forward(s, x) for s in moe.shared), torch.zeros_like(routed))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors on a shared machine: extra threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tokens(n: int = 32, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(n, H, generator=torch.Generator().manual_seed(123), dtype=dtype)
 

@@ -263,6 +263,25 @@ def test_sharded_source_and_sharded_output(tmp_path: Path):
     assert (run_logits(moe, tokens) - run_logits(dense, tokens)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_is_carried_over(tmp_path: Path, rope_scaling: dict):
+    source = make_tiny("llama", tmp_path / "source", rope_scaling=rope_scaling)
+    src = json.loads((source / "config.json").read_text())
+    assert src["rope_parameters"]["rope_type"] == rope_scaling["rope_type"]
+    output = upcycled(source, tmp_path / "moe", "--experts", 2, "--topk", 1)
+    out = json.loads((output / "config.json").read_text())
+    assert out["rope_parameters"] == src["rope_parameters"]
+    dense, _ = load(source)
+    moe, _ = load(output)
+    tokens = sample_tokens(length=80)  # past the original context, where scaling matters most
+    assert (run_logits(moe, tokens) - run_logits(dense, tokens)).abs().max().item() < 1e-4
+
+
 def test_router_init_zeros_is_exact(tmp_path: Path):
     source = make_tiny("llama", tmp_path / "source")
     output = upcycled(source, tmp_path / "moe", "--experts", 4, "--topk", 2, "--router-init", "zeros")
