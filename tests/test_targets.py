@@ -48,6 +48,7 @@ def chosen(family: str, overrides: dict | None = None, **spec) -> tuple[str, str
     ("qwen2", {}, {}, "qwen2_moe", "native"),
     ("qwen3", {}, {"moe_layers": "0"}, "qwen3_moe", "native"),
     ("qwen3", {}, {"shared_experts": 1}, "remote", "Qwen3-MoE has no shared experts"),
+    ("qwen3", {"use_sliding_window": True, "max_window_layers": 1}, {}, "remote", "window"),
     ("llama", {"attention_bias": True}, {}, "remote", "attention"),
     ("llama", {"mlp_bias": True}, {"shared_experts": 1}, "remote", "qwen2_moe has no FFN biases"),
     ("gemma2", {}, {}, "remote", "no native MoE architecture holds gemma2"),
@@ -124,6 +125,15 @@ def test_qwen2_moe_config_and_tensors(tmp_path):
     down = tensors["model.layers.1.mlp.shared_expert.down_proj.weight"]
     assert torch.allclose(down, torch.cat([dense_down, dense_down], dim=1) * 2 / 3)
     assert "model.layers.0.mlp.gate_proj.weight" in tensors  # dense layers keep their FFN
+
+
+def test_output_dtype_covers_the_written_zeros(tmp_path):
+    source = make_tiny("llama", tmp_path / "llama")
+    spec = Spec(experts=4, topk=2, shared_experts=1, dtype="bfloat16")
+    assert convert(source, tmp_path / "out", spec, source="llama").target == "qwen2_moe"
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_qwen2_source_keeps_its_qkv_biases(tmp_path):
