@@ -119,7 +119,7 @@ def tokenizer_in(folder: Path):
 
 def token_ids(text: str, tokenizer, tokens: int) -> torch.Tensor:
     """The first `tokens` ids of the text: (N,)."""
-    text = text[: tokens * 64]  # no token is 64 characters long: a long file need not be tokenized whole
+    text = text[: tokens * 64]  # tokens average far under 64 characters: a long file is not tokenized whole
     ids = torch.tensor(tokenizer(text)["input_ids"][:tokens], dtype=torch.long)
     if ids.numel() < 2:
         raise MoeifyError(f"the text gives {ids.numel()} token(s); verify needs at least 2, pass a longer --text")
