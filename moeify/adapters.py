@@ -20,7 +20,7 @@ from moeify.transforms import FFN
 @dataclass(frozen=True)
 class Adapter:
     model_type: str
-    native: tuple[str, ...]  # native MoE targets that hold this family losslessly
+    native: tuple[str, ...]  # native MoE targets that can hold this family, by preference
     mlp: str = "model.layers.{i}.mlp"  # the FFN module's path
     gate: str | None = "gate_proj"  # None: a plain (non-gated) FFN
     up: str = "up_proj"
@@ -36,19 +36,22 @@ class Adapter:
     # (regex, replacement), a None replacement drops the tensor. Applied before anything else.
     renames: tuple[tuple[str, str | None], ...] = ()
 
+    def loaded_name(self, name: str) -> str | None:
+        """A checkpoint name as the family's model has it in memory; None for a tensor it ignores."""
+        for pattern, replacement in self.renames:
+            if re.search(pattern, name):
+                if replacement is None:
+                    return None
+                name = re.sub(pattern, replacement, name)
+        return name
+
     def loaded(self, ckpt: Checkpoint) -> Checkpoint:
-        """The checkpoint under the names the family's model has in memory (the same object when none change)."""
+        """The checkpoint seen under in-memory names (the same object when no name changes)."""
         if not self.renames:
             return ckpt
-        tensors = {}
-        for name, info in ckpt.tensors.items():
-            for pattern, replacement in self.renames:
-                if name is not None and re.search(pattern, name):
-                    name = None if replacement is None else re.sub(pattern, replacement, name)
-            if name is not None:
-                tensors[name] = info
-        view = copy.copy(ckpt)
-        view.tensors = tensors
+        view = copy.copy(ckpt)  # shares the parsed headers; only the name -> location map differs
+        view.tensors = {new: info for name, info in ckpt.tensors.items()
+                        if (new := self.loaded_name(name)) is not None}
         return view
 
     def mlp_path(self, layer: int) -> str:
