@@ -102,9 +102,7 @@ became experts behind a new router; attention, norms and embeddings are the sour
 
 ## Parameters
 
-| total | active per token | bfloat16 size |
-|---|---|---|
-| {human(record.get("total_params", 0))} | {human(record.get("active_params", 0))} | {human(2 * record.get("total_params", 0), "B")} |
+{_parameters(record)}
 
 ## Use
 
@@ -153,6 +151,12 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
         rows.append(("partition / split router", f"{spec.partition.value} / {spec.split_router.value}"))
     rows.append(("moeify version", str(record.get("moeify_version", "?"))))
     return rows
+
+
+def _parameters(record: dict) -> str:
+    total, active = record.get("total_params", 0), record.get("active_params", 0)
+    return (f"| total | active per token | bfloat16 size |\n|---|---|---|\n"
+            f"| {human(total)} | {human(active)} | {human(2 * total, 'B')} |")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
