@@ -308,15 +308,24 @@ def staged_output(dest: Path, overwrite: bool) -> Iterator[Path]:
     check_output(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.moeify-", dir=dest.parent))
+    old = staging.with_name(staging.name + "-old")
     try:
         yield staging
         staging.chmod(0o755)  # mkdtemp makes it private; a model folder is not
         if dest.exists():
-            shutil.rmtree(dest)
+            dest.rename(old)  # set aside, not deleted: Ctrl-C from here on must leave a whole output
         staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            old.rename(dest)
         raise
+    finally:
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # Ctrl-C while deleting the old output: finish, then let it through
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 def check_output(dest: Path, overwrite: bool) -> None:
