@@ -4,6 +4,7 @@ and the staged output folder that is renamed into place only when complete."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -233,6 +234,35 @@ def test_write_shards_streams_one_tensor_at_a_time(tmp_path: Path):
     assert produced == list(tensors)
 
 
+def test_repeated_tensors_are_written_byte_exactly(tmp_path: Path):
+    """Upcycled experts are one tensor planned many times; every copy must hold the same bytes."""
+    gen = torch.Generator().manual_seed(2)
+    expert = torch.randn(33, 17, generator=gen)
+    transposed = torch.randn(17, 33, generator=gen).T  # not contiguous
+    half = torch.randn(5, 7, generator=gen).to(torch.bfloat16)
+    plan, expected = [], {}
+    for j in range(40):  # more repeats than the writer remembers, interleaved with other tensors
+        for name, tensor in ((f"e{j}.w", expert), (f"e{j}.t", transposed), (f"e{j}.h", half)):
+            plan.append(planned(name, tensor))
+            expected[name] = tensor
+        if j % 7 == 0:
+            fresh = torch.randn(3, generator=gen)
+            plan.append(planned(f"fresh{j}", fresh))
+            expected[f"fresh{j}"] = fresh
+    for size in ("5GB", "20KB"):  # one shard, and repeats spread over several shards
+        folder = tmp_path / size
+        folder.mkdir()
+        names = write_shards(plan, folder, size)
+        assert (len(names) == 1) is (size == "5GB")
+        got = {}
+        for name in names:
+            with safe_open(folder / name, framework="pt") as f:
+                got |= {k: f.get_tensor(k) for k in f.keys()}
+        assert set(got) == set(expected)
+        for name, tensor in expected.items():
+            assert got[name].dtype == tensor.dtype and raw(got[name]) == raw(tensor), (size, name)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("500MB") == 500 * 10**6
@@ -285,6 +315,41 @@ def test_staged_output_failure_keeps_existing_dest(tmp_path: Path):
     with staged_output(dest, overwrite=True) as staging:
         (staging / "new").write_text("x")
     assert [p.name for p in dest.iterdir()] == ["new"]
+
+
+@pytest.mark.parametrize("moment", ["deleting the old output", "renaming the new one into place"])
+def test_interrupt_while_replacing_an_old_output_leaves_one_of_them_whole(tmp_path: Path, monkeypatch, moment):
+    """Ctrl-C while the old output is being swapped for the new one never leaves it half-deleted."""
+    dest = tmp_path / "out"
+    dest.mkdir()
+    for name in ("a", "b", "c"):
+        (dest / name).write_text(f"old {name}")
+    real_rmtree, real_rename, hits = shutil.rmtree, Path.rename, []
+
+    def rmtree(path, *args, **kwargs):
+        if moment.startswith("deleting") and not hits and (Path(path) / "a").exists():
+            hits.append(path)
+            (Path(path) / "a").unlink()  # part of the old output is gone when Ctrl-C arrives
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    def rename(self, target):
+        if moment.startswith("renaming") and not hits and Path(target) == dest and (self / "x").exists():
+            hits.append(self)
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(dest, overwrite=True) as staging:
+            for name in ("x", "y"):
+                (staging / name).write_text(f"new {name}")
+    monkeypatch.undo()
+    assert hits, f"never interrupted while {moment}"
+    state = {p.name: p.read_text() for p in dest.iterdir()} if dest.is_dir() else None
+    assert state in ({"a": "old a", "b": "old b", "c": "old c"}, {"x": "new x", "y": "new y"}), state
+    assert not leftovers(tmp_path, "out")
 
 
 def test_staged_output_refuses_file_and_non_empty_folder(tmp_path: Path):
