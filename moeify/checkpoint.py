@@ -78,6 +78,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         try:
             begin, stop = entry["data_offsets"]
             dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+            if not all(type(n) is int and n >= 0 for n in (begin, stop, *shape)):
+                raise ValueError  # offsets and sizes are non-negative integers; anything else is damage
         except (KeyError, TypeError, ValueError):
             raise MoeifyError(f"{path} has a corrupted entry for {name!r}; re-download it") from None
         if stop - begin != math.prod(shape) * dtype.itemsize:
@@ -142,9 +144,12 @@ def _read_config(folder: Path) -> dict:
     if not path.is_file():
         raise MoeifyError(f"{folder} has no config.json; point at a Hugging Face model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoeifyError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise MoeifyError(f"{path} is not a JSON object; fix or re-download it")
+    return config
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -152,7 +157,9 @@ def _shard_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            if not all(isinstance(name, str) for name in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise MoeifyError(f"{index} is corrupted; re-download it") from None
         shards = [folder / name for name in dict.fromkeys(weight_map.values())]
         for shard in shards:
