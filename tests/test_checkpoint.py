@@ -98,6 +98,17 @@ def test_missing_shard_named_in_index(tmp_path: Path):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize("index", [
+    "{not json", json.dumps({"metadata": {}}), json.dumps({"weight_map": ["a"]}),
+    json.dumps({"weight_map": {"a": 5}}), json.dumps([1]),
+])
+def test_corrupted_index(tmp_path: Path, index: str):
+    folder = sharded_folder(tmp_path / "sharded", sample_tensors())
+    (folder / INDEX_FILE).write_text(index)
+    with pytest.raises(MoeifyError, match="index.json is corrupted"):
+        Checkpoint(folder)
+
+
 def test_folder_without_config_or_weights(tmp_path: Path):
     (tmp_path / "a").mkdir()
     with pytest.raises(MoeifyError, match="config.json"):
@@ -107,6 +118,12 @@ def test_folder_without_config_or_weights(tmp_path: Path):
         Checkpoint(tmp_path / "a")
     (tmp_path / "a" / "config.json").write_text("{not json")
     with pytest.raises(MoeifyError, match="not valid JSON"):
+        Checkpoint(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(MoeifyError, match="not valid JSON"):
+        Checkpoint(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("[1, 2]")
+    with pytest.raises(MoeifyError, match="not a JSON object"):
         Checkpoint(tmp_path / "a")
 
 
@@ -152,6 +169,12 @@ def test_corrupted_header_is_rejected(tmp_path: Path):
     rewrite(header)
     with pytest.raises(MoeifyError, match="corrupted entry"):
         read_header(path)
+    # Offsets or sizes of the wrong type or sign are damage too, not a crash further on.
+    for damage in ({"data_offsets": ["0", "64"]}, {"shape": ["4", 4]}, {"shape": [-4, -4]},
+                   {"data_offsets": [-64, 0]}, {"data_offsets": [0]}, {"shape": 16}):
+        rewrite(header | {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]} | damage})
+        with pytest.raises(MoeifyError, match="corrupted entry"):
+            read_header(path)
     rewrite([1, 2])
     with pytest.raises(MoeifyError, match="corrupted header"):
         read_header(path)

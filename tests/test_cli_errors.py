@@ -85,6 +85,21 @@ def bad_source(kind: str, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
         data[8:40] = b"\x00\xff" * 16
         weights.write_bytes(bytes(data))
         return source, ("model.safetensors", "corrupted")
+    if kind == "corrupted-entry":  # valid JSON, but an offset is not a number
+        data = weights.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header["model.norm.weight"]["data_offsets"] = [str(o) for o in header["model.norm.weight"]["data_offsets"]]
+        text = json.dumps(header).encode()
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+        return source, ("model.safetensors", "corrupted", "model.norm.weight")
+    if kind == "missing-ffn-tensor":  # a complete file that lacks one of the FFN's tensors
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+        save_file(tensors, weights, {"format": "pt"})
+        return source, ("model.layers.1.mlp.down_proj.weight", "missing")
     if kind == "missing-shard":
         source = sharded(tmp_path)
         victim = sorted(source.glob("model-*.safetensors"))[1]
@@ -94,7 +109,8 @@ def bad_source(kind: str, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "empty", "plain-file", "missing-gguf", "not-a-model", "bert", "truncated", "corrupted-header", "missing-shard"]
+    "kind", ["missing", "empty", "plain-file", "missing-gguf", "not-a-model", "bert", "truncated",
+             "corrupted-header", "corrupted-entry", "missing-ffn-tensor", "missing-shard"]
 )
 def test_bad_source(tmp_path: Path, capsys, kind: str):
     source, needles = bad_source(kind, tmp_path)
