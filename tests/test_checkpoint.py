@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moeify.checkpoint import INDEX_FILE, Checkpoint, PlannedTensor, parse_size, read_header, staged_output, write_shards
+from moeify.checkpoint import (
+    INDEX_FILE, Checkpoint, PlannedTensor, parse_size, read_header, staged_output, write_shards,
+)
 from moeify.errors import MoeifyError
 
 

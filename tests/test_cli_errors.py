@@ -193,7 +193,8 @@ def test_empty_output_folder_is_used(tmp_path: Path, tiny_llama: Path):
 
 
 def cli_env() -> dict[str, str]:
-    return os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    # A narrow terminal: the error must stay one line however long its paths are.
+    return os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "40"}
 
 
 def test_no_traceback_from_a_real_process(tmp_path: Path, tiny_llama: Path):

@@ -211,7 +211,7 @@ def test_side_files_card_and_record(pair):
 def test_source_without_side_files(tmp_path: Path):
     source = make_tiny("llama", tmp_path / "bare")
     (source / "generation_config.json").unlink()
-    output = upcycled(source, tmp_path / "moe", "--experts", 2, "--topk", 1)
+    output = upcycled(source, tmp_path / "new" / "parents" / "moe", "--experts", 2, "--topk", 1)
     assert sorted(p.name for p in output.iterdir()) == ["README.md", "config.json", "model.safetensors", "moeify.json"]
     model, info = load(output)
     assert not info["missing_keys"] and not info["unexpected_keys"]
