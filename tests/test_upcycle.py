@@ -217,19 +217,26 @@ def test_source_without_side_files(tmp_path: Path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_bfloat16_output(tmp_path: Path):
-    source = make_tiny("llama", tmp_path / "source")
-    output = upcycled(source, tmp_path / "moe", "--experts", 4, "--topk", 2, "--dtype", "bfloat16")
+@pytest.mark.parametrize("source_dtype, option, expected", [
+    (torch.float32, "bfloat16", torch.bfloat16),
+    (torch.float32, "float16", torch.float16),
+    (torch.bfloat16, "auto", torch.bfloat16),
+    (torch.bfloat16, "float32", torch.float32),
+])
+def test_output_dtype(tmp_path: Path, source_dtype: torch.dtype, option: str, expected: torch.dtype):
+    source = make_tiny("llama", tmp_path / "source", dtype=source_dtype)
+    output = upcycled(source, tmp_path / "moe", "--experts", 4, "--topk", 2, "--dtype", option)
     out = tensors_of(output)
-    assert {t.dtype for t in out.values()} == {torch.bfloat16}
-    assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
-    # Exactly the source rounded to bfloat16: compare in float32 against the rounded dense model.
-    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).float().eval()
+    assert {t.dtype for t in out.values()} == {expected}
+    assert json.loads((output / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
+    size = sum(t.numel() for t in out.values()) * expected.itemsize
+    assert size <= (output / "model.safetensors").stat().st_size < size + 100_000
+    # Exactly the source rounded to the output dtype: compare in float32 against the rounded dense model.
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=expected).float().eval()
     moe, info = load(output)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokens = sample_tokens()
     assert (run_logits(moe, tokens) - run_logits(dense, tokens)).abs().max().item() < 1e-4
-    assert (output / "model.safetensors").stat().st_size < 0.6 * sum(t.numel() * 4 for t in out.values())
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
