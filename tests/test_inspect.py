@@ -128,7 +128,7 @@ CONVERSIONS = [
 def test_prediction_equals_what_conversion_writes(family, spec, tmp_path):
     source = make_tiny(family, tmp_path / "src")
     config = json.loads((source / "config.json").read_text())
-    plan = upcycled(config, spec, "float32")
+    plan = upcycled(config, spec)
     result = convert(source, tmp_path / "out", spec, source=str(source))
     assert plan.target == result.target
     assert plan.result.total == result.total_params == stored_params(tmp_path / "out")
@@ -221,3 +221,13 @@ def test_remote_config_anatomy_without_weights():
     assert found.total == dense.total - 2 * 3 * H * 96 + 2 * moe_ffn
     assert found.active == found.total - 2 * (6 - 2) * 3 * H * 24
     assert anatomy.describe(config).moe_layers == [1, 2]
+
+
+def test_conversion_needs_follow_dtype_not_expert_count():
+    small, large = upcycled(MISTRAL_7B, Spec(experts=8, topk=2)), upcycled(MISTRAL_7B, Spec(experts=64, topk=2))
+    assert small.peak_memory == large.peak_memory  # streaming: one layer at a time, whatever the count
+    assert large.disk > 7 * small.disk
+    fp32 = upcycled(MISTRAL_7B, Spec(experts=8, topk=2, dtype="float32"))
+    assert fp32.dtype == "float32" and fp32.disk == 2 * small.disk and fp32.peak_memory > small.peak_memory
+    unstated = upcycled({k: v for k, v in MISTRAL_7B.items() if k != "torch_dtype"}, Spec())
+    assert unstated.dtype == "float32"  # config.json does not say: assume the larger size

@@ -21,7 +21,7 @@ from moeify import anatomy, hub, ui
 from moeify.anatomy import Anatomy, Plan
 from moeify.card import human
 from moeify.commands.options import (
-    ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, SharedOpt, SourceArg, TopkOpt, optional,
+    DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, SharedOpt, SourceArg, TopkOpt, optional,
 )
 from moeify.spec import Spec
 
@@ -36,6 +36,7 @@ def inspect(
     shared_experts: optional(SharedOpt) = None,
     moe_layers: optional(LayersOpt) = None,
     format_: optional(FormatOpt) = None,
+    dtype: optional(DTypeOpt) = None,
     json_: JsonOpt = False,
 ) -> None:
     """Architecture, layers, experts, total and active parameters and sizes, without downloading weights.
@@ -46,9 +47,9 @@ def inspect(
     config, folder = hub.source_config(source_, notify=ui.say)
     model = anatomy.describe(config)
     given = dict(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
-                 moe_layers=moe_layers, format=format_)
+                 moe_layers=moe_layers, format=format_, dtype=dtype)
     options = {k: v for k, v in given.items() if v is not None}
-    plan = anatomy.upcycled(config, Spec(**options), _dtype_of(config)) if options else None
+    plan = anatomy.upcycled(config, Spec(**options)) if options else None
     report = _report(source_, model, folder, plan)
     if json_:
         typer.echo(json.dumps(report, indent=2))
@@ -56,12 +57,6 @@ def inspect(
     ui.console.print(_table(f"{source_}", model, report))
     if plan is not None:
         ui.console.print(_table(f"after upcycling ({_options_line(options)})", plan.result, report["conversion"]))
-
-
-def _dtype_of(config: dict) -> str:
-    """The source's own dtype, which an `auto` conversion keeps (bfloat16 when it does not say)."""
-    name = config.get("dtype") or config.get("torch_dtype")
-    return name if name in anatomy.DTYPE_BYTES else "bfloat16"
 
 
 def _report(source: str, model: Anatomy, folder: Path | None, plan: Plan | None) -> dict[str, Any]:
