@@ -220,8 +220,8 @@ def test_no_traceback_from_a_real_process(tmp_path: Path, tiny_llama: Path):
 # ---------------------------------------------------------------------------- interruption
 
 
-def interrupt_after_first_tensor(monkeypatch) -> list[tuple[Path, list[str]]]:
-    """Make the shard writer raise KeyboardInterrupt when asked for its second tensor.
+def interrupt_after_first_tensor(monkeypatch, error: BaseException = KeyboardInterrupt()):
+    """Make the shard writer raise `error` (Ctrl-C by default) when asked for its second tensor.
 
     Returns what the staging folder held at that moment, to prove the interruption was mid-write.
     """
@@ -236,7 +236,7 @@ def interrupt_after_first_tensor(monkeypatch) -> list[tuple[Path, list[str]]]:
                 produced += 1
                 if produced == 2:
                     seen.append((path.parent, sorted(p.name for p in path.parent.iterdir())))
-                    raise KeyboardInterrupt
+                    raise error
                 return tensor.produce()
             return dataclasses.replace(tensor, produce=produce)
 
@@ -254,6 +254,16 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, tiny_llama: Path,
     (staging, files), = seen
     assert staging.name.startswith(".out.moeify-") and files == ["model.safetensors"]  # interrupted mid-shard
     assert not staging.exists() and not output.exists() and not leftovers(output)
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, tiny_llama: Path, monkeypatch):
+    """Any failure, not only Ctrl-C: here the disk fills up halfway through the first shard."""
+    seen = interrupt_after_first_tensor(monkeypatch, OSError(28, "No space left on device"))
+    output = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        run_cli("upcycle", tiny_llama, "--experts", 4, "--topk", 2, "--output", output)
+    assert len(seen) == 1 and not seen[0][0].exists()
+    assert not output.exists() and not leftovers(output)
 
 
 def test_interrupted_overwrite_keeps_the_old_output(tmp_path: Path, tiny_llama: Path, monkeypatch):
