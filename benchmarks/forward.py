@@ -1,0 +1,109 @@
+"""Forward speed on CPU: moeify's remote-format MoE vs transformers' native Mixtral vs the dense source.
+
+All three are built from configs (no download): a Llama of hidden 512 / intermediate 1536, its
+remote-format MoE (8 experts, top-2) and a MixtralForCausalLM holding the very same weights, so
+both MoEs route every token identically (the script checks their logits agree). Runs alternate
+between the models and the medians are reported, so machine noise hits all of them alike.
+
+    python benchmarks/forward.py [--runs 7] [--batch 4] [--seq 256] [--layers 4] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from moeify.targets.remote_code.configuration_moeify import MoeifyConfig
+from moeify.targets.remote_code.modeling_moeify import MoeifyForCausalLM
+
+
+def dense_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=args.layers,
+                       num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def remote_moe(dense: LlamaConfig, args: argparse.Namespace) -> MoeifyForCausalLM:
+    """A remote-format MoE with random (distinct) experts and router, so routing spreads out."""
+    moe = dict(mlp_path="model.layers.{i}.mlp", moe_layers=list(range(dense.num_hidden_layers)),
+               num_experts=args.experts, num_experts_per_tok=args.topk,
+               expert_intermediate_size=dense.intermediate_size, hidden_act="silu")
+    torch.manual_seed(0)
+    return MoeifyForCausalLM(MoeifyConfig(base_config=dense.to_dict(), moe=moe)).eval()
+
+
+def native_mixtral(dense: LlamaConfig, remote: MoeifyForCausalLM, args: argparse.Namespace) -> MixtralForCausalLM:
+    """transformers' MixtralForCausalLM with the same shapes, loaded with the remote model's weights."""
+    config = MixtralConfig(**{k: getattr(dense, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps")},
+        rope_parameters=dict(dense.rope_parameters), num_local_experts=args.experts, num_experts_per_tok=args.topk)
+    mixtral = MixtralForCausalLM(config).eval()
+    state = {k: v for k, v in remote.state_dict().items() if ".mlp." not in k}
+    for i in range(dense.num_hidden_layers):
+        block = remote.model.layers[i].mlp
+        experts = block.experts
+        state[f"model.layers.{i}.mlp.gate.weight"] = block.router.weight
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([e.down_proj.weight for e in experts])
+    mixtral.load_state_dict(state, strict=True)
+    return mixtral
+
+
+def seconds(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model(tokens, use_cache=False)
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = dense_config(args)
+    remote = remote_moe(config, args)
+    models = {
+        "moeify remote MoE": remote,
+        "transformers Mixtral": native_mixtral(config, remote, args),
+        "dense Llama": LlamaForCausalLM(config).eval(),
+    }
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        gap = (remote(tokens).logits - models["transformers Mixtral"](tokens).logits).abs().max().item()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():  # warm-up: allocator and kernels
+        seconds(model, tokens)
+    for _ in range(args.runs):
+        for name, model in models.items():
+            times[name].append(seconds(model, tokens))
+
+    count = args.batch * args.seq
+    rate = {name: count / statistics.median(t) for name, t in times.items()}
+    print(f"forward, {args.batch}x{args.seq} tokens, hidden 512, intermediate 1536, {args.layers} layers, "
+          f"{args.experts} experts top-{args.topk}, {torch.get_num_threads()} threads, median of {args.runs}")
+    print(f"{'model':<22} {'tokens/s':>10} {'ms/forward':>11}")
+    for name in models:
+        print(f"{name:<22} {rate[name]:>10.0f} {1000 * statistics.median(times[name]):>11.1f}")
+    native = rate["transformers Mixtral"]
+    print(f"remote / Mixtral: {rate['moeify remote MoE'] / native:.2f}x   "
+          f"remote / dense: {rate['moeify remote MoE'] / rate['dense Llama']:.2f}x   "
+          f"(max |logit gap| remote vs Mixtral: {gap:.1e})")
+
+
+if __name__ == "__main__":
+    main()
