@@ -160,6 +160,14 @@ class _Fields:
                 return value
         return default
 
+    def need(self, *names: str) -> int:
+        """A size the arithmetic cannot do without: a clear line when config.json lacks it."""
+        value = self.get(*names)
+        if value is None:
+            raise MoeifyError(f"config.json of this {self.raw.get('model_type')} model lacks {names[0]}; "
+                              f"fix or re-download it")
+        return int(value)
+
     def flag(self, spec: bool | str) -> bool:
         return spec if isinstance(spec, bool) else bool(self.get(spec, default=False))
 
@@ -189,8 +197,8 @@ def describe(config: dict) -> Anatomy:
     layout = LAYOUTS.get(model_type)
     if layout is None:
         raise MoeifyError(f"cannot inspect architecture {model_type!r}; known: {', '.join(sorted(LAYOUTS))}")
-    hidden = int(fields.get("hidden_size", "n_embd", "d_model"))
-    layers = int(fields.get("num_hidden_layers", "n_layer"))
+    hidden = fields.need("hidden_size", "n_embd", "d_model")
+    layers = fields.need("num_hidden_layers", "n_layer")
     gated, bias = _ffn_shape(model_type, fields, layout)
     width = int(fields.get(layout.width, default=0) or 4 * hidden)
     attention = _attention(fields, layout, hidden)
@@ -198,7 +206,7 @@ def describe(config: dict) -> Anatomy:
     moe = _native_moe(fields, model_type, hidden, attention)
     blocks = tuple(moe(i) or dense for i in range(layers))
     kind = Kind.NATIVE if any(b.moe for b in blocks) else Kind.DENSE
-    vocab = int(fields.get("vocab_size"))
+    vocab = fields.need("vocab_size")
     return Anatomy(model_type, kind, hidden, blocks, _outside(fields, layout, hidden), vocab, width, gated, bias)
 
 
@@ -217,7 +225,7 @@ def _attention(fields: _Fields, layout: Layout, hidden: int) -> int:
     norm = hidden * (2 if layout.layer_norm else 1)
     if layout.mla:
         return _mla(fields, hidden) + layout.norms * norm
-    heads = int(fields.get("num_attention_heads", "n_head"))
+    heads = fields.need("num_attention_heads", "n_head")
     kv_heads = int(fields.get("num_key_value_heads", default=heads)) if layout.grouped else heads
     head_dim = int(fields.get("head_dim", default=0) or hidden // heads)
     q, kv = heads * head_dim, kv_heads * head_dim
@@ -232,9 +240,9 @@ def _attention(fields: _Fields, layout: Layout, hidden: int) -> int:
 
 def _mla(fields: _Fields, hidden: int) -> int:
     """DeepSeek-V2/V3 multi-head latent attention: low-rank query and key-value paths."""
-    heads = int(fields.get("num_attention_heads"))
-    nope, rope = int(fields.get("qk_nope_head_dim")), int(fields.get("qk_rope_head_dim"))
-    v_dim, kv_rank = int(fields.get("v_head_dim")), int(fields.get("kv_lora_rank"))
+    heads = fields.need("num_attention_heads")
+    nope, rope = fields.need("qk_nope_head_dim"), fields.need("qk_rope_head_dim")
+    v_dim, kv_rank = fields.need("v_head_dim"), fields.need("kv_lora_rank")
     q_rank = fields.get("q_lora_rank")
     bias = bool(fields.get("attention_bias", default=False))
     qk = heads * (nope + rope)
@@ -244,27 +252,27 @@ def _mla(fields: _Fields, hidden: int) -> int:
 
 
 def _outside(fields: _Fields, layout: Layout, hidden: int) -> int:
-    vocab = int(fields.get("vocab_size"))
+    vocab = fields.need("vocab_size")
     tied = bool(fields.get("tie_word_embeddings", default=False))
     params = vocab * hidden * (1 if tied else 2) + hidden * (2 if layout.layer_norm else 1)
     if layout.positions:
-        params += int(fields.get(layout.positions)) * hidden
+        params += fields.need(layout.positions) * hidden
     return params
 
 
 def _native_moe(fields: _Fields, model_type: str, hidden: int, attention: int):
     """A function from layer index to its MoE block (None for a dense layer) for native MoE families."""
     if model_type == "mixtral":
-        experts, width = int(fields.get("num_local_experts")), int(fields.get("intermediate_size"))
-        block = _moe_block(attention, hidden, experts, int(fields.get("num_experts_per_tok")), width)
+        experts, width = fields.need("num_local_experts"), fields.need("intermediate_size")
+        block = _moe_block(attention, hidden, experts, fields.need("num_experts_per_tok"), width)
         return lambda i: block
     if model_type in ("qwen2_moe", "qwen3_moe"):
         experts = int(fields.get("num_experts", "num_local_experts", default=0))
         qwen2 = model_type == "qwen2_moe"
         shared = int(fields.get("shared_expert_intermediate_size", default=0)) if qwen2 else 0
         # Qwen2-MoE always builds its shared expert's (1, H) sigmoid gate, even at width 0.
-        block = _moe_block(attention, hidden, experts, int(fields.get("num_experts_per_tok")),
-                           int(fields.get("moe_intermediate_size")), shared_width=shared,
+        block = _moe_block(attention, hidden, experts, fields.need("num_experts_per_tok"),
+                           fields.need("moe_intermediate_size"), shared_width=shared,
                            shared_experts=1 if shared else 0, gate=hidden if qwen2 else 0)
         dense_only = set(fields.get("mlp_only_layers", default=[]) or [])
         step = int(fields.get("decoder_sparse_step", default=1) or 1)

@@ -199,6 +199,7 @@ def test_offline_hub_id_is_one_clear_line(monkeypatch, capsys):
     (MISTRAL_7B, ("--granularity", 5), "does not divide the intermediate size 14336"),
     (MISTRAL_7B, ("--topk", 9), "--topk must be between 1 and --experts"),
     (dict(model_type="bert", hidden_size=8), (), "cannot inspect architecture 'bert'"),
+    (dict(model_type="deepseek", num_hidden_layers=2), (), "config.json of this deepseek model lacks hidden_size"),
 ])
 def test_refusals(tmp_path, capsys, config, options, message):
     folder = write_config(tmp_path / "model", config)

@@ -55,6 +55,14 @@ def apply(
 
     Replaying an output's moeify.json on the same source with the same seed reproduces the
     conversion bit for bit.
+
+    Examples:
+
+    moeify apply mixtral mistral-7b --output mistral-8x7b
+
+    moeify apply recipes/switch.yaml ./my-llama --experts 16 --output my-llama-switch16
+
+    moeify apply smollm2-8x135m/moeify.json --output replayed
     """
     given = dict(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
                  moe_layers=moe_layers, format=format_, dtype=dtype, router_init=router_init,

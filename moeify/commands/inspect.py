@@ -43,6 +43,14 @@ def inspect(
 
     With conversion options on a dense source: the upcycled result, and the memory and disk the
     conversion needs.
+
+    Examples:
+
+    moeify inspect mistral-7b --experts 8 --topk 2
+
+    moeify inspect Qwen/Qwen1.5-MoE-A2.7B --json
+
+    moeify inspect ./my-llama --granularity 4 --shared-experts 1 --moe-layers skip-first:1
     """
     config, folder = hub.source_config(source_, notify=ui.say)
     model = anatomy.describe(config)

@@ -37,6 +37,12 @@ def push(
     """Check that DIR is a complete moeify output, refresh its card for the repo, and upload it.
 
     The token comes from HF_TOKEN or `hf auth login`.
+
+    Examples:
+
+    moeify push smollm2-8x135m --repo-id me/smollm2-8x135m --dry-run
+
+    moeify push smollm2-8x135m --repo-id me/smollm2-8x135m --private --revision v1
     """
     if dry_run:
         upload = hub.complete_output(folder)
