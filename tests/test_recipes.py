@@ -19,7 +19,7 @@ from moeify.spec import Mode, Spec
 from tests.fixtures import make_tiny
 from tests.test_verify import with_tokenizer
 
-CALIBRATION = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 20
+CALIBRATION = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 80
 
 
 def run_cli(*args: object) -> int:
@@ -71,7 +71,7 @@ def test_apply_every_shipped_recipe(name, source, tmp_path):
     extra = ()
     if name == "split":  # calibrate on a small file rather than text sampled from the model: faster
         (tmp_path / "calibration.txt").write_text(CALIBRATION)
-        extra = ("--set", f"calibration={tmp_path / 'calibration.txt'}", "--set", "calibration_tokens=64")
+        extra = ("--set", f"calibration={tmp_path / 'calibration.txt'}", "--set", "calibration_tokens=600")
     output = tmp_path / name
     assert run_cli("apply", name, source, "--output", output, *extra) == 0
     record = json.loads((output / "moeify.json").read_text())
