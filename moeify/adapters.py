@@ -79,7 +79,10 @@ class Adapter:
         return FFN(**tensors)
 
     def num_layers(self, config: dict) -> int:
-        return int(config[self.layers_field])
+        try:
+            return int(config[self.layers_field])
+        except (KeyError, TypeError, ValueError):
+            raise MoeifyError(f"config.json lacks a valid {self.layers_field!r}; fix or re-download it") from None
 
     def activation(self, config: dict) -> str:
         """The transformers ACT2FN key; a config that omits it means the family's default."""

@@ -15,7 +15,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,6 +313,7 @@ def staged_output(dest: Path, overwrite: bool) -> Iterator[Path]:
     """
     dest = Path(dest).absolute()
     check_output(dest, overwrite)
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # innermost first
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.moeify-", dir=dest.parent))
     old = staging.with_name(staging.name + "-old")
@@ -326,6 +327,9 @@ def staged_output(dest: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and not dest.exists():
             old.rename(dest)
+        for folder in created:  # parents made for this output go too, if nothing else landed in them
+            with suppress(OSError):
+                folder.rmdir()
         raise
     finally:
         try:

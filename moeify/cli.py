@@ -41,11 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, prog_name="moeify")
-    except MoeifyError as e:
-        from moeify.ui import say
+    except MoeifyError as e:  # bad input: the message says what to do
+        _fail(str(e), 2)
+    except OSError as e:  # the machine failed us (disk full, permissions): one line, not a traceback
+        _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
 
-        say(f"error: {e}")
-        sys.exit(2)
+
+def _fail(message: str, code: int) -> None:
+    from moeify.ui import say
+
+    say(f"error: {message}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

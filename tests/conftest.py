@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# Tests never reach for the Hub. Set before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.fixtures import make_tiny
+from pathlib import Path  # noqa: E402
 
-# Tests never reach for the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+
+from tests.fixtures import make_tiny  # noqa: E402
 
 
 @pytest.fixture

@@ -399,3 +399,21 @@ def test_staged_output_folder_is_not_private(tmp_path: Path):
         (staging / "f").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o755 == 0o755
 
+
+
+def test_failed_output_removes_the_parent_folders_it_made(tmp_path: Path):
+    dest = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError):
+        with staged_output(dest, overwrite=False) as staging:
+            (staging / "x").write_text("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_without_layer_count_is_one_clear_error(tiny_llama: Path):
+    from moeify.adapters import adapter_for
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    del config["num_hidden_layers"]
+    with pytest.raises(MoeifyError, match="num_hidden_layers"):
+        adapter_for(config).num_layers(config)
