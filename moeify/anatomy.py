@@ -79,6 +79,7 @@ class Block:
     expert: int = 0  # parameters of one routed expert
     expert_width: int = 0  # intermediate size of one routed expert
     shared_experts: int = 0
+    shared_width: int = 0  # intermediate size of one shared expert
     shared: int = 0  # every shared expert together
     router: int = 0  # router rows and any shared-expert gate
 
@@ -295,6 +296,7 @@ def _moe_block(attention: int, hidden: int, experts: int, topk: int, width: int,
     """A MoE layer of routed experts of one width, optional shared experts (one FFN of shared_width)."""
     return Block(attention, experts=experts, topk=topk, expert=ffn_params(hidden, width, gated, bias),
                  expert_width=width, shared_experts=shared_experts,
+                 shared_width=shared_width // shared_experts if shared_experts else 0,
                  shared=ffn_params(hidden, shared_width, gated, bias) if shared_width else 0,
                  router=experts * hidden + gate)
 
@@ -317,7 +319,8 @@ def _remote(config: dict) -> Anatomy:
     extra += dense.hidden if moe.get("output_bias") else 0
     layers = set(moe.get("moe_layers") or [])
     blocks = tuple(
-        dataclasses.replace(routed, attention=b.attention, shared_experts=shared_count, shared=extra)
+        dataclasses.replace(routed, attention=b.attention, shared_experts=shared_count,
+                            shared_width=shared_width if shared_count else 0, shared=extra)
         if i in layers else b
         for i, b in enumerate(dense.blocks)
     )
@@ -366,7 +369,8 @@ def upcycled(config: dict, spec: Spec) -> Plan:
     width = dense.dense_width // spec.granularity
     moe = Block(0, experts=spec.routed_experts, topk=spec.active_experts,
                 expert=ffn_params(dense.hidden, width, dense.gated, dense.ffn_bias), expert_width=width,
-                shared_experts=spec.shared_experts, shared=spec.shared_experts * full,
+                shared_experts=spec.shared_experts, shared_width=dense.dense_width if spec.shared_experts else 0,
+                shared=spec.shared_experts * full,
                 router=spec.routed_experts * dense.hidden + extra)
     blocks = tuple(dataclasses.replace(moe, attention=b.attention) if i in chosen else b
                    for i, b in enumerate(dense.blocks))

@@ -57,6 +57,7 @@ def test_qwen15_moe_a27b():
     assert billions(model.active) == pytest.approx(2.7, abs=0.1)
     [(layers, block)] = model.groups()
     assert layers == list(range(24)) and (block.experts, block.topk, block.shared_experts) == (60, 4, 1)
+    assert (block.expert_width, block.shared_width) == (1408, 5632)
 
 
 def test_deepseekmoe_16b():
@@ -66,7 +67,7 @@ def test_deepseekmoe_16b():
     (dense_layers, dense), (moe_layers, moe) = model.groups()
     assert dense_layers == [0] and not dense.moe
     assert moe_layers == list(range(1, 28)) and (moe.experts, moe.topk, moe.shared_experts) == (64, 6, 2)
-    assert moe.expert_width == 1408
+    assert moe.expert_width == moe.shared_width == 1408
 
 
 def stored_params(folder: Path) -> int:
@@ -174,6 +175,8 @@ def test_cli_table_on_a_real_folder(tiny_llama, capsys):
     assert run_cli("inspect", tiny_llama, "--granularity", 2, "--moe-layers", "0,2") == 0
     out = capsys.readouterr().err
     assert "layers 0, 2" in out and "16 experts of width 48, top-4" in out and "layer 1" in out
+    assert run_cli("inspect", tiny_llama, "--shared-experts", 2) == 0
+    assert "8 experts of width 96, top-2, 2 shared of width 96" in capsys.readouterr().err
     assert "of safetensors here" in out and "conversion needs" in out
 
 

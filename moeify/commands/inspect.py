@@ -97,7 +97,7 @@ def _group(indices: list[int], block: anatomy.Block) -> dict[str, Any]:
     group: dict[str, Any] = {"layers": indices, "moe": block.moe}
     if block.moe:
         group |= {"experts": block.experts, "topk": block.topk, "shared_experts": block.shared_experts,
-                  "expert_intermediate_size": block.expert_width}
+                  "expert_intermediate_size": block.expert_width, "shared_intermediate_size": block.shared_width}
     return group | {"params_per_layer": block.total, "active_per_layer": block.active}
 
 
@@ -138,7 +138,8 @@ def _span(indices: list[int]) -> str:
 def _describe(group: dict[str, Any]) -> str:
     if not group["moe"]:
         return "dense FFN"
-    shared = f", {group['shared_experts']} shared" if group["shared_experts"] else ""
+    shared = (f", {group['shared_experts']} shared of width {group['shared_intermediate_size']}"
+              if group["shared_experts"] else "")
     return (f"{group['experts']} experts of width {group['expert_intermediate_size']}, "
             f"top-{group['topk']}{shared}")
 
