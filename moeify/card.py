@@ -70,6 +70,7 @@ class Facts:
     base_model: str | None = None
     license: str | None = None
     repo_id: str | None = None  # where the model lives on the Hub, once pushed
+    weight_bytes: int = 0  # size of the safetensors shards
 
 
 def render(facts: Facts) -> str:
@@ -102,7 +103,7 @@ became experts behind a new router; attention, norms and embeddings are the sour
 
 ## Parameters
 
-{_parameters(record)}
+{_parameters(record, facts.weight_bytes)}
 
 ## Use
 
@@ -142,21 +143,22 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
         ("active routed experts per token", str(spec.active_experts)),
         ("shared experts", str(spec.shared_experts)),
         ("MoE layers", f"{len(moe_layers)} of {facts.num_layers} ({spec.moe_layers})"),
-        ("router init", f"{spec.router_init.value} (std {spec.router_std})"),
-        ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}"),
-        ("seed", str(spec.seed)),
-        ("dtype", spec.dtype.value),
     ]
     if spec.mode.value == "split":
-        rows.append(("partition / split router", f"{spec.partition.value} / {spec.split_router.value}"))
-    rows.append(("moeify version", str(record.get("moeify_version", "?"))))
-    return rows
+        rows += [("partition / router", f"{spec.partition.value} / {spec.split_router.value}"),
+                 ("calibration", f"{spec.calibration or 'text sampled from the source'} "
+                                 f"({spec.calibration_tokens} tokens)")]
+    else:
+        rows += [("router init", f"{spec.router_init.value} (std {spec.router_std})"),
+                 ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}")]
+    return rows + [("seed", str(spec.seed)), ("dtype", spec.dtype.value),
+                   ("moeify version", str(record.get("moeify_version", "?")))]
 
 
-def _parameters(record: dict) -> str:
+def _parameters(record: dict, weight_bytes: int) -> str:
     total, active = record.get("total_params", 0), record.get("active_params", 0)
-    return (f"| total | active per token | bfloat16 size |\n|---|---|---|\n"
-            f"| {human(total)} | {human(active)} | {human(2 * total, 'B')} |")
+    return (f"| total | active per token | weights on disk |\n|---|---|---|\n"
+            f"| {human(total)} | {human(active)} | {human(weight_bytes, 'B')} |")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -192,13 +194,18 @@ def _caveat(mode: str) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
 def write(folder: Path, result: Result, source_config: dict, source_dir: Path) -> None:
     """The card of a conversion being written into folder (moeify.json may not exist yet)."""
     from moeify.conversion import record
 
     facts = Facts(title=Path(result.output).name, record=record(result),
                   architecture=source_config.get("model_type", "unknown"), num_layers=result.num_layers,
-                  base_model=base_model(result.source, source_dir), license=source_license(source_dir))
+                  base_model=base_model(result.source, source_dir), license=source_license(source_dir),
+                  weight_bytes=weight_bytes(folder))
     (Path(folder) / CARD).write_text(render(facts))
 
 
@@ -215,5 +222,5 @@ def refresh(folder: Path, repo_id: str) -> None:
     architecture = (base_config or {}).get("model_type") or (known[0] if known else config.get("model_type"))
     facts = Facts(title=repo_id.split("/")[-1], record=record, architecture=str(architecture),
                   num_layers=len(describe(config).blocks), base_model=old.get("base_model"),
-                  license=old.get("license"), repo_id=repo_id)
+                  license=old.get("license"), repo_id=repo_id, weight_bytes=weight_bytes(folder))
     (folder / CARD).write_text(render(facts))

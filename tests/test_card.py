@@ -40,7 +40,9 @@ def test_native_card(hub_source, tmp_path):
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
     assert {"moe", "moeify", "mixtral", "llama", "upcycle"} <= set(front["tags"])
     record = json.loads((tmp_path / "tiny-moe" / "moeify.json").read_text())
-    assert f"| {card.human(record['total_params'])} | {card.human(record['active_params'])} |" in body
+    size = card.human(sum(p.stat().st_size for p in (tmp_path / "tiny-moe").glob("*.safetensors")), "B")
+    assert f"| {card.human(record['total_params'])} | {card.human(record['active_params'])} | {size} |" in body
+    assert "| noise / drop ratio | 0.0 / 0.0 |" in body and "partition" not in body
     assert "| routed experts per MoE layer | 4 (4 × granularity 1) |" in body
     assert "| MoE layers | 3 of 3 (all) |" in body
     assert 'AutoModelForCausalLM.from_pretrained("tiny-moe")' in body and "trust_remote_code" not in body

@@ -79,6 +79,9 @@ def test_apply_every_shipped_recipe(name, source, tmp_path):
     routed, active, shared, layers = EXPECTED[name]
     assert (spec.routed_experts, spec.active_experts, spec.shared_experts) == (routed, active, shared)
     assert record["moe_layer_indices"] == layers
+    body = (output / "README.md").read_text()
+    caveat = "training-free split only approximates" if spec.mode is Mode.SPLIT else "needs further training"
+    assert caveat in body and f"| method | {spec.mode.value} |" in body
     remote = record["target"] == "remote"
     model, info = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=remote, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
