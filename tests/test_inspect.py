@@ -46,6 +46,9 @@ def test_mistral_7b_upcycled_is_mixtral_8x7b():
     assert billions(plan.result.active) == pytest.approx(12.9, abs=0.1)
     assert plan.target == "mixtral"
     assert plan.disk == plan.result.total * 2  # bfloat16, the source's dtype
+    # Mixtral-8x7B's own config reads back the same numbers.
+    mixtral = describe(MISTRAL_7B | {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
+    assert (mixtral.total, mixtral.active) == (plan.result.total, plan.result.active)
     # Streaming: memory is about one layer's FFN a few times over, not the 93 GB output.
     assert 1e9 < plan.peak_memory < 3e9
 
