@@ -34,6 +34,7 @@ MOE_DEFAULTS: dict = {
     "aux_free_update_rate": 0.001,
 }
 SCORINGS = ("softmax", "unit")
+MIRRORED_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class MoeifyConfig(PretrainedConfig):
@@ -50,7 +51,11 @@ class MoeifyConfig(PretrainedConfig):
     base_config: dict | PretrainedConfig | None = None
     moe: dict | None = None
     output_router_logits: bool = False  # return router logits and the aux loss by default
-    tie_word_embeddings: bool = False  # mirrored from base_config: the weight-tying code reads it here
+    # Mirrored from base_config: weight tying and the default generation config read them here.
+    tie_word_embeddings: bool = False
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -59,6 +64,9 @@ class MoeifyConfig(PretrainedConfig):
         if self.moe["scoring"] not in SCORINGS:
             raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {self.moe['scoring']!r}")
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+        for name in MIRRORED_TOKENS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(self.base_config, name, None))
 
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
         return self.base_config

@@ -278,6 +278,14 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.dense.prepare_inputs_for_generation(*args, **kwargs)
 
+    def adjust_generation_fn(self, *args, **kwargs):
+        # Without generation_config.json, transformers reads token ids from config.json's top level,
+        # where a hand-written moeify config need not have them: take the family's.
+        super().adjust_generation_fn(*args, **kwargs)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name, None) is None:
+                setattr(self.generation_config, name, getattr(self.config.base_config, name, None))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
