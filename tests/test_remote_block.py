@@ -248,6 +248,7 @@ def test_aux_free_bias_moves_toward_balance_outside_the_gradient():
     b.train()
     for _ in range(40):
         b(x).sum().backward()
+        b.update_bias()  # MoeifyForCausalLM does this before each training forward
     b.eval()
     assert heaviest_load() < 0.6 * before
     assert b.router.expert_bias[0] < 0.5 and (b.router.expert_bias[1:] > 0).all()  # overloaded down, others up
@@ -256,6 +257,23 @@ def test_aux_free_bias_moves_toward_balance_outside_the_gradient():
     # selection only: the mixing weights stay the plain router probabilities
     routing = b.route(x)
     torch.testing.assert_close(routing.weight, routing.logits.softmax(-1).gather(1, routing.index))
+
+
+def test_aux_free_bias_updates_between_steps_under_activation_checkpointing(tmp_path: Path):
+    """The update waits for the next forward: a checkpointed layer recomputes with the bias it used."""
+    folder = remote_checkpoint(make_tiny("llama", tmp_path / "dense"), tmp_path / "remote", layers=[0, 2],
+                               aux_free_bias=True, aux_free_update_rate=0.01)
+    model = load(folder).train()
+    model.activation_checkpointing_enable()
+    bias = model.model.layers[0].mlp.router.expert_bias
+    x = tokens()
+    model(x, labels=x).loss.backward()
+    assert bias.abs().sum() == 0  # not yet: backward recomputed this layer with the same bias
+    model(x, labels=x).loss.backward()
+    assert bias.abs().sum() > 0
+    before = bias.clone()
+    model.eval()  # flushes the last step's update
+    assert not torch.equal(bias, before)
 
 
 def test_jitter_noise_only_in_training():

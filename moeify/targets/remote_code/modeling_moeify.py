@@ -91,6 +91,7 @@ class MoeifyBlock(nn.Module):
         )
         self.output_bias = nn.Parameter(torch.zeros(hidden)) if moe["output_bias"] else None
         self.sink: list | None = None  # set by MoeifyForCausalLM while router outputs are wanted
+        self.pending_load: torch.Tensor | None = None  # (E,) expert load of the last training forward
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -122,7 +123,8 @@ class MoeifyBlock(nn.Module):
             weight = weight / weight.sum(dim=-1, keepdim=True)
         keep = self.capacity_mask(index) if self.training and moe["capacity_factor"] else None
         if self.training and self.router.expert_bias is not None:
-            self.update_bias(index)
+            # Overwritten, not accumulated: a checkpointed layer's recomputation writes the same load.
+            self.pending_load = torch.bincount(index.reshape(-1).detach(), minlength=self.num_experts)
         return Routing(logits, index, weight, keep)
 
     def capacity_mask(self, index: torch.Tensor) -> torch.Tensor:
@@ -142,10 +144,19 @@ class MoeifyBlock(nn.Module):
         return (rank < capacity).reshape(k, tokens).t()
 
     @torch.no_grad()
-    def update_bias(self, index: torch.Tensor) -> None:
-        """DeepSeek-V3 aux-loss-free balancing: under-loaded experts' bias up, over-loaded down."""
-        load = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+    def update_bias(self) -> None:
+        """DeepSeek-V3 aux-loss-free balancing, from the last training forward's load: under-loaded
+        experts' bias up, over-loaded ones down, by aux_free_update_rate.
+
+        MoeifyForCausalLM calls it before the next training forward (and on eval()), not at the end
+        of the forward itself: a layer under activation checkpointing is recomputed during backward
+        and must route exactly as it first did.
+        """
+        if self.pending_load is None:
+            return
+        load = self.pending_load.float()
         self.router.expert_bias += self.moe["aux_free_update_rate"] * torch.sign(load.mean() - load)
+        self.pending_load = None
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Sum over each token's kept experts of weight * expert(x). x: (T, H) -> (T, H).
@@ -185,17 +196,20 @@ class MoeifyBlock(nn.Module):
         return out[back].view(-1, self.top_k, x.shape[-1]).sum(dim=1)
 
 
-def grouped_linear(x: torch.Tensor, spans: list[tuple[nn.Linear, int, int]], pad: int = 0) -> torch.Tensor:
-    """Rows a:b of x (S, in) through their own nn.Linear each: (S + pad, out), the pad rows zero.
+def grouped_linear(x: torch.Tensor, spans: list[tuple[nn.Module, int, int]], pad: int = 0) -> torch.Tensor:
+    """Rows a:b of x (S, in) through their own linear layer each: (S + pad, out), the pad rows zero.
 
-    Without autograd the results land in one preallocated buffer (no concatenation copy).
+    Layers are called as modules when autograd, autocast or a wrapped layer (LoRA, quantized) may
+    need it; plain inference writes every result straight into one buffer (no concatenation copy).
     """
-    rows, features = x.shape[0], spans[0][0].out_features if spans else 0
+    rows = x.shape[0]
     if not spans:
-        return x.new_zeros(rows + pad, features or x.shape[-1])
-    if torch.is_grad_enabled():
-        parts = [F.linear(x[a:b], layer.weight, layer.bias) for layer, a, b in spans]
-        return torch.cat(parts + [x.new_zeros(pad, features)]) if pad else torch.cat(parts)
+        return x.new_zeros(rows + pad, x.shape[-1])
+    features = spans[0][0].out_features
+    plain = all(type(layer) is nn.Linear and layer.weight.dtype == x.dtype for layer, _, _ in spans)
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or not plain:
+        parts = [layer(x[a:b]) for layer, a, b in spans]
+        return torch.cat(parts + [parts[0].new_zeros(pad, features)]) if pad else torch.cat(parts)
     out = x.new_empty(rows + pad, features)
     out[rows:].zero_()
     for layer, a, b in spans:
@@ -272,8 +286,15 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         self._adopt()
 
     def train(self, mode: bool = True):
+        if not mode:
+            self.update_bias()  # the last training step's balancing update is not lost
         self.dense.training = mode  # its own flag: children follow through self
         return super().train(mode)
+
+    def update_bias(self) -> None:
+        """Apply the pending aux-free balancing update of every MoE block (see MoeifyBlock.update_bias)."""
+        for block in self.blocks():
+            block.update_bias()
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.dense.prepare_inputs_for_generation(*args, **kwargs)
@@ -302,6 +323,8 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         outputs are requested) + router_z_loss_coef * z_loss (when that coefficient is set).
         """
         moe = self.config.moe
+        if self.training:
+            self.update_bias()
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         z_loss_wanted = labels is not None and moe["router_z_loss_coef"] > 0
