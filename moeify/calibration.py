@@ -53,13 +53,13 @@ class LayerStats:
     mass: torch.Tensor = field(init=False)  # (I,) sum of C
     hot: torch.Tensor = field(init=False)  # (I,) tokens on which the neuron is strongly active
     xx: torch.Tensor = field(init=False)  # (H, H) X^T X
-    xc: torch.Tensor = field(init=False)  # (H, I) X^T C: least-squares routers for any grouping
+    xs: torch.Tensor = field(init=False)  # (H, I) X^T S, S = C / C.sum(1): least-squares routers, any grouping
     cc: torch.Tensor | None = field(init=False)  # (I, I) C^T C
 
     def __post_init__(self) -> None:
         H, I = self.hidden, self.intermediate
         self.mass, self.hot = torch.zeros(I, dtype=torch.float64), torch.zeros(I, dtype=torch.float64)
-        self.xx, self.xc = torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64)
+        self.xx, self.xs = torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64)
         self.cc = torch.zeros(I, I) if self.coactivation else None
 
     def update(self, x: torch.Tensor, c: torch.Tensor) -> None:
@@ -70,7 +70,7 @@ class LayerStats:
         self.hot += torch.bincount(top.reshape(-1), minlength=self.intermediate).double()
         xd = x.double()
         self.xx += xd.T @ xd
-        self.xc += xd.T @ c.double()
+        self.xs += xd.T @ (c.double() / c.double().sum(1, keepdim=True).clamp_min(1e-12))
         if self.cc is not None:
             self.cc += c.T @ c
 
@@ -135,9 +135,9 @@ def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor
     ids = torch.tensor(tokenizer(sep.join(texts))["input_ids"][:budget])
     if len(ids) < 16:
         raise MoeifyError(f"calibration text has only {len(ids)} tokens; give at least a paragraph")
-    length = min(SEQUENCE, len(ids))
-    rows = ids[: len(ids) // length * length].reshape(-1, length)
-    return list(rows.split(BATCH))
+    full = len(ids) // SEQUENCE * SEQUENCE
+    batches = list(ids[:full].reshape(-1, SEQUENCE).split(BATCH))
+    return batches + ([ids[full:][None]] if full < len(ids) else [])  # the rest as one shorter sequence
 
 
 def sampled_batches(model, tokenizer, budget: int, seed: int) -> list[torch.Tensor]:
@@ -157,12 +157,12 @@ def sampled_batches(model, tokenizer, budget: int, seed: int) -> list[torch.Tens
 
 
 def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
-            coactivation: bool, on_tokens: Callable[[int, int], None] = lambda done, total: None
-            ) -> dict[int, LayerStats]:
+            coactivation: bool, on_tokens: Callable[[int, int], None] = lambda done, total: None,
+            notify: Callable[[str], None] = lambda line: None) -> dict[int, LayerStats]:
     """Run the dense model on calibration text and return statistics of each chosen layer's FFN.
 
-    text: a file or datasets name, or None to sample text from the model itself.
-    on_tokens(done, total) reports progress.
+    text: a file or datasets name; what it lacks of the token budget (all of it without a
+    text) is sampled from the model itself. on_tokens(done, total) reports progress.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.activations import ACT2FN
@@ -174,8 +174,12 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
         raise MoeifyError(f"calibration needs the source's tokenizer, which failed to load ({type(e).__name__})") from None
     texts = read_texts(text) if text is not None else None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    batches = token_batches(tokenizer, texts, budget) if texts is not None else \
-        sampled_batches(model, tokenizer, budget, seed)
+    batches = token_batches(tokenizer, texts, budget) if texts is not None else []
+    missing = budget - sum(b.numel() for b in batches)
+    if missing >= SAMPLE_LENGTH:  # a short text is topped up: routers are fitted in H dimensions
+        notify(f"sampling {missing} calibration tokens from the model"
+               + (f" (the text gave {budget - missing})" if texts is not None else ""))
+        batches += sampled_batches(model, tokenizer, missing, seed)
     act = ACT2FN[adapter.activation(ckpt.config)]
     hidden = int(ckpt.config[adapter.hidden_field])
     meta = {i: adapter.read_ffn(ckpt, i, meta=True) for i in layers}

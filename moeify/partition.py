@@ -43,7 +43,7 @@ def balanced_kmeans(points: torch.Tensor, parts: int, gen: torch.Generator, iter
     """
     n = len(points)
     capacity = n // parts
-    x = torch.nn.functional.normalize(points.double(), dim=1)
+    x = torch.nn.functional.normalize(points.float(), dim=1)
     centroids = x[torch.randperm(n, generator=gen)[:parts]]
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
@@ -51,28 +51,33 @@ def balanced_kmeans(points: torch.Tensor, parts: int, gen: torch.Generator, iter
         if torch.equal(new, labels):
             break
         labels = new
-        sums = torch.zeros(parts, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+        sums = torch.nn.functional.one_hot(labels, parts).T.to(x.dtype) @ x  # a matmul: index_add_ is slow here
         centroids = torch.nn.functional.normalize(sums, dim=1)
     return labels
 
 
 def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Greedy balanced assignment of N points to K clusters of `capacity` points each.
+    """Balanced assignment of N points to K clusters of `capacity` points each, in at most K+1 rounds.
 
-    similarity: (N, K). The most decided points (largest gap between their best and their
-    average cluster) choose first, each taking its best cluster that still has room.
+    similarity: (N, K). Each round, every unplaced point proposes its most similar cluster that
+    still has room, and each cluster accepts its most similar proposers up to its room. A
+    greedy, not the optimal transport plan, but vectorised: clustering 1536 neurons is instant.
     """
     n, k = similarity.shape
-    order = similarity.argsort(dim=1, descending=True)
-    gap = similarity.max(dim=1).values - similarity.mean(dim=1)
-    room = [capacity] * k
-    labels = torch.empty(n, dtype=torch.long)
-    for point in gap.argsort(descending=True).tolist():
-        for cluster in order[point].tolist():
-            if room[cluster]:
-                room[cluster] -= 1
-                labels[point] = cluster
-                break
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = torch.full((k,), capacity, dtype=torch.long)
+    sim = similarity.clone()
+    while (free := (labels < 0).nonzero().squeeze(1)).numel():
+        sim[:, room == 0] = -torch.inf
+        best = sim[free].max(dim=1)
+        order = best.values.argsort(descending=True)  # strongest proposals first...
+        order = order[best.indices[order].argsort(stable=True)]  # ...grouped by cluster
+        cluster = best.indices[order]
+        counts = torch.bincount(cluster, minlength=k)
+        rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[cluster]
+        accepted = rank < room[cluster]
+        labels[free[order[accepted]]] = cluster[accepted]
+        room -= torch.bincount(cluster[accepted], minlength=k)
     return labels
 
 

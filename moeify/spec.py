@@ -71,7 +71,7 @@ class Spec:
     partition: Partition = Partition.ACTIVATION
     split_router: SplitRouter = SplitRouter.FIT
     calibration: str | None = None  # text or JSONL file, or a datasets name; None: sampled from the source
-    calibration_tokens: int = 8192  # budget of calibration tokens read
+    calibration_tokens: int = 6144  # calibration tokens: the text's, topped up with samples from the model
 
     def __post_init__(self) -> None:
         for f in fields(self):  # coerce strings from YAML/JSON/CLI into enums once, here

@@ -16,18 +16,11 @@ from dataclasses import replace
 import torch
 
 from moeify.calibration import LayerStats
-from moeify.errors import MoeifyError
 from moeify.partition import partition
 from moeify.spec import Partition, Spec, SplitRouter
-from moeify.transforms import FFN, MoELayer, Scoring, generator, pieces
+from moeify.transforms import FFN, MoELayer, Scoring, check_divisible, generator, pieces
 
-RIDGE = 1e-3  # least-squares routers: ridge relative to the mean input energy, for ill-conditioned X^T X
-
-
-def check_divisible(intermediate: int, granularity: int) -> None:
-    if intermediate % granularity:
-        raise MoeifyError(f"--granularity {granularity} does not divide the intermediate size {intermediate}; "
-                          f"choose a divisor of {intermediate}")
+RIDGE = 1e-2  # least-squares routers: ridge relative to the mean input energy (X^T X is ill-conditioned)
 
 
 def needs_calibration(spec: Spec) -> bool:
@@ -113,15 +106,16 @@ def _centroid(rows: torch.Tensor, kind: SplitRouter) -> torch.Tensor:
 
 
 def fitted_router(stats: LayerStats, groups: list[torch.Tensor]) -> torch.Tensor:
-    """(E, H): ridge least squares X w_e ≈ m_e, m_e the expert's contribution mass per token.
+    """(E, H): ridge least squares X w_e ≈ s_e, s_e the expert's share of each token's contribution mass.
 
-    The mass of an expert is a sum over its neurons, so X^T m_e is a sum of columns of X^T C:
-    one calibration pass serves every grouping.
+    Shares rather than raw mass: a router only ranks experts within a token, so the fit should
+    not spend itself on how loud a token is overall. A share is a sum over the expert's neurons,
+    so X^T s_e is a sum of columns of X^T S: one calibration pass serves every grouping.
     """
     H = stats.hidden
-    xm = torch.stack([stats.xc[:, g].sum(1) for g in groups], dim=1)  # (H, E)
+    xs = torch.stack([stats.xs[:, g].sum(1) for g in groups], dim=1)  # (H, E)
     ridge = RIDGE * stats.xx.diagonal().mean() * torch.eye(H, dtype=stats.xx.dtype)
-    return torch.linalg.solve(stats.xx + ridge, xm).T.float()
+    return torch.linalg.solve(stats.xx + ridge, xs).T.float()
 
 
 def split_moe(moe: MoELayer, spec: Spec, layer: int) -> MoELayer:

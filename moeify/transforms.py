@@ -14,6 +14,7 @@ from enum import Enum
 
 import torch
 
+from moeify.errors import MoeifyError
 from moeify.spec import RouterInit, Spec
 
 
@@ -157,6 +158,13 @@ def drop_upcycle(ffn: FFN, ratio: float, gen: torch.Generator) -> FFN:
     return ffn.map(redraw)
 
 
+def check_divisible(intermediate: int, granularity: int) -> None:
+    """Pieces must be equal; the Spec cannot check this (it does not know I), the first layer read can."""
+    if intermediate % granularity:
+        raise MoeifyError(f"--granularity {granularity} does not divide the intermediate size {intermediate}; "
+                          f"choose a divisor of {intermediate}")
+
+
 def pieces(ffn: FFN, granularity: int) -> list[FFN]:
     """Cut an FFN into `granularity` contiguous pieces of I/G neurons; their outputs sum to the FFN's.
 
@@ -164,6 +172,7 @@ def pieces(ffn: FFN, granularity: int) -> list[FFN]:
     """
     if granularity == 1:
         return [ffn]
+    check_divisible(ffn.intermediate_size, granularity)
     size = ffn.intermediate_size // granularity
     cut = [ffn.neurons(torch.arange(g * size, (g + 1) * size)) for g in range(granularity)]
     if ffn.down_bias is None:

@@ -25,7 +25,8 @@ from moeify.commands.options import (
 from moeify.errors import MoeifyError
 from moeify.moe_source import MoESource, moe_source_for
 from moeify.spec import DType, Format, Mode, Partition, Spec, SplitRouter
-from moeify.split import check_divisible, needs_calibration, split_ffn, split_moe
+from moeify.split import needs_calibration, split_ffn, split_moe
+from moeify.transforms import check_divisible
 
 GranularityOpt = Annotated[int, typer.Option(help="Pieces per FFN (or per expert of a MoE source).")]
 TopkOpt = Annotated[int | None, typer.Option(
@@ -35,7 +36,7 @@ RouterOpt = Annotated[SplitRouter, typer.Option("--router-init", help="How route
 CalibrationOpt = Annotated[str | None, typer.Option("--calibration",
     help="Calibration text: a .txt or .jsonl ({\"text\": ...}) file, or a datasets name. "
          "Default: text sampled from the source model.")]
-TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens to read.")]
+TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens; what the text lacks is sampled from the model.")]
 
 
 def split(
@@ -47,7 +48,7 @@ def split(
     partition: PartitionOpt = Partition.ACTIVATION,
     router_init: RouterOpt = SplitRouter.FIT,
     calibration_: CalibrationOpt = None,
-    calibration_tokens: TokensOpt = 8192,
+    calibration_tokens: TokensOpt = 6144,
     moe_layers: LayersOpt = "all",
     format_: FormatOpt = Format.AUTO,
     dtype: DTypeOpt = DType.AUTO,
@@ -95,8 +96,6 @@ def _dense_transform(folder: Path, config: dict, spec: Spec):
     check_divisible(adapter.read_ffn(Checkpoint(folder), layers[0], meta=True).intermediate_size, spec.granularity)
     if not needs_calibration(spec):
         return split_ffn
-    if spec.calibration is None:
-        ui.say("no --calibration text: sampling calibration text from the source model")
     stats = _calibrate(folder, adapter, layers, spec)
     return lambda ffn, spec_, layer: split_ffn(ffn, spec_, layer, stats[layer])
 
@@ -107,4 +106,5 @@ def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict:
         task = progress.add_task("calibrating (tokens)", total=None)
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
                                    coactivation=spec.partition is Partition.ACTIVATION,
-                                   on_tokens=lambda done, total: progress.update(task, completed=done, total=total))
+                                   on_tokens=lambda done, total: progress.update(task, completed=done, total=total),
+                                   notify=ui.say)
