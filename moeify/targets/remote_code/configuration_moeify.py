@@ -61,6 +61,9 @@ class MoeifyConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.moe = {**MOE_DEFAULTS, **(self.moe or {})}
         self.moe["moe_layers"] = [int(i) for i in self.moe["moe_layers"]]
+        if self.moe["expert_intermediate_size"] is None:  # the family's FFN width (gpt2 leaves it implicit: 4H)
+            base = self.base_config
+            self.moe["expert_intermediate_size"] = getattr(base, "intermediate_size", None) or 4 * base.hidden_size
         if self.moe["scoring"] not in SCORINGS:
             raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {self.moe['scoring']!r}")
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))

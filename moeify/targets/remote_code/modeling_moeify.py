@@ -109,7 +109,7 @@ class MoeifyBlock(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """Top-k experts per token of x (T, H), and their mixing weights."""
         moe = self.moe
-        if self.training and moe["router_jitter_noise"] > 0:  # Mixtral-style multiplicative input jitter
+        if self.training and moe["router_jitter_noise"] > 0:  # Switch-style: the router's input only
             noise = moe["router_jitter_noise"]
             x = x * torch.empty_like(x).uniform_(1.0 - noise, 1.0 + noise)
         logits = F.linear(x, self.router.weight)
