@@ -120,6 +120,8 @@ def test_routing_is_not_trivial(tmp_path: Path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_save_pretrained_reloads_identically_with_its_code(tmp_path: Path, family: str):
     remote = load(remote_checkpoint(make_tiny(family, tmp_path / "dense"), tmp_path / "remote", layers=[1]))
+    with torch.no_grad():
+        remote(tokens())  # inference packs the experts' weights into stacks the parameters then view
     remote.save_pretrained(tmp_path / "again")
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["model_type"] == "moeify"
@@ -284,6 +286,30 @@ def test_jitter_noise_only_in_training():
         assert torch.equal(b(x), b(x))
         b.train()
         assert not torch.equal(b.route(x).logits, b.route(x).logits)
+
+
+def test_training_after_inference_updates_what_inference_computes():
+    """Inference packs expert weights (parameters become views of stacks); training must still work
+    on them and the next inference must see the optimizer's update."""
+    b = block(bias=True)
+    x = torch.randn(20, 16)
+    with torch.inference_mode():
+        assert b.packable(x)
+        first = b(x)
+    storage = {e.up_proj.weight.untyped_storage().data_ptr() for e in b.experts}
+    assert len(storage) == 1  # every expert's parameters now view one stack
+    b.train()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), first)  # the packed path equals the module path
+    optimizer = torch.optim.SGD(b.parameters(), lr=0.1)
+    b(x).square().sum().backward()
+    optimizer.step()
+    b.eval()
+    with torch.inference_mode():
+        after = b(x)
+    with torch.enable_grad():
+        torch.testing.assert_close(after, b(x).detach())  # module path on the updated parameters
+    assert not torch.allclose(after, first)
 
 
 def test_model_built_from_a_config_alone_runs_and_generates():

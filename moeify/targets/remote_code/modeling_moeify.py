@@ -92,6 +92,8 @@ class MoeifyBlock(nn.Module):
         self.output_bias = nn.Parameter(torch.zeros(hidden)) if moe["output_bias"] else None
         self.sink: list | None = None  # set by MoeifyForCausalLM while router outputs are wanted
         self.pending_load: torch.Tensor | None = None  # (E,) expert load of the last training forward
+        self._packed_pointers: tuple = ()  # where the experts' parameters lived when last packed
+        self._packed_layout: list = []  # offset, shape, stride of each stack in that storage
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -173,17 +175,14 @@ class MoeifyBlock(nn.Module):
         spans, start = [], 0
         for j, count in enumerate(counts):
             if count:
-                spans.append((self.experts[j], start, start + count))
+                spans.append((j, start, start + count))
                 start += count
         inputs = x[order // self.top_k]
-        up = grouped_linear(inputs, [(e.up_proj, a, b) for e, a, b in spans])
-        act = self.experts[0].act_fn
-        if self.experts[0].gate_proj is None:
-            hidden = act(up)
-        else:
-            hidden = act(grouped_linear(inputs, [(e.gate_proj, a, b) for e, a, b in spans])) * up
         # One zero row past the end: every dropped assignment reads it.
-        out = grouped_linear(hidden, [(e.down_proj, a, b) for e, a, b in spans], pad=1)
+        if self.packable(inputs):
+            out = self.packed_rows(inputs, spans)
+        else:
+            out = self.module_rows(inputs, spans)
         weight = routing.weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         if torch.is_grad_enabled():
             out = out * torch.cat([weight, weight.new_zeros(1, 1)])
@@ -195,29 +194,102 @@ class MoeifyBlock(nn.Module):
         back[order] = torch.arange(order.numel(), device=x.device)
         return out[back].view(-1, self.top_k, x.shape[-1]).sum(dim=1)
 
+    def module_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Sorted rows (S, H) through their experts' modules (autograd, LoRA, quantized layers): (S + 1, H)."""
+        def linear(role: str, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+            parts = [getattr(self.experts[j], role)(x[a:b]) for j, a, b in spans]
+            parts += [x.new_zeros(pad, self.experts[0].down_proj.out_features)] if pad else []
+            return torch.cat(parts) if parts else x.new_zeros(0, getattr(self.experts[0], role).out_features)
 
-def grouped_linear(x: torch.Tensor, spans: list[tuple[nn.Module, int, int]], pad: int = 0) -> torch.Tensor:
-    """Rows a:b of x (S, in) through their own linear layer each: (S + pad, out), the pad rows zero.
+        act = self.experts[0].act_fn
+        up = linear("up_proj", inputs)
+        hidden = act(up) if self.experts[0].gate_proj is None else act(linear("gate_proj", inputs)) * up
+        return linear("down_proj", hidden, pad=1)
 
-    Layers are called as modules when autograd, autocast or a wrapped layer (LoRA, quantized) may
-    need it; plain inference writes every result straight into one buffer (no concatenation copy).
-    """
-    rows = x.shape[0]
-    if not spans:
-        return x.new_zeros(rows + pad, x.shape[-1])
-    features = spans[0][0].out_features
-    plain = all(type(layer) is nn.Linear and layer.weight.dtype == x.dtype for layer, _, _ in spans)
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or not plain:
-        parts = [layer(x[a:b]) for layer, a, b in spans]
-        return torch.cat(parts + [parts[0].new_zeros(pad, features)]) if pad else torch.cat(parts)
-    out = x.new_empty(rows + pad, features)
-    out[rows:].zero_()
-    for layer, a, b in spans:
-        if layer.bias is None:
-            torch.mm(x[a:b], layer.weight.t(), out=out[a:b])
+    def packable(self, x: torch.Tensor) -> bool:
+        """Plain inference on plain nn.Linear experts (no autograd, autocast, wrappers or offload hooks)."""
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            return False
+        layers = [m for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None]
+        return all(
+            type(m) is nn.Linear and not hasattr(m, "_hf_hook") and m.weight.dtype == x.dtype
+            and m.weight.device == x.device for m in layers
+        )
+
+    def packed_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Sorted rows (S, H) through their experts as one fused gate+up product per expert: (S + 1, H).
+
+        Results are written straight into preallocated buffers (no concatenation copies).
+        """
+        w_in, b_in, w_out, b_out = self.packed()
+        rows, hidden_size = inputs.shape
+        mid = inputs.new_empty(rows, w_in.shape[1])
+        out = inputs.new_empty(rows + 1, hidden_size)
+        out[rows:].zero_()
+        for j, a, b in spans:
+            if b_in is None:
+                torch.mm(inputs[a:b], w_in[j].t(), out=mid[a:b])
+            else:
+                torch.addmm(b_in[j], inputs[a:b], w_in[j].t(), out=mid[a:b])
+        act = self.experts[0].act_fn
+        if self.experts[0].gate_proj is None:
+            hidden = act(mid)
         else:
-            torch.addmm(layer.bias, x[a:b], layer.weight.t(), out=out[a:b])
-    return out
+            gate, up = mid.split(w_in.shape[1] // 2, dim=1)
+            hidden = act(gate).mul_(up)
+        for j, a, b in spans:
+            if b_out is None:
+                torch.mm(hidden[a:b], w_out[j].t(), out=out[a:b])
+            else:
+                torch.addmm(b_out[j], hidden[a:b], w_out[j].t(), out=out[a:b])
+        return out
+
+    def packed(self) -> tuple:
+        """The experts' weights stacked: (E, 2I or I, H) gate+up, (E, H, I) down, and biases or None.
+
+        Packed once; afterwards the stacks are rebuilt as views of the parameters' own storage, so
+        nothing here keeps memory alive. Loading, .to() or anything else that gives a parameter new
+        storage triggers a repack.
+        """
+        anchors = [p for p in self.experts.parameters()]
+        if self._packed_pointers != tuple(p.data_ptr() for p in anchors):
+            stacks = self.pack()
+            self._packed_pointers = tuple(p.data_ptr() for p in anchors)
+            self._packed_layout = [None if t is None else (t.storage_offset(), t.shape, t.stride()) for t in stacks]
+        first = self.experts[0]
+        owners = [first.up_proj.weight if first.gate_proj is None else first.gate_proj.weight,
+                  first.up_proj.bias if first.gate_proj is None else first.gate_proj.bias,
+                  first.down_proj.weight, first.down_proj.bias]
+        return tuple(None if layout is None else owner.new_empty(0).set_(owner.untyped_storage(), *layout)
+                     for owner, layout in zip(owners, self._packed_layout))
+
+    @torch.no_grad()
+    def pack(self) -> tuple:
+        """Stack the experts' weights and make each parameter a view of its stack.
+
+        The parameter objects stay the same (optimizers and tying keep working) and memory does not
+        double: the old per-expert storages are freed. Built outside inference mode so the
+        parameters can still be trained afterwards.
+        """
+        with torch.inference_mode(False):
+            inner = [[e.gate_proj, e.up_proj] if e.gate_proj is not None else [e.up_proj] for e in self.experts]
+            has_bias = self.experts[0].up_proj.bias is not None
+            w_in = torch.stack([torch.cat([m.weight for m in ms]) for ms in inner])
+            w_out = torch.stack([e.down_proj.weight for e in self.experts])
+            b_in = torch.stack([torch.cat([m.bias for m in ms]) for ms in inner]) if has_bias else None
+            b_out = torch.stack([e.down_proj.bias for e in self.experts]) if has_bias else None
+            for j, (ms, expert) in enumerate(zip(inner, self.experts)):
+                start = 0
+                for m in ms:
+                    end = start + m.out_features
+                    m.weight.data = w_in[j, start:end]
+                    if has_bias:
+                        m.bias.data = b_in[j, start:end]
+                    start = end
+                expert.down_proj.weight.data = w_out[j]
+                if has_bias:
+                    expert.down_proj.bias.data = b_out[j]
+        return w_in, b_in, w_out, b_out
 
 
 def dense_class(base_config) -> type[PreTrainedModel]:
