@@ -178,7 +178,7 @@ class MoeifyBlock(nn.Module):
                 spans.append((j, start, start + count))
                 start += count
         inputs = x[order // self.top_k]
-        # One zero row past the end: every dropped assignment reads it.
+        # Both paths leave one zero row past the end: every dropped assignment reads it.
         if self.packable(inputs):
             out = self.packed_rows(inputs, spans)
         else:
@@ -407,7 +407,8 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         try:
-            out = self.dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)
+            out = self.dense(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True,
+                             **kwargs)
         finally:
             for block in blocks:
                 block.sink = None
