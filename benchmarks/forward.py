@@ -5,7 +5,10 @@ remote-format MoE (8 experts, top-2) and a MixtralForCausalLM holding the very s
 both MoEs route every token identically (the script checks their logits agree). Runs alternate
 between the models and the medians are reported, so machine noise hits all of them alike.
 
-    python benchmarks/forward.py [--runs 7] [--batch 4] [--seq 256] [--layers 4] [--threads N]
+    python benchmarks/forward.py [--runs 7] [--batch 4] [--seq 256] [--layers 4] [--decode 32] [--threads N]
+
+Forward tokens/s is the prefill rate (one batched forward, no cache); decode tokens/s is greedy
+generation of --decode tokens from a 16-token prompt with the KV cache, batch 1.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def seconds(model: torch.nn.Module, tokens: torch.Tensor) -> float:
         return time.perf_counter() - started
 
 
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy generation with the KV cache: one token per forward, so per-call overhead shows."""
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -70,6 +82,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--decode", type=int, default=32, help="new tokens per greedy generation (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -86,23 +99,29 @@ def main() -> None:
     with torch.inference_mode():
         gap = (remote(tokens).logits - models["transformers Mixtral"](tokens).logits).abs().max().item()
     times: dict[str, list[float]] = {name: [] for name in models}
+    decode: dict[str, list[float]] = {name: [] for name in models}
+    prompt = tokens[:1, :16]
     for name, model in models.items():  # warm-up: allocator and kernels
         seconds(model, tokens)
     for _ in range(args.runs):
         for name, model in models.items():
             times[name].append(seconds(model, tokens))
+            if args.decode:
+                decode[name].append(decode_seconds(model, prompt, args.decode))
 
-    count = args.batch * args.seq
-    rate = {name: count / statistics.median(t) for name, t in times.items()}
-    print(f"forward, {args.batch}x{args.seq} tokens, hidden 512, intermediate 1536, {args.layers} layers, "
+    rate = {name: args.batch * args.seq / statistics.median(t) for name, t in times.items()}
+    step = {name: args.decode / statistics.median(t) for name, t in decode.items() if t}
+    print(f"{args.batch}x{args.seq} tokens per forward, hidden 512, intermediate 1536, {args.layers} layers, "
           f"{args.experts} experts top-{args.topk}, {torch.get_num_threads()} threads, median of {args.runs}")
-    print(f"{'model':<22} {'tokens/s':>10} {'ms/forward':>11}")
+    print(f"{'model':<22} {'forward tok/s':>14} {'ms/forward':>11} {'decode tok/s':>13}")
     for name in models:
-        print(f"{name:<22} {rate[name]:>10.0f} {1000 * statistics.median(times[name]):>11.1f}")
-    native = rate["transformers Mixtral"]
-    print(f"remote / Mixtral: {rate['moeify remote MoE'] / native:.2f}x   "
-          f"remote / dense: {rate['moeify remote MoE'] / rate['dense Llama']:.2f}x   "
-          f"(max |logit gap| remote vs Mixtral: {gap:.1e})")
+        decoded = f"{step[name]:>13.1f}" if name in step else f"{'-':>13}"
+        print(f"{name:<22} {rate[name]:>14.0f} {1000 * statistics.median(times[name]):>11.1f} {decoded}")
+    remote, native, dense = "moeify remote MoE", "transformers Mixtral", "dense Llama"
+    print(f"forward: remote / Mixtral {rate[remote] / rate[native]:.2f}x, "
+          f"remote / dense {rate[remote] / rate[dense]:.2f}x"
+          + (f"; decode: remote / Mixtral {step[remote] / step[native]:.2f}x" if step else "")
+          + f" (max |logit gap| remote vs Mixtral: {gap:.1e})")
 
 
 if __name__ == "__main__":

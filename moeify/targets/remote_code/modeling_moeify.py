@@ -210,11 +210,13 @@ class MoeifyBlock(nn.Module):
         """Plain inference on plain nn.Linear experts (no autograd, autocast, wrappers or offload hooks)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return False
-        layers = [m for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None]
         return all(
-            type(m) is nn.Linear and not hasattr(m, "_hf_hook") and m.weight.dtype == x.dtype
-            and m.weight.device == x.device for m in layers
+            type(m) is nn.Linear and "_hf_hook" not in m.__dict__ and m.weight.dtype == x.dtype
+            and m.weight.device == x.device for m in self.linears()
         )
+
+    def linears(self) -> list[nn.Module]:
+        return [m for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None]
 
     def packed_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
         """Sorted rows (S, H) through their experts as one fused gate+up product per expert: (S + 1, H).
@@ -251,7 +253,7 @@ class MoeifyBlock(nn.Module):
         nothing here keeps memory alive. Loading, .to() or anything else that gives a parameter new
         storage triggers a repack.
         """
-        anchors = [p for p in self.experts.parameters()]
+        anchors = [p for m in self.linears() for p in (m.weight, m.bias) if p is not None]
         if self._packed_pointers != tuple(p.data_ptr() for p in anchors):
             stacks = self.pack()
             self._packed_pointers = tuple(p.data_ptr() for p in anchors)
