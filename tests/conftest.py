@@ -8,8 +8,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.fixtures import make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from more threads, and on a shared 2-core machine
+    # oversubscription made forward passes ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

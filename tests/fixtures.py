@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,3 +71,16 @@ def logits(folder: Path, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     with torch.no_grad():
         return model(tokens).logits
+
+
+def run_cli(*args: object) -> int:
+    """Run `moeify ARGS` in-process and return its exit code."""
+    from moeify.cli import main
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() installs its own handler
+    return exit_.value.code

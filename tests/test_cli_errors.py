@@ -16,8 +16,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import moeify.checkpoint
-from tests.fixtures import make_tiny
-from tests.test_upcycle import run_cli
+from tests.fixtures import make_tiny, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -53,13 +53,6 @@ PARAMS = [
 TOKENS = torch.tensor([[1, 17, 42, 5, 99, 160, 7, 23, 64, 3, 150, 88]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared, and tiny models gain nothing from more threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

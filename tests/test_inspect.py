@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from moeify import anatomy, hub
 from moeify.anatomy import Kind, describe, upcycled
 from moeify.checkpoint import Checkpoint
-from moeify.cli import main
 from moeify.conversion import convert
 from moeify.spec import Format, Spec
-from tests.fixtures import TINY, make_tiny
+from tests.fixtures import TINY, make_tiny, run_cli
 
 # Published configs, written out here: no downloads.
 MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -144,14 +142,6 @@ def test_prediction_equals_what_conversion_writes(family, spec, tmp_path):
     assert written.moe_layers == result.moe_layers
 
 
-def run_cli(*args: object) -> int:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return exit_.value.code
 
 
 def write_config(folder: Path, config: dict) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -11,20 +10,11 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from moeify import hub
 from moeify.card import front_matter
-from moeify.cli import main
 from moeify.conversion import convert
 from moeify.spec import Spec
-from tests.fixtures import make_tiny
+from tests.fixtures import make_tiny, run_cli
 
 
-def run_cli(*args: object) -> int:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return exit_.value.code
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
-from tests.test_upcycle import run_cli
+from tests.fixtures import run_cli
 
 pytestmark = pytest.mark.real
 
@@ -26,14 +26,6 @@ TEXT = (
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: one thread per process avoids oversubscription, which made
-    # the forward passes ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moeify import recipe
-from moeify.cli import main
 from moeify.spec import Mode, Spec
-from tests.fixtures import make_tiny
+from tests.fixtures import make_tiny, run_cli
 from tests.test_verify import with_tokenizer
 
 CALIBRATION = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire. " * 80
 
 
-def run_cli(*args: object) -> int:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return exit_.value.code
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,25 +11,17 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moeify.adapters import ADAPTERS, adapter_for
-from moeify.cli import main
 from moeify.conversion import convert
 from moeify.errors import MoeifyError
 from moeify.spec import Spec
 from moeify.targets import choose
 from moeify.targets.qwen_moe import shared_expert
 from moeify.transforms import FFN, upcycle
-from tests.fixtures import TINY, make_tiny
+from tests.fixtures import TINY, make_tiny, run_cli
 
 TOKENS = torch.tensor([[1, 17, 42, 5, 99, 160, 7, 23, 64, 3, 150, 88]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared, and tiny models gain nothing from more threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(family: str, **overrides) -> dict:
@@ -205,14 +195,6 @@ def test_legacy_gpt2_names_are_read_as_transformers_loads_them(tmp_path):
 # ---------------------------------------------------------------------------- command line
 
 
-def run_cli(*args: object) -> int:
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # main() installs its own handler
-    return exit_.value.code
 
 
 def test_cli_shared_experts_and_layers_end_to_end(tmp_path, capsys):

@@ -41,13 +41,6 @@ def moe_forward(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return routed + sum((ffn_forward(s, x) for s in moe.shared), torch.zeros_like(routed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors on a shared machine: extra threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tokens(n: int = 32, dtype=torch.float64) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from moeify.cli import main
 from moeify.spec import Spec
-from tests.fixtures import TINY, make_tiny
+from tests.fixtures import TINY, make_tiny, run_cli
 
 LAYERS, I, VOCAB = 3, 96, 211
 SIDE_FILES = {
@@ -31,15 +29,6 @@ SIDE_FILES = {
 NOT_COPIED = {"pytorch_model.bin": "weights in another format", "modeling_x.py": "code", ".gitattributes": "*"}
 
 
-def run_cli(*args: object) -> int:
-    """Run `moeify ARGS` in-process and return its exit code."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # main() installs its own handler
-    return exit_.value.code
 
 
 def upcycled(source: Path, output: Path, *options: object) -> Path:
@@ -103,13 +92,6 @@ def with_side_files(folder: Path) -> Path:
 # ---------------------------------------------------------------------------- exactness
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: one thread per process avoids oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
