@@ -312,6 +312,18 @@ def test_training_after_inference_updates_what_inference_computes():
     assert not torch.allclose(after, first)
 
 
+def test_packed_weights_follow_dtype_changes():
+    b = block(bias=True)
+    x = torch.randn(20, 16)
+    with torch.inference_mode():
+        b(x)
+    b.double()  # new storage for every parameter: the stacks are dropped and rebuilt
+    with torch.inference_mode():
+        packed = b(x.double())
+    assert b._packed[0].dtype == torch.float64
+    torch.testing.assert_close(packed, b(x.double()).detach())  # against the module path
+
+
 def test_model_built_from_a_config_alone_runs_and_generates():
     """The benchmark path: no checkpoint, the class imported from the package."""
     base = {"model_type": "llama"} | TINY["llama"]

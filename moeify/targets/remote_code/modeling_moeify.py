@@ -92,8 +92,8 @@ class MoeifyBlock(nn.Module):
         self.output_bias = nn.Parameter(torch.zeros(hidden)) if moe["output_bias"] else None
         self.sink: list | None = None  # set by MoeifyForCausalLM while router outputs are wanted
         self.pending_load: torch.Tensor | None = None  # (E,) expert load of the last training forward
+        self._packed: tuple | None = None  # stacked expert weights for inference (see packed())
         self._packed_pointers: tuple = ()  # where the experts' parameters lived when last packed
-        self._packed_layout: list = []  # offset, shape, stride of each stack in that storage
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -167,11 +167,13 @@ class MoeifyBlock(nn.Module):
         rows and the activation once over all rows, so the op count does not grow with E.
         """
         flat_expert = routing.index.reshape(-1)
-        slot = torch.arange(flat_expert.numel(), device=x.device)
-        if routing.keep is not None:
-            slot = slot[routing.keep.reshape(-1)]
-        order = slot[flat_expert[slot].argsort(stable=True)]
-        counts = torch.bincount(flat_expert[order], minlength=self.num_experts).tolist()  # one host sync
+        if routing.keep is None:
+            order = flat_expert.argsort(stable=True)
+            counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
+        else:
+            slot = routing.keep.reshape(-1).nonzero().squeeze(-1)
+            order = slot[flat_expert[slot].argsort(stable=True)]
+            counts = torch.bincount(flat_expert[order], minlength=self.num_experts).tolist()
         spans, start = [], 0
         for j, count in enumerate(counts):
             if count:
@@ -190,8 +192,11 @@ class MoeifyBlock(nn.Module):
             out[:-1] *= weight
         # Back to (token, choice) order by a gather and a sum over the k choices: cheaper on CPU
         # than a scatter-add, and deterministic.
-        back = torch.full_like(flat_expert, order.numel())
-        back[order] = torch.arange(order.numel(), device=x.device)
+        if routing.keep is None:
+            back = order.argsort()
+        else:
+            back = torch.full_like(flat_expert, order.numel())
+            back[order] = torch.arange(order.numel(), device=x.device)
         return out[back].view(-1, self.top_k, x.shape[-1]).sum(dim=1)
 
     def module_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -249,21 +254,21 @@ class MoeifyBlock(nn.Module):
     def packed(self) -> tuple:
         """The experts' weights stacked: (E, 2I or I, H) gate+up, (E, H, I) down, and biases or None.
 
-        Packed once; afterwards the stacks are rebuilt as views of the parameters' own storage, so
-        nothing here keeps memory alive. Loading, .to() or anything else that gives a parameter new
-        storage triggers a repack.
+        Packed once and reused while every expert parameter still lives in the stacks; .to() and
+        friends drop them (see _apply) and anything else giving a parameter new storage triggers
+        a repack.
         """
-        anchors = [p for m in self.linears() for p in (m.weight, m.bias) if p is not None]
-        if self._packed_pointers != tuple(p.data_ptr() for p in anchors):
-            stacks = self.pack()
-            self._packed_pointers = tuple(p.data_ptr() for p in anchors)
-            self._packed_layout = [None if t is None else (t.storage_offset(), t.shape, t.stride()) for t in stacks]
-        first = self.experts[0]
-        owners = [first.up_proj.weight if first.gate_proj is None else first.gate_proj.weight,
-                  first.up_proj.bias if first.gate_proj is None else first.gate_proj.bias,
-                  first.down_proj.weight, first.down_proj.bias]
-        return tuple(None if layout is None else owner.new_empty(0).set_(owner.untyped_storage(), *layout)
-                     for owner, layout in zip(owners, self._packed_layout))
+        anchors = tuple(p.data_ptr() for m in self.linears() for p in (m.weight, m.bias) if p is not None)
+        if self._packed is None or self._packed_pointers != anchors:
+            self._packed = None  # let the old stacks go before building new ones
+            self._packed = self.pack()
+            self._packed_pointers = tuple(
+                p.data_ptr() for m in self.linears() for p in (m.weight, m.bias) if p is not None)
+        return self._packed
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None  # parameters get new storage: the stacks would only hold memory
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def pack(self) -> tuple:
