@@ -10,7 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Spec
-from moeify.transforms import MoELayer
+from moeify.transforms import FFN, MoELayer
 
 # One output tensor of a MoE layer: its name, and how to take it from the built layer.
 LayerTensor = tuple[str, Callable[[MoELayer], torch.Tensor]]
@@ -52,6 +52,19 @@ def backbone(config: dict) -> dict:
     """
     normalised = AutoConfig.for_model(**config).to_dict()
     return {k: v for k, v in normalised.items() if k not in NOT_BACKBONE}
+
+
+# nn.Linear names of an FFN's projections (Llama, Qwen, moeify's remote experts), by FFN role.
+PROJ_NAMES = {
+    "gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight",
+    "gate_bias": "gate_proj.bias", "up_bias": "up_proj.bias", "down_bias": "down_proj.bias",
+}
+WEIGHT_NAMES = {role: PROJ_NAMES[role] for role in ("gate", "up", "down")}
+
+
+def ffn_tensors(prefix: str, names: dict[str, str], pick: Callable[[MoELayer], FFN]) -> list[LayerTensor]:
+    """One expert's tensors, `{prefix}.{name}` for each FFN role in `names` (role -> name on disk), in that order."""
+    return [(f"{prefix}.{name}", lambda m, role=role: getattr(pick(m), role)) for role, name in names.items()]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

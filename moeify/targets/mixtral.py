@@ -7,8 +7,11 @@ from transformers import MixtralConfig, PretrainedConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Mode, Spec
-from moeify.targets.base import LayerTensor, Target, backbone, dtype_name
+from moeify.targets.base import LayerTensor, Target, backbone, dtype_name, ffn_tensors
 from moeify.transforms import MoELayer
+
+# Mixtral's names for an expert's projections, in the order transformers writes them.
+EXPERT_NAMES = {"gate": "w1.weight", "down": "w2.weight", "up": "w3.weight"}
 
 
 class Mixtral(Target):
@@ -31,11 +34,7 @@ class Mixtral(Target):
         base = f"model.layers.{layer}.block_sparse_moe"
         tensors: list[LayerTensor] = [(f"{base}.gate.weight", lambda m: m.router)]
         for j in range(len(moe.experts)):
-            tensors += [
-                (f"{base}.experts.{j}.w1.weight", lambda m, j=j: m.experts[j].gate),
-                (f"{base}.experts.{j}.w2.weight", lambda m, j=j: m.experts[j].down),
-                (f"{base}.experts.{j}.w3.weight", lambda m, j=j: m.experts[j].up),
-            ]
+            tensors += ffn_tensors(f"{base}.experts.{j}", EXPERT_NAMES, lambda m, j=j: m.experts[j])
         return tensors
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Mode, Spec
-from moeify.targets.base import LayerTensor, Target, backbone, dtype_name
+from moeify.targets.base import WEIGHT_NAMES, LayerTensor, Target, backbone, dtype_name, ffn_tensors
 from moeify.transforms import FFN, MoELayer
 
 # sigmoid(0) of the zero shared-expert gate; the doubled down projection undoes it.
@@ -42,11 +42,7 @@ class QwenMoE(Target):
         base = f"model.layers.{layer}.mlp"
         tensors: list[LayerTensor] = [(f"{base}.gate.weight", lambda m: m.router)]
         for j in range(len(moe.experts)):
-            tensors += [
-                (f"{base}.experts.{j}.gate_proj.weight", lambda m, j=j: m.experts[j].gate),
-                (f"{base}.experts.{j}.up_proj.weight", lambda m, j=j: m.experts[j].up),
-                (f"{base}.experts.{j}.down_proj.weight", lambda m, j=j: m.experts[j].down),
-            ]
+            tensors += ffn_tensors(f"{base}.experts.{j}", WEIGHT_NAMES, lambda m, j=j: m.experts[j])
         return tensors
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
@@ -81,10 +77,9 @@ class Qwen2Moe(QwenMoE):
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
         base = f"model.layers.{layer}.mlp"
-        return super().moe_tensors(adapter, layer, moe) + [
-            (f"{base}.shared_expert.gate_proj.weight", lambda m: shared_expert(m).gate),
-            (f"{base}.shared_expert.up_proj.weight", lambda m: shared_expert(m).up),
-            (f"{base}.shared_expert.down_proj.weight", lambda m: shared_expert(m).down),
+        return [
+            *super().moe_tensors(adapter, layer, moe),
+            *ffn_tensors(f"{base}.shared_expert", WEIGHT_NAMES, shared_expert),
             (f"{base}.shared_expert_gate.weight", lambda m: m.router.new_zeros(1, m.router.shape[1])),
         ]
 

@@ -15,17 +15,11 @@ from transformers import AutoConfig, PretrainedConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Spec
-from moeify.targets.base import NOT_BACKBONE, LayerTensor, Target, dtype_name
+from moeify.targets.base import NOT_BACKBONE, PROJ_NAMES, LayerTensor, Target, dtype_name, ffn_tensors
 from moeify.transforms import FFN, MoELayer
 
 CODE_DIR = Path(__file__).parent / "remote_code"
 CODE_FILES = ("configuration_moeify.py", "modeling_moeify.py")
-
-# FFN role -> tensor name under an expert's module path.
-ROLE_NAMES = {
-    "gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight",
-    "gate_bias": "gate_proj.bias", "up_bias": "up_proj.bias", "down_bias": "down_proj.bias",
-}
 
 # base_config keeps model_type (it picks the family's classes) and states the output dtype itself.
 NOT_BASE = NOT_BACKBONE - {"model_type"}
@@ -83,5 +77,4 @@ class Remote(Target):
 
 def _ffn_tensors(prefix: str, example: FFN, pick) -> list[LayerTensor]:
     """Names of one expert's present weights and biases, in a fixed order."""
-    return [(f"{prefix}.{ROLE_NAMES[role]}", lambda m, role=role: getattr(pick(m), role))
-            for role in example.tensors()]
+    return ffn_tensors(prefix, {role: PROJ_NAMES[role] for role in example.tensors()}, pick)
