@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ from moeify.transforms import FFN
 SEQUENCE = 512  # tokens per calibration sequence
 BATCH = 4  # sequences per forward pass
 SAMPLE_LENGTH = 128  # tokens per sequence sampled from the model when no text is given
+STATS_BUDGET = 2 * 2**30  # bytes of statistics held at once; more layers take more passes over the text
 HOT_SHARE = 0.1  # a neuron is "strongly active" on a token when it is in that token's top 10%
 
 
@@ -61,6 +63,10 @@ class LayerStats:
         self.mass, self.hot = torch.zeros(I, dtype=torch.float64), torch.zeros(I, dtype=torch.float64)
         self.xx, self.xs = torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64)
         self.cc = torch.zeros(I, I) if self.coactivation else None
+
+    @staticmethod
+    def nbytes(hidden: int, intermediate: int, coactivation: bool) -> int:
+        return 8 * (hidden * hidden + hidden * intermediate + 2 * intermediate) + 4 * intermediate**2 * coactivation
 
     def update(self, x: torch.Tensor, c: torch.Tensor) -> None:
         """Add tokens: x (T, H) FFN inputs, c (T, I) their neuron contributions."""
@@ -136,7 +142,7 @@ def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor
     if len(ids) < 16:
         raise MoeifyError(f"calibration text has only {len(ids)} tokens; give at least a paragraph")
     full = len(ids) // SEQUENCE * SEQUENCE
-    batches = list(ids[:full].reshape(-1, SEQUENCE).split(BATCH))
+    batches = list(ids[:full].reshape(-1, SEQUENCE).split(BATCH)) if full else []
     return batches + ([ids[full:][None]] if full < len(ids) else [])  # the rest as one shorter sequence
 
 
@@ -158,11 +164,14 @@ def sampled_batches(model, tokenizer, budget: int, seed: int) -> list[torch.Tens
 
 def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
             coactivation: bool, on_tokens: Callable[[int, int], None] = lambda done, total: None,
-            notify: Callable[[str], None] = lambda line: None) -> dict[int, LayerStats]:
-    """Run the dense model on calibration text and return statistics of each chosen layer's FFN.
+            notify: Callable[[str], None] = lambda line: None,
+            reduce: Callable[[int, LayerStats], Any] = lambda layer, stats: stats) -> dict[int, Any]:
+    """Run the dense model on calibration text and return reduce(layer, statistics) of each chosen FFN.
 
     text: a file or datasets name; what it lacks of the token budget (all of it without a
-    text) is sampled from the model itself. on_tokens(done, total) reports progress.
+    text) is sampled from the model itself. Statistics are collected for as many layers at a
+    time as fit in STATS_BUDGET, then reduced (e.g. to a grouping and a router) and dropped, so
+    memory stays bounded for any depth and token count. on_tokens(done, total) reports progress.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.activations import ACT2FN
@@ -182,17 +191,40 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
         batches += sampled_batches(model, tokenizer, missing, seed)
     act = ACT2FN[adapter.activation(ckpt.config)]
     hidden = int(ckpt.config[adapter.hidden_field])
-    meta = {i: adapter.read_ffn(ckpt, i, meta=True) for i in layers}
-    stats = {i: LayerStats(hidden, meta[i].intermediate_size, coactivation) for i in layers}
+    sizes = {i: adapter.read_ffn(ckpt, i, meta=True).intermediate_size for i in layers}
+    results: dict[int, Any] = {}
+    chunks = _chunks(layers, lambda i: LayerStats.nbytes(hidden, sizes[i], coactivation))
+    for number, chunk in enumerate(chunks):
+        stats = {i: LayerStats(hidden, sizes[i], coactivation) for i in chunk}
+        _run(model, batches, stats, lambda layer: adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),
+             act, adapter, lambda done, total: on_tokens(done + number * total, total * len(chunks)))
+        results |= {i: reduce(i, stats.pop(i)) for i in chunk}  # statistics are dropped once reduced
+    return results
 
+
+def _chunks(layers: list[int], nbytes: Callable[[int], int]) -> list[list[int]]:
+    """Layers in consecutive groups whose statistics fit in STATS_BUDGET (one pass over the text each)."""
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for i in layers:
+        if chunks[-1] and used + nbytes(i) > STATS_BUDGET:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += nbytes(i)
+    return chunks
+
+
+def _run(model, batches: list[torch.Tensor], stats: dict[int, LayerStats], read_ffn: Callable[[int], FFN],
+         act: Callable, adapter: Adapter, on_tokens: Callable[[int, int], None]) -> None:
+    """One pass over the calibration batches, feeding each chosen FFN's inputs into its statistics."""
     def hook(layer: int):
         def record(module, args):
-            x = args[0].detach().reshape(-1, hidden).float()
-            ffn = adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float())  # re-read: the model's layout varies
-            stats[layer].update(x, contributions(ffn, act, x))
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            stats[layer].update(x, contributions(read_ffn(layer), act, x))  # re-read: the model's layout varies
         return record
 
-    handles = [model.get_submodule(adapter.mlp_path(i)).register_forward_pre_hook(hook(i)) for i in layers]
+    handles = [model.get_submodule(adapter.mlp_path(i)).register_forward_pre_hook(hook(i)) for i in stats]
     total, done = sum(b.numel() for b in batches), 0
     try:
         with torch.no_grad():
@@ -203,4 +235,3 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     finally:
         for h in handles:
             h.remove()
-    return stats

@@ -11,7 +11,7 @@ group, chosen together), top-k multiplied by G: exact, as in granular upcycling.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,18 +29,33 @@ def needs_calibration(spec: Spec) -> bool:
             or spec.shared_experts > 0)
 
 
-def split_ffn(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> MoELayer:
+@dataclass(frozen=True)
+class LayerPlan:
+    """What calibration decides for one FFN: its neuron groups and the router that picks them."""
+
+    shared: list[torch.Tensor]  # neuron indices of each shared expert
+    groups: list[torch.Tensor]  # neuron indices of each routed expert
+    router: torch.Tensor  # (E, H) float32
+
+
+def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> LayerPlan:
+    """Group the neurons and build the router; stats are needed when needs_calibration(spec)."""
+    check_divisible(ffn.intermediate_size, spec.granularity)
+    shared, groups = neuron_groups(ffn, spec, layer, stats)
+    return LayerPlan(shared, groups, route(ffn, groups, spec, stats))
+
+
+def split_ffn(ffn: FFN, spec: Spec, layer: int, plan: LayerPlan | None = None) -> MoELayer:
     """A dense FFN as spec.granularity equal experts (spec.shared_experts of them always on).
 
-    stats: calibration statistics of this layer, when needs_calibration(spec).
+    plan: the layer's grouping and router from calibration, when needs_calibration(spec).
     ffn may hold meta tensors (planning): the grouping is then contiguous, only shapes matter.
     """
-    G, S = spec.granularity, spec.shared_experts
-    check_divisible(ffn.intermediate_size, G)
-    shared, groups = neuron_groups(ffn, spec, layer, stats)
-    experts = [_piece(ffn, g) for g in groups]
-    return MoELayer(experts=experts, router=route(ffn, groups, spec, stats), topk=spec.topk,
-                    shared=[_piece(ffn, s) for s in shared], scoring=Scoring.UNIT, output_bias=ffn.down_bias)
+    if plan is None or ffn.up.is_meta:
+        plan = plan_layer(ffn, spec, layer)
+    experts = [_piece(ffn, g) for g in plan.groups]
+    return MoELayer(experts=experts, router=plan.router.to(ffn.up.dtype), topk=spec.topk,
+                    shared=[_piece(ffn, s) for s in plan.shared], scoring=Scoring.UNIT, output_bias=ffn.down_bias)
 
 
 def neuron_groups(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None
@@ -84,17 +99,14 @@ def _piece(ffn: FFN, neurons: torch.Tensor) -> FFN:
 
 
 def route(ffn: FFN, groups: list[torch.Tensor], spec: Spec, stats: LayerStats | None) -> torch.Tensor:
-    """A router (E, H) for experts made of these neuron groups, in the FFN's dtype."""
-    like = ffn.up
-    if like.is_meta:
-        return torch.zeros(len(groups), ffn.hidden_size, dtype=like.dtype, device="meta")
+    """A router (E, H) in float32 for experts made of these neuron groups."""
+    if ffn.up.is_meta:
+        return torch.zeros(len(groups), ffn.hidden_size, dtype=ffn.up.dtype, device="meta")
     if spec.split_router is SplitRouter.FIT:
         assert stats is not None, "a fitted router needs calibration statistics"
-        weights = fitted_router(stats, groups)
-    else:
-        rows = _input_rows(ffn)
-        weights = torch.stack([_centroid(rows[g], spec.split_router) for g in groups])
-    return weights.to(like.dtype)
+        return fitted_router(stats, groups)
+    rows = _input_rows(ffn)
+    return torch.stack([_centroid(rows[g], spec.split_router) for g in groups])
 
 
 def _centroid(rows: torch.Tensor, kind: SplitRouter) -> torch.Tensor:

@@ -242,6 +242,20 @@ def test_calibration_uses_the_file_and_never_more_than_the_budget(llama):
     assert stats[0].cc.shape == (96, 96)
 
 
+def test_statistics_beyond_the_memory_budget_take_more_passes_with_the_same_result(llama, monkeypatch):
+    one_pass = calibration.collect(llama, _llama_adapter(), [0, 1, 2], str(CALIBRATION), 300, 0, coactivation=True)
+    monkeypatch.setattr(calibration, "STATS_BUDGET", 1)  # every layer alone: three passes
+    passes = []
+    three = calibration.collect(llama, _llama_adapter(), [0, 1, 2], str(CALIBRATION), 300, 0, coactivation=True,
+                                on_tokens=lambda done, total: passes.append((done, total)),
+                                reduce=lambda layer, stats: (layer, stats))
+    assert passes[-1] == (900, 900)
+    for layer in range(3):
+        assert three[layer][0] == layer
+        assert torch.allclose(three[layer][1].cc, one_pass[layer].cc)
+        assert torch.allclose(three[layer][1].xs, one_pass[layer].xs)
+
+
 def _llama_adapter():
     from moeify.adapters import ADAPTERS
 
@@ -253,7 +267,8 @@ def _llama_adapter():
 
 def test_smollm2_split_8_top_8_is_exact(smollm2, tmp_path):
     out = tmp_path / "split"
-    split(smollm2, out, "--granularity", 8, "--shared-experts", 1, "--partition", "activation")
+    split(smollm2, out, "--granularity", 8, "--shared-experts", 1, "--partition", "activation",
+          "--calibration-tokens", 256)  # few tokens: exactness does not depend on them
     tokens = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 378, 2379, 9031, 314, 253, 1092, 28, 907, 30]])
     assert (logits(out, tokens, trust_remote_code=True) - logits(smollm2, tokens)).abs().max() < 1e-4
 

@@ -25,7 +25,7 @@ from moeify.commands.options import (
 from moeify.errors import MoeifyError
 from moeify.moe_source import MoESource, moe_source_for
 from moeify.spec import DType, Format, Mode, Partition, Spec, SplitRouter
-from moeify.split import needs_calibration, split_ffn, split_moe
+from moeify.split import LayerPlan, needs_calibration, plan_layer, split_ffn, split_moe
 from moeify.transforms import check_divisible
 
 GranularityOpt = Annotated[int, typer.Option(help="Pieces per FFN (or per expert of a MoE source).")]
@@ -96,15 +96,19 @@ def _dense_transform(folder: Path, config: dict, spec: Spec):
     check_divisible(adapter.read_ffn(Checkpoint(folder), layers[0], meta=True).intermediate_size, spec.granularity)
     if not needs_calibration(spec):
         return split_ffn
-    stats = _calibrate(folder, adapter, layers, spec)
-    return lambda ffn, spec_, layer: split_ffn(ffn, spec_, layer, stats[layer])
+    plans = _calibrate(folder, adapter, layers, spec)
+    return lambda ffn, spec_, layer: split_ffn(ffn, spec_, layer, plans[layer])
 
 
-def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict:
+def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int, LayerPlan]:
+    """Each layer's grouping and router, from statistics on calibration text (dropped once used)."""
+    ckpt = Checkpoint(folder)
+    reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
+                                             spec, layer, stats)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=ui.console, transient=True) as progress:
         task = progress.add_task("calibrating (tokens)", total=None)
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
                                    coactivation=spec.partition is Partition.ACTIVATION,
                                    on_tokens=lambda done, total: progress.update(task, completed=done, total=total),
-                                   notify=ui.say)
+                                   notify=ui.say, reduce=reduce)
