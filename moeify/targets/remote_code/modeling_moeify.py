@@ -94,6 +94,8 @@ class MoeifyBlock(nn.Module):
         self.pending_load: torch.Tensor | None = None  # (E,) expert load of the last training forward
         self._packed: tuple | None = None  # stacked expert weights for inference (see packed())
         self._packed_pointers: tuple = ()  # where the experts' parameters lived when last packed
+        self._packable_key: tuple | None = None  # what packable() last checked, and its answer
+        self._packable = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -180,16 +182,11 @@ class MoeifyBlock(nn.Module):
                 spans.append((j, start, start + count))
                 start += count
         inputs = x[order // self.top_k]
-        # Both paths leave one zero row past the end: every dropped assignment reads it.
-        if self.packable(inputs):
-            out = self.packed_rows(inputs, spans)
-        else:
-            out = self.module_rows(inputs, spans)
+        out = self.packed_rows(inputs, counts) if self.packable(inputs) else self.module_rows(inputs, spans)
         weight = routing.weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
-        if torch.is_grad_enabled():
-            out = out * torch.cat([weight, weight.new_zeros(1, 1)])
-        else:
-            out[:-1] *= weight
+        out = out * weight if torch.is_grad_enabled() else out.mul_(weight)
+        if routing.keep is not None:  # one zero row past the end: every dropped assignment reads it
+            out = torch.cat([out, out.new_zeros(1, out.shape[-1])])
         # Back to (token, choice) order by a gather and a sum over the k choices: cheaper on CPU
         # than a scatter-add, and deterministic.
         if routing.keep is None:
@@ -200,56 +197,54 @@ class MoeifyBlock(nn.Module):
         return out[back].view(-1, self.top_k, x.shape[-1]).sum(dim=1)
 
     def module_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Sorted rows (S, H) through their experts' modules (autograd, LoRA, quantized layers): (S + 1, H)."""
-        def linear(role: str, x: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """Sorted rows (S, H) through their experts' modules (autograd, LoRA, quantized layers): (S, H)."""
+        def linear(role: str, x: torch.Tensor) -> torch.Tensor:
             parts = [getattr(self.experts[j], role)(x[a:b]) for j, a, b in spans]
-            parts += [x.new_zeros(pad, self.experts[0].down_proj.out_features)] if pad else []
             return torch.cat(parts) if parts else x.new_zeros(0, getattr(self.experts[0], role).out_features)
 
         act = self.experts[0].act_fn
         up = linear("up_proj", inputs)
         hidden = act(up) if self.experts[0].gate_proj is None else act(linear("gate_proj", inputs)) * up
-        return linear("down_proj", hidden, pad=1)
+        return linear("down_proj", hidden)
 
     def packable(self, x: torch.Tensor) -> bool:
         """Plain inference on plain nn.Linear experts (no autograd, autocast, wrappers or offload hooks)."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return False
-        return all(
-            type(m) is nn.Linear and "_hf_hook" not in m.__dict__ and m.weight.dtype == x.dtype
-            and m.weight.device == x.device for m in self.linears()
-        )
+        linears = self.linears()
+        key = (tuple(map(id, linears)), x.dtype, x.device)  # a wrapped (LoRA) layer is a new object
+        if self._packable_key != key:
+            self._packable_key = key
+            self._packable = all(
+                type(m) is nn.Linear and "_hf_hook" not in m.__dict__ and m.weight.dtype == x.dtype
+                and m.weight.device == x.device for m in linears
+            )
+        return self._packable
 
     def linears(self) -> list[nn.Module]:
-        return [m for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None]
+        """The experts' projections. Reads the module dicts directly: this runs on every call, and
+        nn.Module attribute lookups are slow enough to show in one-token decoding."""
+        roles = ("gate_proj", "up_proj", "down_proj")
+        return [m for e in self.experts._modules.values() for r in roles if (m := e._modules.get(r)) is not None]
 
-    def packed_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Sorted rows (S, H) through their experts as one fused gate+up product per expert: (S + 1, H).
+    def parameter_pointers(self) -> tuple:
+        return tuple(p.data_ptr() for m in self.linears() for p in m._parameters.values() if p is not None)
 
-        Results are written straight into preallocated buffers (no concatenation copies).
+    def packed_rows(self, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Sorted rows (S, H) through their experts, one fused gate+up product per expert: (S, H).
+
+        torch's grouped matmul where it takes the dtype (one call for all experts), otherwise one
+        product per expert written straight into a preallocated buffer.
         """
         w_in, b_in, w_out, b_out = self.packed()
-        rows, hidden_size = inputs.shape
-        mid = inputs.new_empty(rows, w_in.shape[1])
-        out = inputs.new_empty(rows + 1, hidden_size)
-        out[rows:].zero_()
-        for j, a, b in spans:
-            if b_in is None:
-                torch.mm(inputs[a:b], w_in[j].t(), out=mid[a:b])
-            else:
-                torch.addmm(b_in[j], inputs[a:b], w_in[j].t(), out=mid[a:b])
+        mid = grouped_product(inputs, w_in, b_in, counts)
         act = self.experts[0].act_fn
         if self.experts[0].gate_proj is None:
             hidden = act(mid)
         else:
             gate, up = mid.split(w_in.shape[1] // 2, dim=1)
             hidden = act(gate).mul_(up)
-        for j, a, b in spans:
-            if b_out is None:
-                torch.mm(hidden[a:b], w_out[j].t(), out=out[a:b])
-            else:
-                torch.addmm(b_out[j], hidden[a:b], w_out[j].t(), out=out[a:b])
-        return out
+        return grouped_product(hidden, w_out, b_out, counts)
 
     def packed(self) -> tuple:
         """The experts' weights stacked: (E, 2I or I, H) gate+up, (E, H, I) down, and biases or None.
@@ -258,16 +253,15 @@ class MoeifyBlock(nn.Module):
         friends drop them (see _apply) and anything else giving a parameter new storage triggers
         a repack.
         """
-        anchors = tuple(p.data_ptr() for m in self.linears() for p in (m.weight, m.bias) if p is not None)
-        if self._packed is None or self._packed_pointers != anchors:
+        if self._packed is None or self._packed_pointers != self.parameter_pointers():
             self._packed = None  # let the old stacks go before building new ones
             self._packed = self.pack()
-            self._packed_pointers = tuple(
-                p.data_ptr() for m in self.linears() for p in (m.weight, m.bias) if p is not None)
+            self._packed_pointers = self.parameter_pointers()
         return self._packed
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = None  # parameters get new storage: the stacks would only hold memory
+        self._packable_key = None  # and maybe a new dtype or device
         return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
@@ -297,6 +291,30 @@ class MoeifyBlock(nn.Module):
                 if has_bias:
                     expert.down_proj.bias.data = b_out[j]
         return w_in, b_in, w_out, b_out
+
+
+GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.10 (CPU kernel included)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int]):
+    """x (S, in) sorted by expert, counts[j] rows for expert j; weight (E, out, in), bias (E, out): (S, out)."""
+    if GROUPED_MM is not None and x.dtype in GROUPED_MM_DTYPES and x.shape[0] > 0:
+        ends = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+        out = GROUPED_MM(x, weight.transpose(1, 2), offs=ends)
+        if bias is not None:
+            out += bias.repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
+        return out
+    out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
+    for j, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            if bias is None:
+                torch.mm(x[rows], weight[j].t(), out=out[rows])
+            else:
+                torch.addmm(bias[j], x[rows], weight[j].t(), out=out[rows])
+            start += count
+    return out
 
 
 def dense_class(base_config) -> type[PreTrainedModel]:
@@ -336,9 +354,12 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         for name in self._ADOPTED:
             setattr(self, name, getattr(type(dense), name, None))
         hidden = config.base_config.hidden_size
+        blocks = []
         for layer in config.moe["moe_layers"]:
             parent, _, leaf = config.moe["mlp_path"].format(i=layer).rpartition(".")
-            setattr(dense.get_submodule(parent), leaf, MoeifyBlock(config.moe, hidden))
+            blocks.append(MoeifyBlock(config.moe, hidden))
+            setattr(dense.get_submodule(parent), leaf, blocks[-1])
+        self.__dict__["moe_blocks"] = blocks  # a plain list (not registered twice); walking modules per call is slow
         self._adopt()
         self.post_init()
 
@@ -348,7 +369,7 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
             self.add_module(name, module)
 
     def blocks(self) -> list[MoeifyBlock]:
-        return [m for m in self.modules() if isinstance(m, MoeifyBlock)]
+        return self.moe_blocks
 
     def get_input_embeddings(self) -> nn.Module:
         return self.dense.get_input_embeddings()
