@@ -1,6 +1,6 @@
 """How much a training-free split costs: perplexity on held-out English text, real router vs oracle.
 
-    python benchmarks/split_quality.py              # the full table (a few minutes on 2 CPU cores)
+    python benchmarks/split_quality.py              # the full table (~10-20 minutes on 2 busy CPU cores)
     python benchmarks/split_quality.py --quick      # three rows
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy). Calibration text: benchmarks/data/
@@ -36,10 +36,11 @@ DATA = Path(__file__).parent / "data"
 # (partition, G, shared, top-k) rows of the table.
 FULL = [
     ("contiguous", 8, 0, 4), ("random", 8, 0, 4), ("cluster", 8, 0, 4), ("activation", 8, 0, 4),
-    ("activation", 8, 1, 3), ("activation", 16, 2, 6), ("activation", 64, 8, 24), ("activation", 64, 8, 8),
-    ("activation", 64, 8, 40), ("cluster", 64, 8, 24), ("activation", 8, 0, 8),
+    ("activation", 8, 1, 3), ("activation", 16, 2, 6), ("activation", 32, 4, 12), ("cluster", 64, 8, 24),
+    ("activation", 64, 8, 24), ("activation", 64, 16, 16), ("activation", 128, 16, 48), ("activation", 256, 32, 96),
+    ("activation", 64, 8, 8), ("activation", 64, 8, 40), ("activation", 8, 0, 8),
 ]
-QUICK = [("contiguous", 8, 0, 4), ("activation", 8, 0, 4), ("activation", 64, 8, 24)]
+QUICK = [("contiguous", 8, 0, 4), ("activation", 8, 0, 4), ("activation", 256, 32, 96)]
 
 
 class SplitFFN(torch.nn.Module):
