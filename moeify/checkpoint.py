@@ -251,7 +251,7 @@ def _header(shard: Sequence[PlannedTensor]) -> bytes:
 
 def _write_shard(path: Path, shard: Sequence[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
     repeats = _Repeats()
-    with open(path, "wb", buffering=0) as f:
+    with open(path, "w+b", buffering=0) as f:  # readable too: copy_file_range reads from it
         _write_all(f, memoryview(_header(shard)))
         for planned in shard:
             tensor = planned.produce()

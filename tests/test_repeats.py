@@ -21,14 +21,15 @@ def _plan(shared: torch.Tensor, other: torch.Tensor) -> list[PlannedTensor]:
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_repeated_tensor_written_identically(tmp_path, monkeypatch, kernel_copy):
     shared, other = torch.randn(64, 33), torch.randn(7)
-    calls = []
+    calls, copied = [], []
     real = os.copy_file_range
 
     def fake(*args):
         calls.append(args)
         if not kernel_copy:
             raise OSError("not supported")
-        return real(*args)
+        copied.append(real(*args))
+        return copied[-1]
 
     monkeypatch.setattr(checkpoint.os, "copy_file_range", fake)
     write_shards(_plan(shared, other), tmp_path, "1GB")
@@ -36,6 +37,7 @@ def test_repeated_tensor_written_identically(tmp_path, monkeypatch, kernel_copy)
     assert all(torch.equal(loaded[n], shared) for n in "acd")
     assert torch.equal(loaded["b"], other)
     assert len(calls) == 2  # c and d are repeats of a; b is new
+    assert sum(copied) == (2 * shared.numel() * 4 if kernel_copy else 0)  # really copied in-kernel
 
 
 def test_equal_but_distinct_tensors_are_not_treated_as_repeats(tmp_path, monkeypatch):
