@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from moeify import calibration
-from moeify.cli import app, main
+from moeify.cli import app
 from moeify.errors import MoeifyError
 from moeify.spec import Partition, Spec
 from moeify.transforms import FFN, upcycle
-from tests.fixtures import logits, make_tiny
+from tests.fixtures import logits, make_tiny, run_cli
 
 CALIBRATION = Path(__file__).parents[1] / "benchmarks" / "data" / "calibration.txt"
 HELDOUT = Path(__file__).parents[1] / "benchmarks" / "data" / "heldout.txt"
@@ -43,20 +43,15 @@ def llama(tmp_path: Path) -> Path:
     return add_char_tokenizer(make_tiny("llama", tmp_path / "tiny-llama"))
 
 
-def run(*args: str) -> None:
-    """The CLI as a user runs it; SystemExit(0) is success."""
-    try:
-        main([*map(str, args)])
-    except SystemExit as e:
-        assert e.code == 0, f"moeify {' '.join(map(str, args))} exited with {e.code}"
+def run(*args: object) -> None:
+    """The CLI as a user runs it, expecting success."""
+    assert run_cli(*args) == 0, f"moeify {' '.join(map(str, args))} failed"
 
 
-def refused(capsys, *args: str) -> str:
+def refused(capsys, *args: object) -> str:
     """Run the CLI expecting exit code 2; return its one error line."""
     capsys.readouterr()  # forget what earlier commands printed
-    with pytest.raises(SystemExit) as exit_:
-        main([*map(str, args)])
-    assert exit_.value.code == 2
+    assert run_cli(*args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
