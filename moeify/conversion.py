@@ -20,9 +20,10 @@ import torch
 from moeify import __version__, card
 from moeify.adapters import Adapter, adapter_for
 from moeify.checkpoint import Checkpoint, PlannedTensor, staged_output, write_shards
+from moeify.moe_source import MoESource
 from moeify.spec import DType, Spec
 from moeify.targets import choose
-from moeify.targets.base import Target
+from moeify.targets.base import Target, dtype_name
 from moeify.transforms import FFN, MoELayer, upcycle
 
 # Files of the source folder that describe weights or the model itself: never copied verbatim.
@@ -143,7 +144,12 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
                     total_bytes=total_bytes)
     with staged_output(output, overwrite) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
-        config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, dtype or _source_dtype(ckpt))
+        out_dtype = dtype or _source_dtype(ckpt)
+        if isinstance(adapter, MoESource):  # a split MoE keeps its own format and config, rescaled
+            config = adapter.split_config(ckpt.config, experts=len(skeleton.experts), topk=skeleton.topk,
+                                          width=skeleton.experts[0].intermediate_size, dtype=dtype_name(out_dtype))
+        else:
+            config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)
         config.save_pretrained(staging)
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)

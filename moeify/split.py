@@ -134,8 +134,10 @@ def split_moe(moe: MoELayer, spec: Spec, layer: int) -> MoELayer:
     """Every expert of a MoE layer cut into G pieces that share its router row: exact.
 
     With softmax scoring each piece gets 1/G of its expert's weight (ties within a group are
-    broken whole, since the rows are identical), which the down projection scaled by G undoes;
-    with unit scoring each piece weighs 1 already. Shared experts are kept as they are.
+    broken whole, since the rows are identical), which the down projection scaled by G undoes
+    (renormalised over the top-k or not: the pieces' weights sum to their expert's); with unit
+    scoring each piece weighs 1 and the G pieces sum to the expert, so nothing is scaled.
+    Shared experts and the output bias are kept as they are.
     """
     G = spec.granularity
     for expert in moe.experts[:1]:
@@ -143,4 +145,4 @@ def split_moe(moe: MoELayer, spec: Spec, layer: int) -> MoELayer:
     scale = G if moe.scoring is Scoring.SOFTMAX else 1
     experts = [p.scaled(scale) for e in moe.experts for p in pieces(e, G)]
     return MoELayer(experts=experts, router=moe.router.repeat_interleave(G, dim=0), topk=spec.topk,
-                    shared=moe.shared, scoring=moe.scoring)
+                    shared=moe.shared, scoring=moe.scoring, output_bias=moe.output_bias)

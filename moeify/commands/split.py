@@ -6,6 +6,8 @@ Examples:
     moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
     moeify split ./my-llama --granularity 16 --shared-experts 2 --topk 6 --partition activation --output out
     moeify split ./my-mixtral --granularity 2 --output mixtral-16e                # native Mixtral, exact
+    moeify split ./my-qwen3-moe --granularity 2 --output qwen3-moe-fine          # native Qwen3-MoE, exact
+    moeify split ./my-moeify-model --granularity 4 --output finer                 # a moeify checkpoint, exact
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from moeify.commands.options import (
     DTypeOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )
 from moeify.errors import MoeifyError
-from moeify.moe_source import MoESource, moe_source_for
+from moeify.moe_source import MoESource, field_of, moe_source_for
 from moeify.spec import DType, Format, Mode, Partition, Spec, SplitRouter
 from moeify.split import LayerPlan, needs_calibration, plan_layer, split_ffn, split_moe
 from moeify.transforms import check_divisible
@@ -68,6 +70,8 @@ def split(
     folder = source.resolve(source_, notify=ui.say)
     config = Checkpoint(folder).config
     moe = moe_source_for(config)
+    if moe:
+        moe_layers = _moe_layers(moe, config, moe_layers, granularity)
     if topk is None:  # the exact choice: every routed piece (dense), or the source's top-k times G (MoE)
         topk = moe.topk(config) * granularity if moe else max(granularity - shared_experts, 1)
     spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
@@ -84,9 +88,24 @@ def split(
 def _moe_transform(moe: MoESource, spec: Spec):
     if spec.shared_experts:
         raise MoeifyError("--shared-experts carves neurons of dense FFNs; a MoE source keeps its own experts")
-    if spec.format is Format.REMOTE:
+    if moe.native and spec.format is Format.REMOTE:
         raise MoeifyError(f"a {moe.model_type} source is split into its own native format; drop --format remote")
+    if not moe.native and spec.format is Format.NATIVE:
+        raise MoeifyError("a moeify checkpoint is split into the remote format; drop --format native")
     return split_moe
+
+
+def _moe_layers(moe: MoESource, config: dict, requested: str, granularity: int) -> str:
+    """--moe-layers for a MoE source: every MoE layer of the source (the others are dense and pass through)."""
+    if requested != "all":
+        raise MoeifyError("a MoE source is split in every one of its MoE layers; drop --moe-layers")
+    width = field_of(config, moe.width_field)
+    if width is not None:  # refused before anything is read or written
+        check_divisible(int(width), granularity)
+    layers = moe.moe_layers(config)
+    if not layers:
+        raise MoeifyError(f"this {moe.model_type} checkpoint has no MoE layer to split")
+    return "all" if len(layers) == moe.num_layers(config) else ",".join(map(str, layers))
 
 
 def _dense_transform(folder: Path, config: dict, spec: Spec):

@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moeify.adapters import Adapter
+from moeify.moe_source import MoESource
 from moeify.spec import Mode, Spec
 from moeify.targets.base import WEIGHT_NAMES, LayerTensor, Target, backbone, dtype_name, ffn_tensors
 from moeify.transforms import FFN, MoELayer
@@ -32,6 +33,8 @@ class QwenMoE(Target):
         if adapter.bias:
             return f"{self.name} has no FFN biases"
         if spec.mode is not Mode.UPCYCLE:
+            if isinstance(adapter, MoESource):  # its own format, every expert cut into virtual groups: exact
+                return None
             return f"{self.name} renormalises top-k weights, which a split cannot match exactly"
         return self.backbone_refusal(config, spec)
 
@@ -76,6 +79,8 @@ class Qwen2Moe(QwenMoE):
         return None
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
+        if isinstance(adapter, MoESource):  # a split Qwen2-MoE: its gated shared expert passes through
+            return super().moe_tensors(adapter, layer, moe)
         base = f"model.layers.{layer}.mlp"
         return [
             *super().moe_tensors(adapter, layer, moe),
