@@ -164,3 +164,16 @@ def test_remote_source_refuses_native_format(tmp_path, capsys):
     line = refused(capsys, "split", source, "--granularity", 2, "--format", "native", "--output", tmp_path / "out")
     assert "split into the remote format" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_moe_source_refuses_moe_layers_and_aux_free_bias(tmp_path, capsys):
+    source = make_qwen_moe("qwen3_moe", tmp_path / "src", head_dim=8)
+    line = refused(capsys, "split", source, "--granularity", 2, "--moe-layers", "1", "--output", tmp_path / "out")
+    assert "drop --moe-layers" in line
+    remote = upcycled_remote(tmp_path)
+    path = remote / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(config | {"moe": config["moe"] | {"aux_free_bias": True}}))
+    line = refused(capsys, "split", remote, "--granularity", 2, "--output", tmp_path / "out")
+    assert "aux_free_bias" in line
+    assert not (tmp_path / "out").exists()
