@@ -333,3 +333,15 @@ def test_model_built_from_a_config_alone_runs_and_generates():
     assert all(p.isfinite().all() for p in model.parameters())
     out = greedy(model, tokens(length=5)[:1])
     assert out.shape == (1, 15)
+
+
+@pytest.mark.parametrize("width", [6, 8])  # 6 float32 = 24-byte rows: grouped_mm refuses, the loop must serve
+def test_grouped_product_any_width(width):
+    from moeify.targets.remote_code.modeling_moeify import grouped_product
+
+    torch.manual_seed(0)
+    counts = [3, 0, 2]
+    x, weight, bias = torch.randn(5, width), torch.randn(3, 7, width), torch.randn(3, 7)
+    expected = torch.cat([x[:3] @ weight[0].T + bias[0], x[3:] @ weight[2].T + bias[2]])
+    with torch.no_grad():
+        assert torch.allclose(grouped_product(x, weight, bias, counts), expected, atol=1e-5)

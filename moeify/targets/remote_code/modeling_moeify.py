@@ -297,9 +297,14 @@ GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.10 (CPU kernel include
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """grouped_mm wants every row stride a multiple of 16 bytes (e.g. float32 widths divisible by 4)."""
+    return all(size * x.element_size() % 16 == 0 for size in (x.shape[1], weight.shape[1]))
+
+
 def grouped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int]):
     """x (S, in) sorted by expert, counts[j] rows for expert j; weight (E, out, in), bias (E, out): (S, out)."""
-    if GROUPED_MM is not None and x.dtype in GROUPED_MM_DTYPES and x.shape[0] > 0:
+    if GROUPED_MM is not None and x.dtype in GROUPED_MM_DTYPES and x.shape[0] > 0 and _aligned(x, weight):
         ends = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
         out = GROUPED_MM(x, weight.transpose(1, 2), offs=ends)
         if bias is not None:
