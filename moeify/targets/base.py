@@ -67,5 +67,13 @@ def ffn_tensors(prefix: str, names: dict[str, str], pick: Callable[[MoELayer], F
     return [(f"{prefix}.{name}", lambda m, role=role: getattr(pick(m), role)) for role, name in names.items()]
 
 
+def routed_tensors(block: str, moe: MoELayer, names: dict[str, str]) -> list[LayerTensor]:
+    """A router at `{block}.gate.weight`, then every expert under `{block}.experts.{j}` (Mixtral, Qwen-MoE)."""
+    tensors: list[LayerTensor] = [(f"{block}.gate.weight", lambda m: m.router)]
+    for j in range(len(moe.experts)):
+        tensors += ffn_tensors(f"{block}.experts.{j}", names, lambda m, j=j: m.experts[j])
+    return tensors
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

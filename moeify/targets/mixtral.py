@@ -7,7 +7,7 @@ from transformers import MixtralConfig, PretrainedConfig
 
 from moeify.adapters import Adapter
 from moeify.spec import Mode, Spec
-from moeify.targets.base import LayerTensor, Target, backbone, dtype_name, ffn_tensors
+from moeify.targets.base import LayerTensor, Target, backbone, dtype_name, routed_tensors
 from moeify.transforms import MoELayer
 
 # Mixtral's names for an expert's projections, in the order transformers writes them.
@@ -31,11 +31,7 @@ class Mixtral(Target):
         return None
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
-        base = f"model.layers.{layer}.block_sparse_moe"
-        tensors: list[LayerTensor] = [(f"{base}.gate.weight", lambda m: m.router)]
-        for j in range(len(moe.experts)):
-            tensors += ffn_tensors(f"{base}.experts.{j}", EXPERT_NAMES, lambda m, j=j: m.experts[j])
-        return tensors
+        return routed_tensors(f"model.layers.{layer}.block_sparse_moe", moe, EXPERT_NAMES)
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from moeify.adapters import Adapter
 from moeify.moe_source import MoESource
 from moeify.spec import Mode, Spec
-from moeify.targets.base import WEIGHT_NAMES, LayerTensor, Target, backbone, dtype_name, ffn_tensors
+from moeify.targets.base import WEIGHT_NAMES, LayerTensor, Target, backbone, dtype_name, ffn_tensors, routed_tensors
 from moeify.transforms import FFN, MoELayer
 
 # sigmoid(0) of the zero shared-expert gate; the doubled down projection undoes it.
@@ -42,11 +42,7 @@ class QwenMoE(Target):
         raise NotImplementedError
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
-        base = f"model.layers.{layer}.mlp"
-        tensors: list[LayerTensor] = [(f"{base}.gate.weight", lambda m: m.router)]
-        for j in range(len(moe.experts)):
-            tensors += ffn_tensors(f"{base}.experts.{j}", WEIGHT_NAMES, lambda m, j=j: m.experts[j])
-        return tensors
+        return routed_tensors(f"model.layers.{layer}.mlp", moe, WEIGHT_NAMES)
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
