@@ -137,11 +137,10 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     total_bytes = sum(p.nbytes for p in planned)
     on_plan(total_bytes)
     skeleton = job.moe(moe_layers[0], meta=True)  # shapes of the MoE layers, for the config
+    total_params = sum(math.prod(p.shape) for p in planned)
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
-                    total_params=sum(math.prod(p.shape) for p in planned),
-                    active_params=sum(math.prod(p.shape) for p in planned) - inactive,
-                    total_bytes=total_bytes)
+                    total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes)
     with staged_output(output, overwrite) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
         out_dtype = dtype or _source_dtype(ckpt)
