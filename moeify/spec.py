@@ -99,7 +99,9 @@ class Spec:
 
     def _validate_split(self) -> None:
         # experts counts the source's FFNs (1 for a dense source); topk counts pieces after the cut
-        if self.experts < 1 or self.granularity < 2:
+        if self.experts < 1:
+            raise MoeifyError(f"a split needs at least one source FFN per layer (experts={self.experts})")
+        if self.granularity < 2:
             raise MoeifyError(f"--granularity must be at least 2 to split (got {self.granularity})")
         if self.shared_experts >= self.experts * self.granularity:
             raise MoeifyError(f"--shared-experts ({self.shared_experts}) must leave some of the "

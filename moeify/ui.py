@@ -1,4 +1,4 @@
-"""What people see in the terminal: progress over bytes written and the closing summary."""
+"""What people see in the terminal: progress bars and the closing summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from moeify.card import human
@@ -20,13 +23,24 @@ def say(line: str) -> None:
 
 
 @contextmanager
+def _progress(description: str, *counters) -> Iterator[tuple[Progress, TaskID]]:
+    columns = (TextColumn("{task.description}"), BarColumn(), *counters, TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield progress, progress.add_task(description, total=None)
+
+
+@contextmanager
 def byte_progress(description: str) -> Iterator[tuple]:
     """A progress bar over bytes; yields (set_total, advance) callbacks."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=None)
+    with _progress(description, DownloadColumn(), TransferSpeedColumn()) as (progress, task):
         yield (lambda total: progress.update(task, total=total)), (lambda n: progress.advance(task, n))
+
+
+@contextmanager
+def count_progress(description: str) -> Iterator:
+    """A progress bar over a count (tokens, layers); yields a report(done, total) callback."""
+    with _progress(description, MofNCompleteColumn()) as (progress, task):
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def summary(result: Result) -> Table:

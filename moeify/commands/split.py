@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moeify import calibration, conversion, source, ui
 from moeify.adapters import adapter_for
@@ -124,10 +123,7 @@ def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int
     ckpt = Checkpoint(folder)
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
                                              spec, layer, stats)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=ui.console, transient=True) as progress:
-        task = progress.add_task("calibrating (tokens)", total=None)
+    with ui.count_progress("calibrating (tokens)") as report:
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
                                    coactivation=spec.partition is Partition.ACTIVATION,
-                                   on_tokens=lambda done, total: progress.update(task, completed=done, total=total),
-                                   notify=ui.say, reduce=reduce)
+                                   on_tokens=report, notify=ui.say, reduce=reduce)
