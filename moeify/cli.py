@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, prog_name="moeify")
-    except MoeifyError as e:  # bad input: the message says what to do
-        _fail(str(e), 2)
+    except MoeifyError as e:  # the message says what to do; the type says whose fault it was
+        _fail(str(e), e.exit_code)
     except OSError as e:  # the machine failed us (disk full, permissions): one line, not a traceback
         _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
 

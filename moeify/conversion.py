@@ -19,7 +19,8 @@ import torch
 
 from moeify import __version__, card
 from moeify.adapters import Adapter, adapter_for
-from moeify.checkpoint import Checkpoint, PlannedTensor, staged_output, write_shards
+from moeify.checkpoint import Checkpoint, PlannedTensor, write_shards
+from moeify.output import staged_output
 from moeify.moe_source import MoESource
 from moeify.spec import DType, Spec
 from moeify.targets import choose

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from moeify.checkpoint import staged_output
+from moeify.output import staged_output
 from moeify.errors import MoeifyError
 
 # Short names for well-known dense models.

@@ -23,6 +23,7 @@ from torch import nn
 
 from moeify.checkpoint import _read_config
 from moeify.errors import MoeifyError
+from moeify.loading import load_model, tokenizer_in
 from moeify.source import resolve
 
 DEFAULT_TOKENS = 512
@@ -107,16 +108,6 @@ def routing_of(config: dict) -> Routing | None:
     return Routing(int(experts), int(config["num_experts_per_tok"]), shared)
 
 
-def tokenizer_in(folder: Path):
-    """The tokenizer saved in a folder, or None when it has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=has_code(folder))
-    except Exception:  # no or unreadable tokenizer files
-        return None
-
-
 def token_ids(text: str, tokenizer, tokens: int) -> torch.Tensor:
     """The first `tokens` ids of the text: (N,)."""
     text = text[: tokens * 64]  # tokens average far under 64 characters: a long file is not tokenized whole
@@ -157,28 +148,6 @@ def chunked(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def has_code(folder: Path) -> bool:
-    """Whether the checkpoint ships its own modeling code (moeify's remote format): auto_map says so."""
-    return "auto_map" in _read_config(Path(folder))
-
-
-def load_model(folder: Path) -> nn.Module:
-    """A float32 causal LM in eval mode; remote code only when the config asks for it (auto_map)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                           trust_remote_code=has_code(folder),
-                                                           output_loading_info=True)
-    except Exception as e:
-        raise MoeifyError(f"cannot load {folder} as a causal LM ({type(e).__name__}: {e})") from None
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # transformers would run with random weights there: the comparison would be meaningless
-        raise MoeifyError(f"{folder} lacks {len(missing)} weight(s) its config needs (e.g. {missing[0]}); "
-                          f"the checkpoint is incomplete or mis-named")
-    return model.eval()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from moeify import calibration
 from moeify.cli import app
 from moeify.errors import MoeifyError
-from moeify.spec import Partition, Spec
+from moeify.spec import Spec
 from moeify.transforms import FFN, upcycle
 from tests.fixtures import logits, make_tiny, run_cli
 
@@ -265,7 +265,9 @@ def test_smollm2_split_8_top_8_is_exact(smollm2, tmp_path):
     split(smollm2, out, "--granularity", 8, "--shared-experts", 1, "--partition", "activation",
           "--calibration-tokens", 256)  # few tokens: exactness does not depend on them
     tokens = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 378, 2379, 9031, 314, 253, 1092, 28, 907, 30]])
-    assert (logits(out, tokens, trust_remote_code=True) - logits(smollm2, tokens)).abs().max() < 1e-4
+    # Eight partial sums in another order than the dense matmul: float32 rounding, relative to logits of ~20.
+    torch.testing.assert_close(logits(out, tokens, trust_remote_code=True), logits(smollm2, tokens),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_smollm2_mixtral_split_g2_is_exact(smollm2, tmp_path):

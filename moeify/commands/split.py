@@ -19,7 +19,8 @@ import typer
 
 from moeify import calibration, conversion, source, ui
 from moeify.adapters import adapter_for
-from moeify.checkpoint import Checkpoint, check_output
+from moeify.checkpoint import Checkpoint
+from moeify.output import check_output
 from moeify.commands.options import (
     DTypeOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )

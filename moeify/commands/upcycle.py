@@ -17,7 +17,7 @@ from moeify.commands.options import (
     DropOpt, DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
     RouterInitOpt, RouterStdOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg, TopkOpt,
 )
-from moeify.checkpoint import check_output
+from moeify.output import check_output
 from moeify.spec import DType, Format, RouterInit, Spec
 from moeify.transforms import upcycle as upcycle_layer
 
