@@ -142,7 +142,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes)
-    with staged_output(output, overwrite) as staging:
+    with staged_output(output, overwrite, protect=[source_dir]) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
         out_dtype = dtype or _source_dtype(ckpt)
         if isinstance(adapter, MoESource):  # a split MoE keeps its own format and config, rescaled

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from moeify.output import staged_output
+from moeify.output import claim, staged_output
 from moeify.errors import MoeifyError
 
 # Short names for well-known dense models.
@@ -129,9 +129,11 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None) -> Path:
         raise MoeifyError(f"cannot read GGUF file {path} ({type(e).__name__}: {e})") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with staged_output(dest, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with claim(dest, overwrite=True, notify=notify, wait=True) as out:  # runs dequantizing one file take turns
+        if not (dest / "config.json").is_file():  # the run we waited for may have written it
+            with staged_output(out) as staging:
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
     return dest
 
 

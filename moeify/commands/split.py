@@ -20,7 +20,7 @@ import typer
 from moeify import calibration, conversion, source, ui
 from moeify.adapters import adapter_for
 from moeify.checkpoint import Checkpoint
-from moeify.output import check_output
+from moeify.output import claim
 from moeify.commands.options import (
     DTypeOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )
@@ -64,24 +64,25 @@ def split(
     dense model exactly; with fewer it keeps the chosen pieces' partial sum. A MoE split repeats
     router rows and multiplies top-k by G, which is exact in the source's own native format.
     """
-    check_output(output.absolute(), overwrite)  # before any download
-    if calibration_ is not None:
-        calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
-    folder = source.resolve(source_, notify=ui.say)
-    config = Checkpoint(folder).config
-    moe = moe_source_for(config)
-    if moe:
-        moe_layers = _moe_layers(moe, config, moe_layers, granularity)
-    if topk is None:  # the exact choice: every routed piece (dense), or the source's top-k times G (MoE)
-        topk = moe.topk(config) * granularity if moe else max(granularity - shared_experts, 1)
-    spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
-                shared_experts=shared_experts, partition=partition, split_router=router_init,
-                calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
-                format=format_, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
-    transform = _moe_transform(moe, spec) if moe else _dense_transform(folder, config, spec)
-    with ui.byte_progress("writing") as (set_total, advance):
-        result = conversion.convert(folder, output, spec, source=source_, transform=transform, adapter=moe,
-                                    overwrite=overwrite, on_plan=set_total, on_bytes=advance)
+    with claim(output, overwrite, protect=[source_], notify=ui.say) as out:  # before any download, held to the end
+        if calibration_ is not None:
+            calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
+        folder = source.resolve(source_, notify=ui.say)
+        out.protect(folder)  # a Hub id or .gguf is a folder in a cache only now
+        config = Checkpoint(folder).config
+        moe = moe_source_for(config)
+        if moe:
+            moe_layers = _moe_layers(moe, config, moe_layers, granularity)
+        if topk is None:  # the exact choice: every routed piece (dense), or the source's top-k times G (MoE)
+            topk = moe.topk(config) * granularity if moe else max(granularity - shared_experts, 1)
+        spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
+                    shared_experts=shared_experts, partition=partition, split_router=router_init,
+                    calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
+                    format=format_, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
+        transform = _moe_transform(moe, spec) if moe else _dense_transform(folder, config, spec)
+        with ui.byte_progress("writing") as (set_total, advance):
+            result = conversion.convert(folder, out, spec, source=source_, transform=transform, adapter=moe,
+                                        overwrite=overwrite, on_plan=set_total, on_bytes=advance)
     ui.console.print(ui.summary(result))
 
 

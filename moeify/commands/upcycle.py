@@ -17,7 +17,7 @@ from moeify.commands.options import (
     DropOpt, DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
     RouterInitOpt, RouterStdOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg, TopkOpt,
 )
-from moeify.output import check_output
+from moeify.output import claim
 from moeify.spec import DType, Format, RouterInit, Spec
 from moeify.transforms import upcycle as upcycle_layer
 
@@ -61,9 +61,10 @@ def upcycle(
 
 def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=upcycle_layer) -> None:
     """Resolve, convert with a progress bar, and print the summary: shared by every converting command."""
-    check_output(output.absolute(), overwrite)  # before any download
-    folder = source.resolve(source_name, notify=ui.say)
-    with ui.byte_progress("writing") as (set_total, advance):
-        result = conversion.convert(folder, output, spec, source=source_name, transform=transform,
-                                    overwrite=overwrite, on_plan=set_total, on_bytes=advance)
+    with claim(output, overwrite, protect=[source_name], notify=ui.say) as out:  # before any download, held to the end
+        folder = source.resolve(source_name, notify=ui.say)
+        out.protect(folder)  # a Hub id or .gguf is a folder in a cache only now
+        with ui.byte_progress("writing") as (set_total, advance):
+            result = conversion.convert(folder, out, spec, source=source_name, transform=transform,
+                                        overwrite=overwrite, on_plan=set_total, on_bytes=advance)
     ui.console.print(ui.summary(result))
