@@ -349,3 +349,42 @@ def test_old_output_half_deleted_by_a_dead_run_is_removed(tmp_path: Path):
         pass
     assert lines == [f"removed .out.moeify-4242-old beside {dest}, left by an interrupted moeify run"]
     assert tree(dest) == {"model": "new"} and hidden(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- the .gguf dequantization cache
+
+
+def test_concurrent_dequantizations_of_one_gguf_take_turns(tmp_path: Path, monkeypatch):
+    """A second run dequantizing the same .gguf waits for the first one's write, then keeps its result."""
+    import transformers
+
+    from moeify.source import from_gguf
+
+    monkeypatch.setenv("MOEIFY_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    writing, go, saved = threading.Event(), threading.Event(), []
+
+    class Loaded:  # stands for the dequantized model and tokenizer; the first save is slow
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return cls()
+
+        def save_pretrained(self, folder):
+            saved.append(threading.current_thread().name)
+            if len(saved) == 1:
+                writing.set()
+                go.wait(10)
+            (Path(folder) / "config.json").write_text(threading.current_thread().name)
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Loaded)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Loaded)
+    first = threading.Thread(target=from_gguf, args=(gguf, lambda line: None), name="first")
+    first.start()
+    assert writing.wait(10)
+    lines = []
+    dest = from_gguf(gguf, lambda line: (lines.append(line), line.startswith("waiting") and go.set()))
+    first.join(10)
+    assert lines[-1] == f"waiting for moeify PID {os.getpid()}, which is writing {dest}"
+    assert saved == ["first", "first"] and (dest / "config.json").read_text() == "first"
+    assert hidden(dest.parent) == []
