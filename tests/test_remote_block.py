@@ -345,3 +345,102 @@ def test_grouped_product_any_width(width):
     expected = torch.cat([x[:3] @ weight[0].T + bias[0], x[3:] @ weight[2].T + bias[2]])
     with torch.no_grad():
         assert torch.allclose(grouped_product(x, weight, bias, counts), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the config refuses bad fields
+
+
+LLAMA = {"model_type": "llama"} | TINY["llama"]  # 3 layers, 8 experts by default
+BAD_FIELDS = [
+    ({"num_experts": 0}, "moe.num_experts must be an integer >= 1, got 0"),
+    ({"num_experts": 4.0}, "moe.num_experts must be an integer >= 1, got 4.0"),
+    ({"num_experts": True}, "moe.num_experts must be an integer >= 1, got True"),
+    ({"num_experts_per_tok": 0}, "moe.num_experts_per_tok must be an integer from 1 to 8 (num_experts), got 0"),
+    ({"num_experts_per_tok": 9}, "moe.num_experts_per_tok must be an integer from 1 to 8 (num_experts), got 9"),
+    ({"num_experts": 2, "num_experts_per_tok": 3}, "num_experts_per_tok must be an integer from 1 to 2"),
+    ({"capacity_factor": -1.0}, "moe.capacity_factor must be null (no token dropping) or a finite number > 0"),
+    ({"capacity_factor": 0}, "moe.capacity_factor must be null"),
+    ({"capacity_factor": "2"}, "moe.capacity_factor must be null"),
+    ({"capacity_factor": math.inf}, "moe.capacity_factor must be null"),
+    ({"router_aux_loss_coef": -0.01}, "moe.router_aux_loss_coef must be a finite number >= 0, got -0.01"),
+    ({"router_z_loss_coef": math.nan}, "moe.router_z_loss_coef must be a finite number >= 0, got nan"),
+    ({"router_jitter_noise": 10**400}, "moe.router_jitter_noise must be a finite number >= 0"),
+    ({"aux_free_update_rate": "fast"}, "moe.aux_free_update_rate must be a finite number >= 0"),
+    ({"moe_layers": [3]}, "moe.moe_layers must list distinct layer indices from 0 to 2, got [3]"),
+    ({"moe_layers": [-1]}, "moe.moe_layers must list distinct layer indices from 0 to 2"),
+    ({"moe_layers": [0, 0]}, "moe.moe_layers must list distinct layer indices from 0 to 2"),
+    ({"moe_layers": ["0"]}, "moe.moe_layers must list distinct layer indices from 0 to 2"),
+    ({"moe_layers": "0,1"}, "moe.moe_layers must list distinct layer indices from 0 to 2"),
+    ({"expert_intermediate_size": 0}, "moe.expert_intermediate_size must be an integer >= 1, got 0"),
+    ({"shared_intermediate_size": 12.5}, "moe.shared_intermediate_size must be an integer >= 1, got 12.5"),
+    ({"num_shared_experts": -1}, "moe.num_shared_experts must be an integer >= 0, got -1"),
+    ({"hidden_act": "os.system"}, "moe.hidden_act must be a key of transformers' ACT2FN"),
+    ({"gated": "yes"}, "moe.gated must be true or false, got 'yes'"),
+    ({"scoring": "sigmoid"}, "moe.scoring must be one of ('softmax', 'unit')"),
+    ({"mlp_path": "model.layers.{i.__class__}.mlp"}, "moe.mlp_path must be a dotted path of names with {i} once"),
+    ({"mlp_path": "model.layers.{i:>999999999}.mlp"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": "model.layers.{0}.mlp"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": "model.layers.0.mlp"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": "model.layers.{i}.{i}"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": "model.layers{i}.mlp"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": "model.__class__.{i}"}, "moe.mlp_path must be a dotted path"),
+    ({"mlp_path": ["model", "{i}"]}, "moe.mlp_path must be a dotted path"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_FIELDS, ids=[str(f) for f, _ in BAD_FIELDS])
+def test_each_bad_moe_field_is_refused_at_construction(fields: dict, message: str):
+    with pytest.raises(ValueError) as error:
+        MoeifyConfig(base_config=LLAMA, moe={"moe_layers": [0]} | fields)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert len(str(error.value)) < 300  # whatever the field holds, the message stays one readable line
+
+
+def test_moe_that_is_not_a_mapping_is_refused():
+    with pytest.raises(ValueError, match="moe must be a mapping of MoE fields"):
+        MoeifyConfig(base_config=LLAMA, moe=[0, 1])
+
+
+def test_mlp_path_is_filled_by_replacement_not_format():
+    config = MoeifyConfig(base_config=LLAMA, moe={"moe_layers": [2], "mlp_path": "model.layers.{i}.mlp"})
+    assert config.mlp_path(2) == "model.layers.2.mlp"
+
+
+NOT_AN_FFN = [
+    ("llama", "model.layers.{i}.self_attn", "names model.layers.0.self_attn, a LlamaAttention: attention, not"),
+    ("llama", "model.layers.{i}", "names model.layers.0, a LlamaDecoderLayer: holding attention (LlamaAttention)"),
+    ("llama", "model.layers.{i}.input_layernorm", "a LlamaRMSNorm: not a feed-forward block"),
+    ("llama", "model.layers.{i}.mlp.down_proj", "a Linear: not a feed-forward block"),
+    ("llama", "model.layers.{i}.ffn", "names model.layers.0.ffn, which this LlamaForCausalLM does not have"),
+    ("gpt2", "transformer.h.{i}.attn", "names transformer.h.0.attn, a GPT2Attention: attention"),
+    ("gpt_neox", "gpt_neox.layers.{i}.attention", "a GPTNeoXAttention: attention"),
+]
+
+
+@pytest.mark.parametrize("family, path, message", NOT_AN_FFN, ids=[p for _, p, _ in NOT_AN_FFN])
+def test_mlp_path_that_is_not_the_ffn_is_refused_at_construction(family: str, path: str, message: str):
+    config = MoeifyConfig(base_config={"model_type": family} | TINY[family], moe={"moe_layers": [0], "mlp_path": path})
+    with pytest.raises(ValueError) as error:
+        MoeifyForCausalLM(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("moe, message", [
+    ({"num_experts_per_tok": 0}, "moe.num_experts_per_tok must be an integer from 1 to 4"),
+    ({"mlp_path": "model.layers.{i}.self_attn"}, "a LlamaAttention: attention"),
+], ids=["topk", "mlp_path"])
+def test_loading_a_bad_remote_checkpoint_is_one_line(tmp_path: Path, capsys, moe: dict, message: str):
+    """moeify's loaders turn the config's ValueError into one error line (exit 2), not a traceback."""
+    from tests.fixtures import run_cli
+    from tests.test_verify import with_tokenizer
+
+    dense = with_tokenizer(make_tiny("llama", tmp_path / "dense"))
+    folder = remote_checkpoint(dense, tmp_path / "remote")
+    config = json.loads((folder / "config.json").read_text())
+    config["moe"] |= moe
+    (folder / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run_cli("verify", dense, folder, "--tokens", 16) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines ("running ..."), then the error
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert sum(line.startswith("error") for line in err) == 1 and "Traceback" not in "\n".join(err)

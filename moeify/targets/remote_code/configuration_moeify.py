@@ -3,12 +3,17 @@
 A moeify model is a dense family's own transformers model whose chosen FFNs are Mixture-of-Experts
 blocks. Its config therefore holds two parts: `base_config`, the source family's full config (a
 sub-config, rebuilt through AutoConfig from its `model_type`), and `moe`, a plain dict describing the
-blocks. Self-contained: it imports only transformers.
+blocks. Self-contained: it imports only transformers. Every `moe` field is checked when the config
+is built, so a bad checkpoint fails on loading with one clear ValueError instead of later or silently.
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 # Every key of the `moe` dict with its default; a checkpoint may omit any of them.
@@ -34,6 +39,13 @@ MOE_DEFAULTS: dict = {
     "aux_free_update_rate": 0.001,
 }
 SCORINGS = ("softmax", "unit")
+FLAGS = ("gated", "bias", "output_bias", "norm_topk_prob", "aux_free_bias")
+COEFFICIENTS = ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "aux_free_update_rate")
+# mlp_path: attribute names joined by dots, the layer index as one whole component. It is filled in
+# with str.replace, never str.format, which would walk attributes ("{i.__class__}") and honour
+# width specs ("{i:>999999999}").
+LAYER = "{i}"
+MLP_PATH = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*|\{i\})(?:\.(?:[A-Za-z][A-Za-z0-9_]*|\{i\}))*")
 MIRRORED_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -59,17 +71,22 @@ class MoeifyConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.moe is not None and not isinstance(self.moe, dict):
+            raise ValueError(f"moe must be a mapping of MoE fields, got {_shown(self.moe)}")
         self.moe = {**MOE_DEFAULTS, **(self.moe or {})}
-        self.moe["moe_layers"] = [int(i) for i in self.moe["moe_layers"]]
         if self.moe["expert_intermediate_size"] is None:  # the family's FFN width (gpt2 leaves it implicit: 4H)
             base = self.base_config
             self.moe["expert_intermediate_size"] = getattr(base, "intermediate_size", None) or 4 * base.hidden_size
-        if self.moe["scoring"] not in SCORINGS:
-            raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {self.moe['scoring']!r}")
+        check_moe(self.moe, getattr(self.base_config, "num_hidden_layers", None))
+        self.moe["moe_layers"] = list(self.moe["moe_layers"])
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
         for name in MIRRORED_TOKENS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(self.base_config, name, None))
+
+    def mlp_path(self, layer: int) -> str:
+        """The module path of one layer's FFN (the block that replaces it lives there)."""
+        return self.moe["mlp_path"].replace(LAYER, str(layer))
 
     def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
         return self.base_config
@@ -83,6 +100,71 @@ class MoeifyConfig(PretrainedConfig):
         if base is None or not hasattr(base, name):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
         return getattr(base, name)
+
+
+def check_moe(moe: dict, num_layers: int | None) -> None:
+    """Raise a ValueError naming the first field of `moe` that is out of range."""
+    path = moe["mlp_path"]
+    if not isinstance(path, str) or not MLP_PATH.fullmatch(path) or path.split(".").count(LAYER) != 1:
+        raise ValueError(f"moe.mlp_path must be a dotted path of names with {LAYER} once, for the layer index "
+                         f"(e.g. 'model.layers.{LAYER}.mlp'), got {_shown(path)}")
+    _check_integer(moe, "num_experts", 1)
+    _check_integer(moe, "num_experts_per_tok", 1, moe["num_experts"])
+    _check_integer(moe, "num_shared_experts", 0)
+    _check_integer(moe, "expert_intermediate_size", 1)
+    if moe["shared_intermediate_size"] is not None:
+        _check_integer(moe, "shared_intermediate_size", 1)
+    for name in COEFFICIENTS:
+        if not _is_number(moe[name]) or moe[name] < 0:
+            raise ValueError(f"moe.{name} must be a finite number >= 0, got {_shown(moe[name])}")
+    factor = moe["capacity_factor"]
+    if factor is not None and not (_is_number(factor) and factor > 0):
+        raise ValueError(f"moe.capacity_factor must be null (no token dropping) or a finite number > 0, "
+                         f"got {_shown(factor)}")
+    for name in FLAGS:
+        if not isinstance(moe[name], bool):
+            raise ValueError(f"moe.{name} must be true or false, got {_shown(moe[name])}")
+    if moe["scoring"] not in SCORINGS:
+        raise ValueError(f"moe.scoring must be one of {SCORINGS}, got {_shown(moe['scoring'])}")
+    if not isinstance(moe["hidden_act"], str) or moe["hidden_act"] not in ACT2FN:
+        raise ValueError(f"moe.hidden_act must be a key of transformers' ACT2FN (e.g. silu, gelu_pytorch_tanh, "
+                         f"relu), got {_shown(moe['hidden_act'])}")
+    _check_layers(moe["moe_layers"], num_layers)
+
+
+def _check_integer(moe: dict, name: str, low: int, high: int | None = None) -> None:
+    value = moe[name]
+    if not _is_integer(value) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high} (num_experts)" if high is not None else f">= {low}"
+        raise ValueError(f"moe.{name} must be an integer {bound}, got {_shown(value)}")
+
+
+def _check_layers(layers: object, num_layers: int | None) -> None:
+    last = "num_hidden_layers - 1" if num_layers is None else num_layers - 1
+    if (not isinstance(layers, (list, tuple))
+            or not all(_is_integer(i) and 0 <= i and (num_layers is None or i < num_layers) for i in layers)
+            or len(set(layers)) != len(layers)):
+        raise ValueError(f"moe.moe_layers must list distinct layer indices from 0 to {last}, got {_shown(layers)}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (not a bool, which JSON keeps apart and Python counts as an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """repr, cut short: an error message stays one readable line whatever a config holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["MoeifyConfig"]

@@ -327,6 +327,30 @@ def dense_class(base_config) -> type[PreTrainedModel]:
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
 
 
+def check_ffn(model: nn.Module, path: str) -> None:
+    """Refuse a moe.mlp_path that does not name a feed-forward block, at construction.
+
+    Swapping an attention, a norm, a single projection or a whole decoder layer for experts would
+    load (their weights are simply unused) and compute something else. A family's FFN holds its
+    in and out projections (nn.Linear, or gpt2's Conv1D: 2-D weights) and an activation, nothing
+    nested, and no attention.
+    """
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"moe.mlp_path names {path}, which this {type(model).__name__} does not have") from None
+    kind = type(module).__name__
+    attention = next((type(m).__name__ for m in module.modules() if "attention" in type(m).__name__.lower()), None)
+    if attention:
+        what = "attention" if attention == kind else f"holding attention ({attention})"
+        raise ValueError(f"moe.mlp_path names {path}, a {kind}: {what}, not the layer's feed-forward block (its MLP)")
+    children = list(module.children())
+    projections = [c for c in children if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2]
+    if len(projections) < 2 or any(next(c.children(), None) is not None for c in children):
+        raise ValueError(f"moe.mlp_path names {path}, a {kind}: not a feed-forward block (in and out "
+                         f"projections, nothing nested), which the layer's MLP is")
+
+
 class MoeifyPreTrainedModel(PreTrainedModel):
     config_class = MoeifyConfig
     supports_gradient_checkpointing = True
@@ -361,7 +385,9 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         hidden = config.base_config.hidden_size
         blocks = []
         for layer in config.moe["moe_layers"]:
-            parent, _, leaf = config.moe["mlp_path"].format(i=layer).rpartition(".")
+            path = config.mlp_path(layer)
+            check_ffn(dense, path)
+            parent, _, leaf = path.rpartition(".")
             blocks.append(MoeifyBlock(config.moe, hidden))
             setattr(dense.get_submodule(parent), leaf, blocks[-1])
         self.__dict__["moe_blocks"] = blocks  # a plain list (not registered twice); walking modules per call is slow
