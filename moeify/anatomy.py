@@ -376,7 +376,7 @@ def upcycled(config: dict, spec: Spec) -> Plan:
                    for i, b in enumerate(dense.blocks))
     kind = Kind.REMOTE if target.name == "remote" else Kind.NATIVE
     result = dataclasses.replace(dense, architecture=target.name if kind is Kind.NATIVE else dense.architecture,
-                                 kind=kind, blocks=blocks)
+                                 kind=kind, blocks=blocks, outside=dense.outside + target.added_params(config, chosen))
     source = source_dtype(config)
     dtype = source if spec.dtype.value == "auto" else spec.dtype.value
     itemsize = max(DTYPE_BYTES[source], DTYPE_BYTES[dtype])

@@ -139,6 +139,7 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
         ("source", f"`{record.get('source')}` ({facts.architecture})"),
         ("method", spec.mode.value),
         ("output architecture", record.get("target", "?")),
+        *([("runs exactly in", _engines(record["engines"]))] if isinstance(record.get("engines"), dict) else []),
         ("routed experts per MoE layer", f"{spec.routed_experts} ({spec.experts} × granularity {spec.granularity})"),
         ("active routed experts per token", str(spec.active_experts)),
         ("shared experts", str(spec.shared_experts)),
@@ -153,6 +154,12 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
                  ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}")]
     return rows + [("seed", str(spec.seed)), ("dtype", spec.dtype.value),
                    ("moeify version", str(record.get("moeify_version", "?")))]
+
+
+def _engines(recorded: dict) -> str:
+    from moeify import engines
+
+    return engines.line(engines.from_record(recorded)).replace("|", "/")  # a table cell
 
 
 def _parameters(record: dict, weight_bytes: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moeify import __version__, card
+from moeify import __version__, card, engines
 from moeify.adapters import Adapter, adapter_for
 from moeify.checkpoint import Checkpoint, PlannedTensor, write_shards
 from moeify.output import staged_output
@@ -50,6 +50,7 @@ class Result:
     total_bytes: int
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    engines: list[engines.Verdict] = field(default_factory=list)  # which engines compute it exactly
 
 
 class _LayerCache:
@@ -80,7 +81,7 @@ class _Job:
 
     def moe(self, layer: int, meta: bool = False) -> MoELayer:
         ffn = self.adapter.read_ffn(self.ckpt, layer, meta=meta).map(lambda role, t: self.cast(t))
-        return self.transform(ffn, self.spec, layer)
+        return self.target.adjusted(self.transform(ffn, self.spec, layer))
 
 
 def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
@@ -104,6 +105,10 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
             planned.append(PlannedTensor(out_name, tuple(t.shape), t.dtype,
                                          lambda layer=layer, take=take: take(cache.get(layer))))
         inactive += _inactive_params(skeleton)
+    for out_name, source_name, derive in job.target.added_tensors(job.ckpt.names()):
+        meta = derive(job.cast(job.ckpt.meta(source_name)))
+        planned.append(PlannedTensor(out_name, tuple(meta.shape), meta.dtype,
+                                     lambda name=source_name, derive=derive: derive(job.cast(job.ckpt.read(name)))))
     return planned, inactive
 
 
@@ -138,18 +143,21 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     total_bytes = sum(p.nbytes for p in planned)
     on_plan(total_bytes)
     skeleton = job.moe(moe_layers[0], meta=True)  # shapes of the MoE layers, for the config
+    out_dtype = dtype or _source_dtype(ckpt)
+    if isinstance(adapter, MoESource):  # a split MoE keeps its own format and config, rescaled
+        config = adapter.split_config(ckpt.config, experts=len(skeleton.experts), topk=skeleton.topk,
+                                      width=skeleton.experts[0].intermediate_size, dtype=dtype_name(out_dtype))
+    else:
+        config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)
+    verdicts = engines.verdicts(config.to_dict(), spec)
+    engines.require(spec.engine, verdicts)  # before anything is written
     total_params = sum(math.prod(p.shape) for p in planned)
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
-                    total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes)
+                    total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes,
+                    engines=verdicts)
     with staged_output(output, overwrite, protect=[source_dir]) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
-        out_dtype = dtype or _source_dtype(ckpt)
-        if isinstance(adapter, MoESource):  # a split MoE keeps its own format and config, rescaled
-            config = adapter.split_config(ckpt.config, experts=len(skeleton.experts), topk=skeleton.topk,
-                                          width=skeleton.experts[0].intermediate_size, dtype=dtype_name(out_dtype))
-        else:
-            config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)
         config.save_pretrained(staging)
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)
@@ -168,6 +176,7 @@ def record(result: Result) -> dict:
         "moe_layer_indices": result.moe_layers,
         "total_params": result.total_params,
         "active_params": result.active_params,
+        "engines": {v.engine.value: v.to_dict() for v in result.engines},
     }
 
 

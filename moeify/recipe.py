@@ -18,7 +18,8 @@ from moeify.errors import MoeifyError
 from moeify.spec import Spec
 
 # What conversion.record adds to the spec in moeify.json: provenance, not instructions.
-RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params"})
+RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params",
+                         "engines"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recipes/ at the repo root
 

@@ -51,6 +51,13 @@ class DType(str, Enum):
     FLOAT16 = "float16"
 
 
+class Engine(str, Enum):
+    ANY = "any"  # no engine in particular: the most portable construction; say which engines run it
+    TRANSFORMERS = "transformers"
+    LLAMACPP = "llamacpp"
+    VLLM = "vllm"
+
+
 @dataclass(frozen=True)
 class Spec:
     mode: Mode = Mode.UPCYCLE
@@ -65,6 +72,7 @@ class Spec:
     drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's neurons re-initialised
     seed: int = 0  # every random choice derives from it
     format: Format = Format.AUTO
+    engine: Engine = Engine.ANY  # the engine the output must run in exactly (refused before writing if not)
     dtype: DType = DType.AUTO
     max_shard_size: str = "5GB"
     # split only: how neurons are grouped, how routers start, and the calibration text

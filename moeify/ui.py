@@ -12,6 +12,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from moeify import engines
 from moeify.card import human
 from moeify.conversion import Result
 
@@ -47,6 +48,7 @@ def summary(result: Result) -> Table:
     spec = result.spec
     table = Table(title=f"{result.output}", show_header=False, title_justify="left")
     table.add_row("format", f"{result.target} — {result.reason}")
+    table.add_row("engines", engines.line(result.engines))
     table.add_row("layers", f"{len(result.moe_layers)} MoE of {result.num_layers}")
     table.add_row("experts", f"{spec.routed_experts} routed, top-{spec.active_experts}, {spec.shared_experts} shared")
     table.add_row("parameters", f"{human(result.total_params)} total, {human(result.active_params)} active per token")

@@ -114,12 +114,15 @@ def test_qwen2_moe_config_and_tensors(tmp_path):
     assert config["architectures"] == ["Qwen2MoeForCausalLM"]
     assert config["mlp_only_layers"] == [0, 2] and config["norm_topk_prob"] is True
     assert config["shared_expert_intermediate_size"] == 2 * 96 and config["moe_intermediate_size"] == 96
-    assert config["qkv_bias"] is False and config["head_dim"] == 16
+    assert config["head_dim"] == 16
     assert config["use_sliding_window"] and config["sliding_window"] == 8
     assert config["layer_types"] == ["sliding_attention"] * 3
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     dense_down = load_file(source / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    assert torch.equal(tensors["model.layers.1.mlp.shared_expert_gate.weight"], torch.zeros(1, 64))
+    # For every engine (--engine any): zero q/k/v biases (vLLM's qwen2_moe always has them) and a
+    # negligible non-zero gate (llama.cpp computes sigmoid as silu(x)/x, NaN at 0).
+    assert config["qkv_bias"] is True and torch.equal(tensors["model.layers.2.self_attn.k_proj.bias"], torch.zeros(16))
+    assert torch.equal(tensors["model.layers.1.mlp.shared_expert_gate.weight"], torch.full((1, 64), 2.0**-60))
     # Each shared copy carries 1/(S+1) of the FFN; doubled for the 0.5 gate.
     down = tensors["model.layers.1.mlp.shared_expert.down_proj.weight"]
     assert torch.allclose(down, torch.cat([dense_down, dense_down], dim=1) * 2 / 3)
@@ -137,10 +140,23 @@ def test_output_dtype_covers_the_written_zeros(tmp_path):
 
 def test_qwen2_source_keeps_its_qkv_biases(tmp_path):
     source = make_tiny("qwen2", tmp_path / "qwen2")
-    convert(source, tmp_path / "out", Spec(experts=4, topk=1), source="qwen2")
+    convert(source, tmp_path / "out", Spec(experts=4, topk=1, engine="transformers"), source="qwen2")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["qkv_bias"] is True and config["shared_expert_intermediate_size"] == 0
-    assert "model.layers.0.self_attn.q_proj.bias" in load_file(tmp_path / "out" / "model.safetensors")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.bias"],
+                       load_file(source / "model.safetensors")["model.layers.0.self_attn.q_proj.bias"])
+
+
+def test_without_shared_experts_llamacpp_gets_a_zero_one_neuron_shared_expert(tmp_path):
+    """llama.cpp's qwen2moe needs a shared expert in every layer: one zero neuron adds exactly 0."""
+    source = make_tiny("qwen2", tmp_path / "qwen2")
+    convert(source, tmp_path / "out", Spec(experts=4, topk=1), source="qwen2")  # --engine any
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == 1
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert not tensors[f"model.layers.1.mlp.shared_expert.{name}.weight"].any()
 
 
 # ---------------------------------------------------------------------------- remote

@@ -7,7 +7,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from moeify.spec import DType, Format, RouterInit
+from moeify.spec import DType, Engine, Format, RouterInit
 
 SourceArg = Annotated[str, typer.Argument(metavar="SOURCE", help="Model folder, .gguf file, Hub repo id, or alias (see `moeify models`).")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write the MoE checkpoint into.")]
@@ -18,6 +18,9 @@ SharedOpt = Annotated[int, typer.Option("--shared-experts", help="Always-on shar
 LayersOpt = Annotated[str, typer.Option("--moe-layers", help="Layers made MoE: all, every:2, skip-first:1, or 0,2,4.")]
 FormatOpt = Annotated[Format, typer.Option("--format", help="native (Mixtral, Qwen-MoE), remote (own code), or auto.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Output dtype; auto keeps the source's.")]
+EngineOpt = Annotated[Engine, typer.Option(
+    "--engine", help="Engine the output must run in exactly, else refused before writing; "
+                     "any: the most portable output, and say which engines run it.")]
 RouterInitOpt = Annotated[RouterInit, typer.Option("--router-init", help="How new routers start.")]
 RouterStdOpt = Annotated[float, typer.Option("--router-std", help="Std of a random router.")]
 NoiseOpt = Annotated[float, typer.Option(help="Std of Gaussian noise added to expert weights (0: exact copies).")]

@@ -22,11 +22,11 @@ from moeify.adapters import adapter_for
 from moeify.checkpoint import Checkpoint
 from moeify.output import claim
 from moeify.commands.options import (
-    DTypeOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
+    DTypeOpt, EngineOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )
 from moeify.errors import MoeifyError
 from moeify.moe_source import MoESource, field_of, moe_source_for
-from moeify.spec import DType, Format, Mode, Partition, Spec, SplitRouter
+from moeify.spec import DType, Engine, Format, Mode, Partition, Spec, SplitRouter
 from moeify.split import LayerPlan, needs_calibration, plan_layer, split_ffn, split_moe
 from moeify.transforms import check_divisible
 
@@ -53,6 +53,7 @@ def split(
     calibration_tokens: TokensOpt = 6144,
     moe_layers: LayersOpt = "all",
     format_: FormatOpt = Format.AUTO,
+    engine: EngineOpt = Engine.ANY,
     dtype: DTypeOpt = DType.AUTO,
     seed: SeedOpt = 0,
     max_shard_size: ShardOpt = "5GB",
@@ -78,7 +79,7 @@ def split(
         spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
                     shared_experts=shared_experts, partition=partition, split_router=router_init,
                     calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
-                    format=format_, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
+                    format=format_, engine=engine, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
         transform = _moe_transform(moe, spec) if moe else _dense_transform(folder, config, spec)
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_, transform=transform, adapter=moe,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from moeify import conversion, source, ui
 from moeify.commands.options import (
-    DropOpt, DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
+    DropOpt, DTypeOpt, EngineOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
     RouterInitOpt, RouterStdOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg, TopkOpt,
 )
 from moeify.output import claim
-from moeify.spec import DType, Format, RouterInit, Spec
+from moeify.spec import DType, Engine, Format, RouterInit, Spec
 from moeify.transforms import upcycle as upcycle_layer
 
 
@@ -31,6 +31,7 @@ def upcycle(
     shared_experts: SharedOpt = 0,
     moe_layers: LayersOpt = "all",
     format_: FormatOpt = Format.AUTO,
+    engine: EngineOpt = Engine.ANY,
     dtype: DTypeOpt = DType.AUTO,
     router_init: RouterInitOpt = RouterInit.RANDOM,
     router_std: RouterStdOpt = 0.02,
@@ -53,7 +54,7 @@ def upcycle(
     moeify upcycle ./my-llama --experts 4 --topk 1 --drop-ratio 0.5 --seed 1 --output my-llama-4e
     """
     spec = Spec(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
-                moe_layers=moe_layers, format=format_, dtype=dtype, router_init=router_init,
+                moe_layers=moe_layers, format=format_, engine=engine, dtype=dtype, router_init=router_init,
                 router_std=router_std, noise=noise, drop_ratio=drop_ratio, seed=seed,
                 max_shard_size=max_shard_size)
     run(source_, output, spec, overwrite)

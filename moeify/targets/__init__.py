@@ -26,7 +26,7 @@ def choose(adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) ->
     for name in adapter.native:
         reason = NATIVE[name].refusal(adapter, config, spec, moe_layers)
         if reason is None:
-            return NATIVE[name], "native: it holds this conversion exactly"
+            return NATIVE[name].prepared(adapter, config, spec), "native: it holds this conversion exactly"
         reasons.append(f"{name}: {reason}")
     why = "; ".join(reasons) or f"no native MoE architecture holds {adapter.model_type}"
     if spec.format is Format.NATIVE:

@@ -14,6 +14,9 @@ from moeify.transforms import FFN, MoELayer
 
 # One output tensor of a MoE layer: its name, and how to take it from the built layer.
 LayerTensor = tuple[str, Callable[[MoELayer], torch.Tensor]]
+# An output tensor the source lacks: its name, the source tensor it derives from, and how
+# (the function also runs on meta tensors, for the plan).
+Derived = tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
 
 # Source config keys that describe the source file, not the model.
 NOT_BACKBONE = {"architectures", "model_type", "auto_map", "transformers_version", "_name_or_path",
@@ -27,9 +30,25 @@ class Target:
         """Why this format cannot hold the conversion losslessly, or None when it can."""
         raise NotImplementedError
 
+    def prepared(self, adapter: Adapter, config: dict, spec: Spec) -> Target:
+        """This target, set up for one request (the construction it chose); most need nothing."""
+        return self
+
     def rename(self, name: str) -> str:
         """The output name of a tensor passed through unchanged."""
         return name
+
+    def added_tensors(self, names: list[str]) -> list[Derived]:
+        """Tensors the format needs that the source (with these tensor names) lacks."""
+        return []
+
+    def added_params(self, config: dict, moe_layers: list[int]) -> int:
+        """Parameters added_tensors and the construction add to the source's and the MoE blocks' (inspect)."""
+        return 0
+
+    def adjusted(self, moe: MoELayer) -> MoELayer:
+        """A built MoE layer as this format computes it (the same, unless a construction rescales it)."""
+        return moe
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
         """Output names of one MoE layer, in writing order (moe may hold meta tensors)."""

@@ -2,24 +2,53 @@
 
 Qwen2-MoE also holds shared experts, as ONE shared expert behind a sigmoid gate. moeify's
 shared experts are always on with weight 1, so the S shared experts are concatenated along
-their intermediate neurons (one expert of width S*I computes their sum), the gate is written
-as zeros (sigmoid(0) = 0.5 for every token) and the shared down projection is doubled.
-Without shared experts the shared expert has width 0 and contributes nothing.
+their intermediate neurons (one expert of width S*I computes their sum), the gate row is a
+negligible constant (sigmoid of a logit near 0 is 0.5 to the last bit) and the shared down
+projection is doubled.
+
+How the rest is built depends on the engines the output is for (moeify.engines): llama.cpp's
+qwen2moe needs an lm_head.weight, a shared expert in every layer and a non-zero gate logit, and
+never renormalises top-k weights; vLLM's always has q/k/v biases. `Construction` holds those
+choices; each is exact in transformers too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+from moeify import engines
 from moeify.adapters import Adapter
 from moeify.moe_source import MoESource
-from moeify.spec import Mode, Spec
-from moeify.targets.base import WEIGHT_NAMES, LayerTensor, Target, backbone, dtype_name, ffn_tensors, routed_tensors
-from moeify.transforms import FFN, MoELayer
+from moeify.spec import Mode, RouterInit, Spec
+from moeify.targets.base import (
+    WEIGHT_NAMES, Derived, LayerTensor, Target, backbone, dtype_name, ffn_tensors, routed_tensors,
+)
+from moeify.transforms import FFN, LazyExperts, MoELayer
 
-# sigmoid(0) of the zero shared-expert gate; the doubled down projection undoes it.
-SHARED_GATE_AT_ZERO = 0.5
+# sigmoid of the (near) zero shared-expert gate logit; the doubled down projection undoes it.
+SHARED_GATE = 0.5
+# Every entry of the shared-expert gate row, per dtype: the logit is this times the sum of the
+# normalised hidden state, far below where sigmoid leaves 0.5 (|x| < 2^-25 in float32), yet not 0,
+# where llama.cpp's silu(x)/x is NaN. float16 cannot hold 2^-60: its smallest normal number keeps
+# the logit within float16's own rounding of 0.5 for hidden sums up to about 16.
+GATE_ENTRY = {torch.float16: 2.0**-14}
+GATE_ENTRY_DEFAULT = 2.0**-60
+EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Construction:
+    """Choices that make a Qwen2-MoE output run exactly in the engines it is for."""
+
+    explicit_head: bool = False  # write lm_head.weight (a copy of the embeddings) and untie them
+    gate_at_zero: bool = True  # a zero shared-expert gate row; False: a negligible constant (GATE_ENTRY)
+    null_shared_width: int = 0  # without shared experts: a zero shared expert this wide (0: none)
+    zero_qkv_bias: bool = False  # write zero q/k/v biases the source lacks
+    uniform: bool = False  # zero router, no renormalisation, routed down projections x E/k
 
 
 class QwenMoE(Target):
@@ -69,32 +98,110 @@ class Qwen2Moe(QwenMoE):
     name = "qwen2_moe"
     config_class = Qwen2MoeConfig
 
+    def __init__(self, construction: Construction = Construction()):
+        self.construction = construction
+
+    def prepared(self, adapter: Adapter, config: dict, spec: Spec) -> Qwen2Moe:
+        if isinstance(adapter, MoESource):  # a split keeps its source's own construction
+            return self
+        return Qwen2Moe(construction_for(config, spec))
+
     def backbone_refusal(self, config: dict, spec: Spec) -> str | None:
         if config.get("attention_bias"):
             return "Qwen2-MoE has biases on q/k/v only, not on the attention output"
         return None
 
+    def adjusted(self, moe: MoELayer) -> MoELayer:
+        if not self.construction.uniform:
+            return moe
+        return uniform(moe)
+
+    def added_tensors(self, names: list[str]) -> list[Derived]:
+        added: list[Derived] = []
+        if self.construction.explicit_head and HEAD not in names and EMBEDDINGS in names:
+            added.append((HEAD, EMBEDDINGS, lambda t: t))
+        if self.construction.zero_qkv_bias:
+            present = set(names)
+            added += [(name[: -len("weight")] + "bias", name, lambda w: w.new_zeros(w.shape[0]))
+                      for name in names if name.endswith(tuple(f".{p}.weight" for p in QKV))
+                      and name[: -len("weight")] + "bias" not in present]
+        return added
+
+    def added_params(self, config: dict, moe_layers: list[int]) -> int:
+        c, full = self.construction, backbone(config)
+        hidden, heads = full["hidden_size"], full["num_attention_heads"]
+        head_dim = full.get("head_dim") or hidden // heads
+        qkv = (heads + 2 * (full.get("num_key_value_heads") or heads)) * head_dim
+        return (full["vocab_size"] * hidden * c.explicit_head + qkv * full["num_hidden_layers"] * c.zero_qkv_bias
+                + 3 * hidden * c.null_shared_width * len(moe_layers))
+
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
         if isinstance(adapter, MoESource):  # a split Qwen2-MoE: its gated shared expert passes through
             return super().moe_tensors(adapter, layer, moe)
         base = f"model.layers.{layer}.mlp"
+        width = self.construction.null_shared_width
         return [
             *super().moe_tensors(adapter, layer, moe),
-            *ffn_tensors(f"{base}.shared_expert", WEIGHT_NAMES, shared_expert),
-            (f"{base}.shared_expert_gate.weight", lambda m: m.router.new_zeros(1, m.router.shape[1])),
+            *ffn_tensors(f"{base}.shared_expert", WEIGHT_NAMES, lambda m: shared_expert(m, width)),
+            (f"{base}.shared_expert_gate.weight", self.gate_row),
         ]
 
+    def gate_row(self, moe: MoELayer) -> torch.Tensor:
+        """(1, H): zeros, or a negligible constant whose logit llama.cpp's sigmoid can take."""
+        row = moe.router.new_zeros(1, moe.router.shape[1])
+        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(row.dtype, GATE_ENTRY_DEFAULT)
+
+    def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
+               dtype: torch.dtype) -> PretrainedConfig:
+        out = super().config(adapter, config, spec, moe_layers, moe, dtype)
+        if self.construction.uniform:
+            out.norm_topk_prob = False  # uniform weights k/E, undone by the down projections
+        if self.construction.explicit_head:
+            out.tie_word_embeddings = False
+        return out
+
     def extra_fields(self, config: dict, moe: MoELayer, num_layers: int) -> dict:
+        c = self.construction
         fields = {
-            "shared_expert_intermediate_size": sum(s.intermediate_size for s in moe.shared),
+            "shared_expert_intermediate_size": sum(s.intermediate_size for s in moe.shared) or c.null_shared_width,
             # Qwen2 carries q/k/v biases; Llama and Mistral do not (attention_bias was refused above).
-            "qkv_bias": config.get("model_type") == "qwen2",
+            "qkv_bias": config.get("model_type") == "qwen2" or c.zero_qkv_bias,
         }
         if config.get("model_type") == "mistral" and config.get("sliding_window"):
             # Mistral slides its window on every layer; Qwen2-MoE reads that from layer_types.
             fields |= {"use_sliding_window": True, "max_window_layers": num_layers,
                        "layer_types": ["sliding_attention"] * num_layers}
         return fields
+
+
+def construction_for(config: dict, spec: Spec) -> Construction:
+    """The Qwen2-MoE construction every engine in the scope of spec.engine computes exactly."""
+    arch, engine = Qwen2Moe.name, spec.engine
+    tied = bool(backbone(config).get("tie_word_embeddings"))
+    return Construction(
+        explicit_head=tied and not engines.all_honour(engine, arch, "tied_embeddings"),
+        gate_at_zero=engines.all_honour(engine, arch, "shared_gate_at_zero"),
+        null_shared_width=0 if spec.shared_experts or engines.all_honour(engine, arch, "shared_width_zero") else 1,
+        zero_qkv_bias=config.get("model_type") != "qwen2" and not engines.all_honour(engine, arch, "qkv_bias_optional"),
+        # Without renormalisation only uniform routing sums the top-k weights to a constant (k/E);
+        # with granularity, ties among equal router rows need not pick whole groups.
+        uniform=(spec.router_init is RouterInit.ZEROS and spec.granularity == 1
+                 and not engines.all_honour(engine, arch, "renormalises")),
+    )
+
+
+def uniform(moe: MoELayer) -> MoELayer:
+    """Routed experts' outputs times E/k: under a zero router each of the k chosen weighs 1/E.
+
+    Identical copies stay one tensor (the writer copies repeats in-kernel).
+    """
+    factor = len(moe.experts) / moe.topk
+    if isinstance(moe.experts, LazyExperts):
+        experts = LazyExperts(len(moe.experts), lambda j: moe.experts[j].scaled(factor))
+    else:
+        scaled = {id(e): e.scaled(factor) for e in moe.experts}
+        experts = [scaled[id(e)] for e in moe.experts]
+    return replace(moe, experts=experts)
 
 
 class Qwen3Moe(QwenMoE):
@@ -110,16 +217,17 @@ class Qwen3Moe(QwenMoE):
         return None
 
 
-def shared_expert(moe: MoELayer) -> FFN:
+def shared_expert(moe: MoELayer, null_width: int = 0) -> FFN:
     """The shared experts as one always-on FFN of their summed width, scaled for the 0.5 gate.
 
-    gate, up: (S*I, H); down: (H, S*I). Width 0 when there are no shared experts.
+    gate, up: (S*I, H); down: (H, S*I). Without shared experts: zeros of width null_width
+    (llama.cpp needs a shared expert in every layer), which add exactly 0.
     """
     if not moe.shared:
-        empty = moe.router.new_zeros(0, moe.router.shape[1])
+        empty = moe.router.new_zeros(null_width, moe.router.shape[1])
         return FFN(gate=empty, up=empty, down=empty.T)
     return FFN(
         gate=torch.cat([s.gate for s in moe.shared], dim=0),
         up=torch.cat([s.up for s in moe.shared], dim=0),
         down=torch.cat([s.down for s in moe.shared], dim=1),
-    ).scaled(1 / SHARED_GATE_AT_ZERO)
+    ).scaled(1 / SHARED_GATE)
