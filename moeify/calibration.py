@@ -173,16 +173,19 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     time as fit in STATS_BUDGET, then reduced (e.g. to a grouping and a router) and dropped, so
     memory stays bounded for any depth and token count. on_tokens(done, total) reports progress.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.activations import ACT2FN
 
+    from moeify.loading import Code, load_model, tokenizer_in
+
     ckpt = Checkpoint(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise MoeifyError(f"calibration needs the source's tokenizer, which failed to load ({type(e).__name__})") from None
+    # The family's own classes whatever an auto_map says: the output computes what the adapter
+    # reads, so calibration runs that, and no Python of the folder is imported.
+    tokenizer = tokenizer_in(folder, Code.FAMILY)
+    if tokenizer is None:
+        raise MoeifyError(f"calibration needs the source's tokenizer, which {folder} lacks or cannot load; "
+                          f"copy its tokenizer files in")
     texts = read_texts(text) if text is not None else None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = load_model(folder, Code.FAMILY)
     batches = token_batches(tokenizer, texts, budget) if texts is not None else []
     missing = budget - sum(b.numel() for b in batches)
     if missing >= SAMPLE_LENGTH:  # a short text is topped up: routers are fitted in H dimensions

@@ -23,7 +23,7 @@ from torch import nn
 
 from moeify.checkpoint import _read_config
 from moeify.errors import MoeifyError
-from moeify.loading import load_model, tokenizer_in
+from moeify.loading import Code, code_of, load_model, tokenizer_in
 from moeify.source import resolve
 
 DEFAULT_TOKENS = 512
@@ -118,12 +118,12 @@ def token_ids(text: str, tokenizer, tokens: int) -> torch.Tensor:
 
 
 def shared_ids(text: str, tokens: int, source_dir: Path, converted_dir: Path,
-               configs: tuple[dict, dict]) -> torch.Tensor:
+               configs: tuple[dict, dict], codes: tuple[Code | None, Code | None] = (None, None)) -> torch.Tensor:
     """The ids both models read: (N,). Refuses pairs whose logits cannot be compared."""
     a, b = (c.get("vocab_size") for c in configs)
     if a != b:
         raise MoeifyError(f"vocab sizes differ (source {a}, converted {b}); verify needs models that share a tokenizer")
-    mine, theirs = tokenizer_in(source_dir), tokenizer_in(converted_dir)
+    mine, theirs = tokenizer_in(source_dir, codes[0]), tokenizer_in(converted_dir, codes[1])
     if mine is None and theirs is None:
         raise MoeifyError(f"neither {source_dir} nor {converted_dir} has a tokenizer; copy the tokenizer files in")
     # Same vocabulary, not same splitting: transformers may rebuild a generic tokenizer's
@@ -267,9 +267,9 @@ def run(model: nn.Module, chunks: list[torch.Tensor], routing: Routing | None, f
 
 
 def evaluate(folder: Path, name: str, chunks: list[torch.Tensor],
-             each: Callable[[int, torch.Tensor], None]) -> ModelStats:
-    """Load one model, run it over the chunks, and let it go."""
-    model = load_model(folder)
+             each: Callable[[int, torch.Tensor], None], code: Code | None = None) -> ModelStats:
+    """Load one model (built by `code`, see moeify.loading), run it over the chunks, and let it go."""
+    model = load_model(folder, code)
     routing = routing_of(model.config.to_dict())
     found = blocks(model) if routing else {}
     if routing and not found:
@@ -300,20 +300,25 @@ class _Diff:
 
 
 def verify(source: str, converted: str, text: str, tokens: int = DEFAULT_TOKENS,
-           notify: Notify = lambda line: None) -> Report:
-    """Compare CONVERTED with SOURCE on the first `tokens` tokens of `text`."""
+           notify: Notify = lambda line: None, trust_remote_code: bool = False) -> Report:
+    """Compare CONVERTED with SOURCE on the first `tokens` tokens of `text`.
+
+    A folder's own Python runs only with trust_remote_code; without it such a folder is refused
+    before anything is loaded (moeify's own remote outputs excepted, see moeify.loading).
+    """
     if tokens < 2:
         raise MoeifyError(f"--tokens must be at least 2 (got {tokens})")
     source_dir, converted_dir = resolve(source, notify), resolve(converted, notify)
+    codes = code_of(source_dir, trust_remote_code), code_of(converted_dir, trust_remote_code)
     configs = read_config(source_dir), read_config(converted_dir)
-    ids = shared_ids(text, tokens, source_dir, converted_dir, configs)
+    ids = shared_ids(text, tokens, source_dir, converted_dir, configs, codes)
     chunks = chunked(ids, context_of(*configs))
     saved: list[torch.Tensor] = []
     notify(f"running {source} on {ids.numel()} tokens")
-    before = evaluate(source_dir, source, chunks, lambda i, logits: saved.append(logits))
+    before = evaluate(source_dir, source, chunks, lambda i, logits: saved.append(logits), codes[0])
     diff = _Diff(saved)
     notify(f"running {converted} on {ids.numel()} tokens")
-    after = evaluate(converted_dir, converted, chunks, diff)
+    after = evaluate(converted_dir, converted, chunks, diff, codes[1])
     return Report(before, after, tokens=ids.numel(), chunks=len(chunks), max_logit_diff=diff.max,
                   mean_logit_diff=diff.abs_sum / diff.values, top1_agreement=diff.agree / diff.positions)
 

@@ -6,6 +6,7 @@ Examples:
     moeify verify ./my-llama ./my-llama-4e --text held-out.txt --tokens 2048
     moeify verify ./my-llama ./my-llama-split --max-ppl-ratio 1.05 --plot load.png
     moeify verify ./mixtral-upcycled ./mixtral-split --json > report.json
+    moeify verify ./my-llama ./someone-elses-moe --trust-remote-code   # runs that folder's own Python
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ MaxRatioOpt = Annotated[float | None, typer.Option("--max-ppl-ratio",
                                                    help="Exit 1 when converted/source perplexity exceeds this.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG heatmap of expert load (layers x experts).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of tables.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code",
+    help="Run Python a model folder ships (config.json auto_map). Off: such folders are refused, "
+         "except moeify's own outputs, whose code moeify checks and runs from its own package.")]
 
 WIDE = 16  # beyond this many experts the load table summarises each layer instead of listing experts
 
@@ -40,10 +45,12 @@ def verify(
     max_ppl_ratio: MaxRatioOpt = None,
     plot: PlotOpt = None,
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compare a converted model with its source: logits, perplexity, agreement, parameters, expert load.
 
     Both models read the same tokens; an exact conversion shows a perplexity ratio of 1.
+    A folder that ships its own Python is refused unless --trust-remote-code is given.
 
     Examples:
 
@@ -53,7 +60,8 @@ def verify(
 
     moeify verify ./my-llama ./my-llama-4e --plot load.png --json > report.json
     """
-    report = checks.verify(source_, converted, checks.load_text(text), tokens, notify=ui.say)
+    report = checks.verify(source_, converted, checks.load_text(text), tokens, notify=ui.say,
+                           trust_remote_code=trust_remote_code)
     if plot is not None:
         ui.say(f"expert load heatmap written to {checks.plot(report, plot)}")
     if json_:
