@@ -217,17 +217,43 @@ def write(folder: Path, result: Result, source_config: dict, source_dir: Path) -
 
 
 def refresh(folder: Path, repo_id: str) -> None:
-    """Render the card of a finished output again, for its Hub repo (keeps license and base model)."""
+    """Render the card of a finished output again for its Hub repo, and write it."""
+    (Path(folder) / CARD).write_text(refreshed(folder, repo_id))
+
+
+def refreshed(folder: Path, repo_id: str) -> str:
+    """The card of a finished output rendered again for its Hub repo (keeps license and base model).
+
+    In memory: `moeify push` writes it into the folder only once the upload succeeded. A
+    moeify.json or config.json that is not what moeify wrote is one MoeifyError, not a traceback.
+    """
     from moeify.anatomy import describe
+    from moeify.errors import MoeifyError
 
     folder = Path(folder)
     old = front_matter(folder / CARD)
-    record = json.loads((folder / "moeify.json").read_text())
-    config = json.loads((folder / "config.json").read_text())
-    base_config = config.get("base_config") if isinstance(config.get("base_config"), dict) else None
-    known = [t for t in old.get("tags", []) if t not in ("moe", "moeify", record.get("target"), record.get("mode"))]
-    architecture = (base_config or {}).get("model_type") or (known[0] if known else config.get("model_type"))
-    facts = Facts(title=repo_id.split("/")[-1], record=record, architecture=str(architecture),
-                  num_layers=len(describe(config).blocks), base_model=old.get("base_model"),
-                  license=old.get("license"), repo_id=repo_id, weight_bytes=weight_bytes(folder))
-    (folder / CARD).write_text(render(facts))
+    record, config = (_json_object(folder / name) for name in ("moeify.json", "config.json"))
+    try:
+        base_config = config.get("base_config") if isinstance(config.get("base_config"), dict) else None
+        tags = old.get("tags") if isinstance(old.get("tags"), list) else []
+        known = [t for t in tags if t not in ("moe", "moeify", record.get("target"), record.get("mode"))]
+        architecture = (base_config or {}).get("model_type") or (known[0] if known else config.get("model_type"))
+        facts = Facts(title=repo_id.split("/")[-1], record=record, architecture=str(architecture),
+                      num_layers=len(describe(config).blocks), base_model=old.get("base_model"),
+                      license=old.get("license"), repo_id=repo_id, weight_bytes=weight_bytes(folder))
+        return render(facts)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoeifyError(f"{folder}/moeify.json or config.json is not what moeify wrote ({type(e).__name__}: {e}); "
+                          f"convert again") from None
+
+
+def _json_object(path: Path) -> dict:
+    from moeify.errors import MoeifyError
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoeifyError(f"cannot read {path} ({e}); convert again") from None
+    if not isinstance(data, dict):
+        raise MoeifyError(f"{path} is not a JSON object; convert again")
+    return data

@@ -7,23 +7,23 @@ once, so tests replace them at this boundary.
 from __future__ import annotations
 
 import json
-import re
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from moeify import card
 from moeify.checkpoint import INDEX_FILE, read_header
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, MoeifyFailure
 
 # What every moeify output holds besides its weights.
 REQUIRED = ("config.json", "README.md", "moeify.json")
 # Above this, a single commit risks the Hub's limits: use the resumable multi-commit upload.
 LARGE_UPLOAD = 5 * 10**9
-
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # ---------------------------------------------------------------------------- config.json only
@@ -112,6 +112,7 @@ def complete_output(folder: Path) -> Upload:
     for shard in _shards(folder):
         read_header(shard)  # a truncated or corrupted shard is refused before upload
     config = read_config(folder / "config.json")
+    read_config(folder / "moeify.json")  # the card is rendered from it
     for module in sorted({ref.split(".")[0] for ref in (config.get("auto_map") or {}).values()}):
         if not (folder / f"{module}.py").is_file():
             raise MoeifyError(f"{folder} lacks {module}.py, which config.json's auto_map needs; convert it again")
@@ -140,37 +141,78 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)  # .cache, .git, editor files
 
 
+def check_repo_id(repo_id: str) -> None:
+    """huggingface_hub's own rules for a repo id, with a namespace: USER/NAME (or ORG/NAME)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise MoeifyError(f"--repo-id {repo_id!r} is not a valid Hub repo id ({_first_line(e)}); "
+                          f"use USER/NAME") from None
+    if "/" not in repo_id:
+        raise MoeifyError(f"--repo-id {repo_id!r} is not of the form USER/NAME")
+
+
 def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          message: str | None = None, notify: Callable[[str], None] = lambda line: None) -> str:
-    """Publish a complete moeify output as a model repo; returns the repo's URL."""
+    """Publish a complete moeify output as a model repo; returns the repo's URL.
+
+    The card is rendered for the repo in memory and uploaded last; README.md in the folder is
+    rewritten only once everything is on the Hub, so a failed push leaves the folder as it was.
+    """
+    check_repo_id(repo_id)
     upload = complete_output(folder)
-    if not _REPO_ID.match(repo_id):
-        raise MoeifyError(f"--repo-id {repo_id!r} is not of the form USER/NAME")
     token = get_token()  # HF_TOKEN, then the token saved by `hf auth login`
     if not token:
         raise MoeifyError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
-    card.refresh(upload.folder, repo_id)
-    api = HfApi(token=token)
-    message = message or f"Upload {repo_id} made with moeify"
+    text = card.refreshed(upload.folder, repo_id)
     try:
-        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        large = getattr(api, "upload_large_folder", None)
-        if upload.total > LARGE_UPLOAD and large is not None:
-            notify(f"uploading {card.human(upload.total, 'B')} in resumable parts (upload_large_folder)")
-            large(repo_id=repo_id, folder_path=upload.folder, repo_type="model", revision=revision,
-                  private=private)
-        else:
-            # Recent huggingface_hub splits a large folder into several commits by itself.
-            api.upload_folder(repo_id=repo_id, folder_path=upload.folder, repo_type="model", revision=revision,
-                              commit_message=message, ignore_patterns=[".*", "*/.*"])
-    except MoeifyError:
-        raise
-    except Exception as e:
-        raise MoeifyError(f"uploading to {repo_id} failed ({type(e).__name__}: {_first_line(e)}); "
-                          f"check the token's write access and the network, then push again") from None
+        url = _upload(HfApi(token=token), upload, repo_id, text, private=private, revision=revision,
+                      message=message or f"Upload {repo_id} made with moeify", notify=notify)
+    except (HfHubHTTPError, OSError) as e:  # HTTP errors and lost connections (offline mode included)
+        raise _failure(repo_id, e) from None
+    except ValueError as e:  # huggingface_hub's checks of what we passed (a branch name, ...)
+        raise MoeifyError(f"the Hub client refused the upload to {repo_id} ({_first_line(e)}); "
+                          f"check --repo-id and --revision") from None
+    except Exception as e:  # the HTTP library's own timeouts and transport errors
+        raise _failure(repo_id, e) from None
+    _keep_card(upload.folder, text, notify)
     return str(url) if url else f"https://huggingface.co/{repo_id}"
+
+
+def _upload(api: HfApi, upload: Upload, repo_id: str, text: str, *, private: bool, revision: str | None,
+            message: str, notify: Callable[[str], None]) -> object:
+    """Create the repo (and branch), upload every file but the card, then the card rendered for the repo."""
+    url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    where = {"repo_id": repo_id, "repo_type": "model", "revision": revision}
+    ignore = [".*", "*/.*", card.CARD]
+    large = getattr(api, "upload_large_folder", None)
+    if upload.total > LARGE_UPLOAD and large is not None:
+        notify(f"uploading {card.human(upload.total, 'B')} in resumable parts (upload_large_folder)")
+        large(folder_path=upload.folder, private=private, ignore_patterns=ignore, **where)
+    else:
+        # Recent huggingface_hub splits a large folder into several commits by itself.
+        api.upload_folder(folder_path=upload.folder, commit_message=message, ignore_patterns=ignore, **where)
+    api.upload_file(path_or_fileobj=text.encode(), path_in_repo=card.CARD, commit_message=message, **where)
+    return url
+
+
+def _failure(repo_id: str, error: Exception) -> MoeifyFailure:
+    return MoeifyFailure(f"uploading to {repo_id} failed ({type(error).__name__}: {_first_line(error)}); "
+                         f"check the token's write access and the network, then push again")
+
+
+def _keep_card(folder: Path, text: str, notify: Callable[[str], None]) -> None:
+    """Write the card the Hub now shows into the folder, all at once (a rename), or say why not."""
+    staged = folder / f".{card.CARD}.moeify-tmp"
+    try:
+        staged.write_text(text)
+        os.replace(staged, folder / card.CARD)
+    except OSError as e:
+        notify(f"pushed, but {folder / card.CARD} keeps the old card ({e.strerror or e})")
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _first_line(error: Exception) -> str:

@@ -36,7 +36,8 @@ def push(
 ) -> None:
     """Check that DIR is a complete moeify output, refresh its card for the repo, and upload it.
 
-    The token comes from HF_TOKEN or `hf auth login`.
+    The token comes from HF_TOKEN or `hf auth login`. README.md in DIR is rewritten for the repo
+    only after the upload succeeded. Exit 2: bad input; exit 1: the Hub or the network failed.
 
     Examples:
 
@@ -44,6 +45,7 @@ def push(
 
     moeify push smollm2-8x135m --repo-id me/smollm2-8x135m --private --revision v1
     """
+    hub.check_repo_id(repo_id)  # first, dry run included: nothing is read before the id is known good
     if dry_run:
         upload = hub.complete_output(folder)
         table = Table("file", "size", title=f"would upload to {repo_id} (dry run: nothing sent)",
