@@ -12,6 +12,7 @@ from moeify.commands.inspect import inspect
 from moeify.commands.models import models
 from moeify.commands.push import push
 from moeify.commands.split import split
+from moeify.commands.train import train
 from moeify.commands.upcycle import upcycle
 from moeify.commands.verify import verify
 from moeify.errors import MoeifyError
@@ -31,6 +32,7 @@ app.command(epilog="Aliases: see `moeify models`.")(inspect)
 app.command(epilog="Shipped recipes: see recipes/ (mixtral, deepseekmoe, qwen-moe, switch, split).")(apply)
 app.command()(push)
 app.command()(verify)
+app.command(epilog="Multi-process: accelerate launch [--config_file F] -m moeify train ...")(train)
 
 
 def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed

@@ -1,0 +1,159 @@
+"""Everything a run needs, checked before anything is written or any model is loaded.
+
+Each bad input is one MoeifyError: a dense model, a folder that is not a moeify output, data
+that is missing, empty or too short, a sequence longer than the model's positions, a teacher
+with another vocabulary, a checkpoint of another run, an output in the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeify import source
+from moeify.errors import MoeifyError
+from moeify.loading import tokenizer_in
+from moeify.output import check_output
+from moeify.spec import Mode
+from moeify.training import data
+from moeify.training.checkpoints import Checkpoints
+from moeify.training.settings import Objective, Settings
+from moeify.verify import read_config, routing_of
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class Plan:
+    model: str  # as the user named it
+    model_dir: Path
+    record: dict  # the model's moeify.json
+    settings: Settings  # complete: the job's defaults filled in
+    corpus: data.Corpus
+    teacher: str | None  # as named (--teacher or the recorded source); None: no teacher at all
+    teacher_dir: Path | None
+    steps: int
+    output: Path
+    checkpoints: Checkpoints
+    resume_from: Path | None
+    run: dict  # what a checkpoint must match to be resumed
+    overwrite: bool = False  # replace an existing output (and earlier checkpoints)
+
+    @property
+    def tokens_per_step(self) -> int:
+        s = self.settings
+        return s.batch_size * s.grad_accum * s.seq_len
+
+
+def make(model: str, output: Path, settings: Settings, *, processes: int = 1, overwrite: bool = False,
+         checkpoint_dir: Path | None = None, resume: bool = False, notify: Notify = lambda line: None) -> Plan:
+    output = Path(output).absolute()
+    check_output(output, overwrite)
+    model_dir = source.resolve(model, notify)
+    record = _record(model, model_dir)
+    settings = settings.for_job(Mode(record.get("mode", Mode.UPCYCLE.value)))
+    if settings.objective is Objective.LOCAL:
+        raise MoeifyError("--objective local is not available in `moeify train` yet; use the default global")
+    if settings.batch_size % processes:
+        raise MoeifyError(f"--batch-size {settings.batch_size} must divide evenly over the {processes} processes")
+    tokenizer = tokenizer_in(model_dir)
+    if tokenizer is None:
+        raise MoeifyError(f"{model} has no tokenizer; copy its source's tokenizer files into {model_dir}")
+    _check_positions(model_dir, settings.seq_len)
+    corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer)
+    teacher, teacher_dir = _teacher(settings, record, model_dir, tokenizer, notify)
+    steps = _steps(settings, len(corpus.train))
+    checkpoints = Checkpoints(checkpoint_dir or output.with_name(output.name + ".checkpoints"), settings.keep)
+    run = _identity(model_dir, settings, processes)
+    resume_from = checkpoints.check_resumable(run) if resume else None
+    if not resume and checkpoints.complete() and not overwrite:
+        raise MoeifyError(f"{checkpoints.folder} holds checkpoints of an earlier run; pass --resume to continue "
+                          f"it or --overwrite to start over")
+    return Plan(model, model_dir, record, settings, corpus, teacher, teacher_dir, steps, output, checkpoints,
+                resume_from, run, overwrite)
+
+
+def _record(model: str, folder: Path) -> dict:
+    config = read_config(folder)
+    if routing_of(config) is None:
+        raise MoeifyError(f"{model} is a dense model; run `moeify upcycle` or `moeify split` on it first, "
+                          f"then train the output")
+    path = folder / "moeify.json"
+    if not path.is_file():
+        raise MoeifyError(f"{model} has no moeify.json: `moeify train` continues moeify outputs; convert with "
+                          f"`moeify upcycle` or `moeify split` first")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoeifyError(f"{path} is not valid JSON ({e.msg}); restore it from the conversion") from None
+    if not isinstance(record, dict):
+        raise MoeifyError(f"{path} is not a JSON object; restore it from the conversion")
+    return record
+
+
+def _check_positions(folder: Path, seq_len: int) -> None:
+    positions = read_config(folder).get("max_position_embeddings")
+    if positions and seq_len > positions:
+        raise MoeifyError(f"--seq-len {seq_len} is beyond the model's {positions} positions; "
+                          f"use --seq-len {positions} or less")
+
+
+def _teacher(settings: Settings, record: dict, model_dir: Path, tokenizer,
+             notify: Notify) -> tuple[str | None, Path | None]:
+    """The teacher's name and folder. Needed for distillation; otherwise only for the perplexity ratio."""
+    name = settings.teacher or record.get("source")
+    if settings.distill == 0 and settings.teacher is None:
+        try:  # the ratio to the source is worth having, but not worth failing for
+            return (name, _checked_teacher(name, model_dir, tokenizer, notify)) if name else (None, None)
+        except MoeifyError as e:
+            notify(f"no perplexity ratio to the source: {e}")
+            return None, None
+    if not name:
+        raise MoeifyError("distillation needs a teacher and moeify.json names no source; pass --teacher SOURCE "
+                          "or --distill 0")
+    return name, _checked_teacher(name, model_dir, tokenizer, notify)
+
+
+def _checked_teacher(name: str, model_dir: Path, tokenizer, notify: Notify) -> Path:
+    folder = source.resolve(name, notify)
+    theirs = tokenizer_in(folder)
+    if theirs is not None and theirs.get_vocab() != tokenizer.get_vocab():
+        raise MoeifyError(f"teacher {name} has another tokenizer vocabulary than the student; distill from "
+                          f"the model it was converted from (or one sharing its tokenizer)")
+    sizes = read_config(folder).get("vocab_size"), read_config(model_dir).get("vocab_size")
+    if sizes[0] != sizes[1]:
+        raise MoeifyError(f"teacher {name} has {sizes[0]} vocabulary entries, the student {sizes[1]}; "
+                          f"they must share one vocabulary")
+    return folder
+
+
+def _steps(settings: Settings, sequences: int) -> int:
+    """Optimizer steps: --steps or --max-tokens, whichever ends first; neither: one pass over the data."""
+    per_step = settings.batch_size * settings.grad_accum
+    limits = []
+    if settings.steps is not None:
+        limits.append(settings.steps)
+    if settings.max_tokens is not None:
+        limits.append(math.ceil(settings.max_tokens / (per_step * settings.seq_len)))
+    return min(limits) if limits else math.ceil(sequences / per_step)
+
+
+def _identity(model_dir: Path, settings: Settings, processes: int) -> dict:
+    """What makes a run this run: the model's config, the data's bytes, every trajectory setting."""
+    files = {"model_config": model_dir / "config.json", "data_sha256": Path(settings.data).expanduser()}
+    if settings.eval_text:
+        files["eval_text_sha256"] = Path(settings.eval_text).expanduser()
+    return {"model": str(model_dir.resolve()), **{k: _sha256(p) for k, p in files.items()},
+            "processes": processes, **settings.trajectory()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,80 @@
+"""Which parameters train, and the optimizer groups they fall into.
+
+MoE blocks are found the way `verify` finds them (a `gate` or `router` child beside `experts`),
+so native Mixtral, Qwen-MoE and the remote format need no table here. Everything else is
+frozen with requires_grad=False: the optimizer never sees it and it comes out bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from moeify.errors import MoeifyError
+from moeify.training.settings import Trainable
+from moeify.verify import blocks
+
+_INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass(frozen=True)
+class Selection:
+    trainable: dict[str, nn.Parameter]  # by name, in model order
+    routers: frozenset[str]  # names of router parameters (their own learning rate)
+    frozen: int  # parameters (elements) left frozen
+
+
+def select(model: nn.Module, train: Trainable, freeze: tuple[str, ...] = ()) -> Selection:
+    """Mark the chosen parameters trainable and every other one frozen."""
+    named = dict(model.named_parameters())
+    routers = _names_in(model, named, lambda block: block.router)
+    scope = {
+        Trainable.ROUTERS: routers,
+        Trainable.EXPERTS: routers | _names_in(model, named, lambda block: block.experts),
+        Trainable.MOE: _names_in(model, named, lambda block: block.module),
+        Trainable.ALL: set(named),
+    }[train]
+    chosen = scope - frozen_by(freeze, named)
+    if not chosen:
+        raise MoeifyError(f"--train {train.value} with these --freeze patterns leaves nothing to train")
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in chosen)
+    trainable = {name: p for name, p in named.items() if name in chosen}
+    frozen = sum(p.numel() for name, p in named.items() if name not in chosen)
+    return Selection(trainable, frozenset(routers & chosen), frozen)
+
+
+def _names_in(model: nn.Module, named: dict[str, nn.Parameter], part) -> set[str]:
+    """Names of the parameters of part(block) over every MoE block."""
+    ids = {id(p) for block in blocks(model).values() for p in part(block).parameters()}
+    return {name for name, p in named.items() if id(p) in ids}
+
+
+def frozen_by(patterns: tuple[str, ...], named: dict[str, nn.Parameter]) -> set[str]:
+    """Names matched by any pattern: a glob over parameter names, or a plain substring of them."""
+    out: set[str] = set()
+    for pattern in patterns:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        matched = {name for name in named if fnmatchcase(name, glob)}
+        if not matched:
+            raise MoeifyError(f"--freeze {pattern!r} matches no parameter; the model has: {templates(named)}")
+        out |= matched
+    return out
+
+
+def templates(named: dict[str, nn.Parameter]) -> str:
+    """Parameter names with layer and expert numbers folded into {i}, each kind once."""
+    return ", ".join(dict.fromkeys(_INDEX.sub(".{i}.", name) for name in named))
+
+
+def groups(selection: Selection, lr: float, router_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: routers at their own rate; no weight decay on norms and biases (1-D)."""
+    out: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in selection.trainable.items():
+        key = (name in selection.routers, parameter.ndim < 2)
+        out.setdefault(key, []).append(parameter)
+    return [{"params": params, "lr": router_lr if router else lr, "weight_decay": 0.0 if flat else weight_decay}
+            for (router, flat), params in out.items()]
