@@ -106,7 +106,7 @@ ADAPTERS: dict[str, Adapter] = {
         Adapter("gemma3_text", native=(), activation_field="hidden_activation"),
         Adapter("phi3", native=(), up="gate_up_proj", fused_gate_up=True),
         Adapter("olmo2", native=()),
-        Adapter("granite", native=(), bias_field="mlp_bias"),
+        Adapter("granite", native=("granitemoe", "granitemoeshared"), bias_field="mlp_bias"),
         # Conv1D stores (in, out); the FFN is up then GELU then down, both with biases.
         Adapter("gpt2", native=(), mlp="transformer.h.{i}.mlp", gate=None, up="c_fc", down="c_proj",
                 transposed=True, bias=True, activation_field="activation_function", layers_field="n_layer",

@@ -51,6 +51,8 @@ LAYOUTS: dict[str, Layout] = {
     "granite": Layout(),
     "mistral": Layout(qkv_bias=False, o_bias=False),
     "mixtral": Layout(qkv_bias=False, o_bias=False),
+    "granitemoe": Layout(),
+    "granitemoeshared": Layout(),
     "phi3": Layout(qkv_bias=False, o_bias=False),
     "qwen2": Layout(qkv_bias=True, o_bias=False),
     "qwen2_moe": Layout(qkv_bias="qkv_bias", o_bias=False),
@@ -263,9 +265,11 @@ def _outside(fields: _Fields, layout: Layout, hidden: int) -> int:
 
 def _native_moe(fields: _Fields, model_type: str, hidden: int, attention: int):
     """A function from layer index to its MoE block (None for a dense layer) for native MoE families."""
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "granitemoe", "granitemoeshared"):
         experts, width = fields.need("num_local_experts"), fields.need("intermediate_size")
-        block = _moe_block(attention, hidden, experts, fields.need("num_experts_per_tok"), width)
+        shared = int(fields.get("shared_intermediate_size", default=0) or 0)  # Granite-MoE-Shared: one ungated MLP
+        block = _moe_block(attention, hidden, experts, fields.need("num_experts_per_tok"), width,
+                           shared_width=shared, shared_experts=1 if shared else 0)
         return lambda i: block
     if model_type in ("qwen2_moe", "qwen3_moe"):
         experts = int(fields.get("num_experts", "num_local_experts", default=0))

@@ -42,6 +42,7 @@ class Renormalise(str, Enum):
 class QkvBias(str, Enum):
     CONFIG = "config"  # q/k/v biases where the config says (qkv_bias, attention_bias)
     ALWAYS = "always"  # always builds q/k/v biases and expects them in the checkpoint
+    NEVER = "never"  # has no attention biases (a checkpoint with them fails to load)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ TABLE: dict[tuple[Engine, str], Honours] = {
         dense_layers=False,  # a router in every layer
         sliding_window=False,
         read_from="llama.cpp src/models/qwen3moe.cpp, conversion/qwen.py"),
+    (Engine.LLAMACPP, "granitemoe"): Honours(
+        renormalise=Renormalise.ALWAYS,  # models/granite.cpp: build_moe_ffn(..., norm_w = true)
+        read_from="llama.cpp src/models/granite-moe.cpp, granite.cpp, conversion/granite.py"),
+    (Engine.LLAMACPP, "granitemoeshared"): Honours(
+        renormalise=Renormalise.ALWAYS,  # the shared MLP is added ungated (ffn_*_shexp in models/granite.cpp)
+        read_from="llama.cpp src/models/granite-moe.cpp, granite.cpp, conversion/granite.py"),
     (Engine.LLAMACPP, REMOTE): Honours(runs=False, read_from="llama.cpp has no architecture for moeify's code"),
     (Engine.VLLM, "mixtral"): Honours(
         renormalise=Renormalise.ALWAYS,  # FusedMoE(renormalize=True)
@@ -105,6 +112,14 @@ TABLE: dict[tuple[Engine, str], Honours] = {
         sliding_window=False,
         read_from="vLLM models/qwen2_moe.py"),
     (Engine.VLLM, "qwen3_moe"): Honours(sliding_window=False, read_from="vLLM models/qwen3_moe.py"),
+    (Engine.VLLM, "granitemoe"): Honours(
+        renormalise=Renormalise.ALWAYS,  # FusedMoE(renormalize=True)
+        qkv_bias=QkvBias.NEVER,  # GraniteMoeAttention: QKVParallelLinear(bias=False)
+        head_dim=False,  # head_dim = hidden_size // num_heads (Granite has no head_dim field)
+        read_from="vLLM models/granitemoe.py"),
+    (Engine.VLLM, "granitemoeshared"): Honours(
+        renormalise=Renormalise.ALWAYS, qkv_bias=QkvBias.NEVER, head_dim=False,  # granitemoe.py's attention and MoE
+        read_from="vLLM models/granitemoeshared.py, granitemoe.py"),
     (Engine.VLLM, REMOTE): Honours(runs=False, read_from="vLLM has no implementation of moeify's code"),
 }
 
@@ -197,6 +212,8 @@ def _problems(h: Honours, arch: str, config: dict, spec: Spec) -> list[tuple[str
         found.append(("needs a shared expert in every layer", ""))
     if h.qkv_bias is QkvBias.ALWAYS and not _qkv_bias(arch, config):
         found.append(("always has q/k/v biases, which this checkpoint lacks", ""))
+    if h.qkv_bias is QkvBias.NEVER and _qkv_bias(arch, config):
+        found.append(("has no attention biases (attention_bias)", ""))
     head_dim, derived = config.get("head_dim"), _derived_head_dim(config)
     if not h.head_dim and head_dim and head_dim != derived:
         found.append((f"assumes head_dim = hidden_size / heads = {derived}, not {head_dim}", ""))

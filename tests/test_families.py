@@ -21,7 +21,10 @@ from tests.fixtures import TINY, make_tiny
 # Qwen2-MoE without shared experts has a width-0 shared expert; torch notes its init is a no-op.
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
-FAMILIES = list(TINY)
+# Variants of a family's tiny model (name -> family, config changes): Granite without mlp_bias
+# is what Granite-MoE holds natively.
+VARIANTS = {"granite-no-mlp-bias": ("granite", {"mlp_bias": False})}
+FAMILIES = list(TINY) + list(VARIANTS)
 
 # Request variants: options of the Spec.
 CASES = {
@@ -29,6 +32,8 @@ CASES = {
     "shared": dict(shared_experts=2),
     "subset": dict(moe_layers="skip-first:1"),
     "granular-shared-subset": dict(granularity=2, shared_experts=1, moe_layers="0"),
+    # Qwen2-MoE's construction for llama.cpp: uniform routing without renormalisation (down x E/k).
+    "zero-router-shared": dict(router_init="zeros", shared_experts=1),
 }
 
 
@@ -40,6 +45,8 @@ def native_target(family: str, case: str) -> str | None:
         return "qwen2_moe"
     if family == "qwen3":
         return None if CASES[case].get("shared_experts") else "qwen3_moe"
+    if family == "granite-no-mlp-bias":  # Granite-MoE(-Shared): every layer MoE
+        return {"plain": "granitemoe", "shared": "granitemoeshared", "zero-router-shared": "granitemoeshared"}.get(case)
     return None
 
 
@@ -61,7 +68,8 @@ def dense(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor, torch.Tensor]
     root = tmp_path_factory.mktemp("dense")
     models = {}
     for family in FAMILIES:
-        folder = make_tiny(family, root / family)
+        kind, changes = VARIANTS.get(family, (family, {}))
+        folder = make_tiny(kind, root / family, **changes)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         models[family] = (folder, *_run(model))
     return models
@@ -95,4 +103,5 @@ def test_upcycle_is_exact(dense, tmp_path, family, case, fmt):
 def _router_count(folder: Path) -> int:
     """How many layers of the written checkpoint hold a router: dense layers really stay dense."""
     names = Checkpoint(folder).names()
-    return sum(1 for n in names if n.endswith((".gate.weight", ".router.weight")) and "experts" not in n)
+    routers = (".gate.weight", ".router.weight", ".router.layer.weight")  # Mixtral/Qwen, remote, Granite-MoE
+    return sum(1 for n in names if n.endswith(routers) and "experts" not in n)

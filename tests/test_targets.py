@@ -50,6 +50,10 @@ def chosen(family: str, overrides: dict | None = None, **spec) -> tuple[str, str
     ("qwen3", {"use_sliding_window": True, "max_window_layers": 1}, {}, "remote", "window"),
     ("llama", {"attention_bias": True}, {}, "remote", "attention"),
     ("llama", {"mlp_bias": True}, {"shared_experts": 1}, "remote", "qwen2_moe has no FFN biases"),
+    ("granite", {"mlp_bias": False}, {}, "granitemoe", "native"),
+    ("granite", {"mlp_bias": False}, {"shared_experts": 2}, "granitemoeshared", "native"),
+    ("granite", {}, {}, "remote", "granitemoe experts have no biases (mlp_bias)"),
+    ("granite", {"mlp_bias": False}, {"moe_layers": "1"}, "remote", "granitemoe makes every layer MoE"),
     ("gemma2", {}, {}, "remote", "no native MoE architecture holds gemma2"),
     ("gpt2", {}, {}, "remote", "no native MoE architecture holds gpt2"),
     ("llama", {}, {"format": "remote"}, "remote", "--format remote"),
@@ -157,6 +161,30 @@ def test_without_shared_experts_llamacpp_gets_a_zero_one_neuron_shared_expert(tm
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     for name in ("gate_proj", "up_proj", "down_proj"):
         assert not tensors[f"model.layers.1.mlp.shared_expert.{name}.weight"].any()
+
+
+# ---------------------------------------------------------------------------- Granite-MoE
+
+
+def test_granite_moe_writes_fused_experts_and_an_ungated_shared_mlp(tmp_path):
+    """input_linear (E, 2I, H), each expert's gate rows before its up rows, as Granite-MoE splits it."""
+    source = make_tiny("granite", tmp_path / "granite", mlp_bias=False)  # hidden 32, intermediate 48, 2 layers
+    spec = Spec(experts=4, topk=2, granularity=2, shared_experts=2, format="native")
+    assert convert(source, tmp_path / "out", spec, source="granite").target == "granitemoeshared"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["GraniteMoeSharedForCausalLM"]
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (8, 4, 24)
+    assert config["shared_intermediate_size"] == 2 * 48 and config["residual_multiplier"] == 0.5
+    tensors, dense = load_file(tmp_path / "out" / "model.safetensors"), load_file(source / "model.safetensors")
+    m, d = "model.layers.1.block_sparse_moe", "model.layers.1.mlp"
+    fused = tensors[f"{m}.input_linear.weight"]
+    assert fused.shape == (8, 48, 32) and tensors[f"{m}.output_linear.weight"].shape == (8, 32, 24)
+    assert torch.equal(fused[3, :24], dense[f"{d}.gate_proj.weight"][24:])  # expert 3: copy 1, second piece
+    assert torch.equal(fused[3, 24:], dense[f"{d}.up_proj.weight"][24:])
+    assert tensors[f"{m}.router.layer.weight"].shape == (8, 32)
+    shared = tensors["model.layers.1.shared_mlp.input_linear.weight"]
+    assert shared.shape == (2 * 96, 32) and torch.equal(shared[:48], dense[f"{d}.gate_proj.weight"])
+    assert torch.equal(shared[96:144], dense[f"{d}.up_proj.weight"])
 
 
 # ---------------------------------------------------------------------------- remote

@@ -6,11 +6,12 @@ from moeify.adapters import Adapter
 from moeify.errors import MoeifyError
 from moeify.spec import Format, Spec
 from moeify.targets.base import Target
+from moeify.targets.granite_moe import GraniteMoe, GraniteMoeShared
 from moeify.targets.mixtral import Mixtral
 from moeify.targets.qwen_moe import Qwen2Moe, Qwen3Moe
 from moeify.targets.remote import Remote
 
-NATIVE: dict[str, Target] = {t.name: t for t in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
+NATIVE: dict[str, Target] = {t.name: t for t in (Mixtral(), Qwen2Moe(), Qwen3Moe(), GraniteMoe(), GraniteMoeShared())}
 REMOTE = Remote()
 
 
