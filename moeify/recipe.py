@@ -7,6 +7,7 @@ came from and what it made) are recognised and set aside, so replaying it gives 
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import fields
 from enum import Enum
 from pathlib import Path
@@ -22,6 +23,19 @@ RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indice
                          "engines"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recipes/ at the repo root
+MAX_BYTES = 2**20  # a recipe is a few lines, a moeify.json about a kilobyte: 1 MiB is plenty
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: a recipe is a few plain fields, and aliases (*name) are how
+    a few lines of YAML expand into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"found the alias *{event.anchor} on line {event.start_mark.line + 1}; recipes "
+                                 f"do not use YAML anchors and aliases (&name, *name): write each value out")
+        return super().compose_node(parent, index)
 
 
 def shipped() -> dict[str, Path]:
@@ -41,11 +55,8 @@ def find(name: str) -> Path:
 
 def read(path: Path) -> dict[str, Any]:
     """The raw mapping of a recipe file (YAML, or the JSON of a moeify.json)."""
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise MoeifyError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
+    text = _text(Path(path))
+    data = _parse(text, f"recipe {path}", json.loads if Path(path).suffix == ".json" else None)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -58,9 +69,7 @@ def spec_of(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Sp
     fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS} | (overrides or {})
     for name, value in fields_.items():
         _check_type(name, value)
-    floats = {f.name for f in fields(Spec) if isinstance(f.default, float)}
-    fields_ = {k: float(v) if k in floats else v for k, v in fields_.items()}
-    return Spec.from_dict(fields_)  # unknown keys: one error naming them
+    return Spec.from_dict(fields_)  # unknown keys: one error naming them; numbers checked (and made floats) there
 
 
 def load(path: Path, overrides: dict[str, Any] | None = None) -> Spec:
@@ -74,8 +83,31 @@ def parse_assignments(pairs: list[str]) -> dict[str, Any]:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise MoeifyError(f"--set {pair!r} is not FIELD=VALUE (e.g. --set partition=cluster)")
-        out[name.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+        out[name.strip().replace("-", "_")] = _parse(value, f"--set {pair!r}") if value.strip() else None
     return out
+
+
+def _text(path: Path) -> str:
+    """A recipe file's text, refused when it is too large to be a recipe or not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_BYTES + 1)  # never more: a recipe given as a 2 GB file is not read whole
+    if len(raw) > MAX_BYTES:
+        raise MoeifyError(f"recipe {path} is over 1 MiB; a recipe is a few lines of fields like experts: 8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MoeifyError(f"recipe {path} is not UTF-8 text; give a YAML recipe or a moeify.json") from None
+
+
+def _parse(text: str, what: str, loads=None) -> Any:
+    """YAML (safe, no aliases) or, with loads=json.loads, JSON; any failure is one line naming `what`."""
+    try:
+        return loads(text) if loads else yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: bad JSON, or an integer past 4300 digits
+        first = str(e).splitlines()[0].split("; use sys.set_int_max_str_digits")[0]  # not a user's knob
+        raise MoeifyError(f"cannot read {what}: {first}") from None
+    except RecursionError:
+        raise MoeifyError(f"cannot read {what}: nested too deeply; a recipe is a flat mapping of fields") from None
 
 
 def _check_type(name: str, value: Any) -> None:
@@ -86,4 +118,4 @@ def _check_type(name: str, value: Any) -> None:
     expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
     if isinstance(value, bool) and not isinstance(default, bool) or not isinstance(value, expected):
         kind = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[type(default)]
-        raise MoeifyError(f"recipe field {name} must be {kind} (got {value!r})")
+        raise MoeifyError(f"recipe field {name} must be {kind} (got {reprlib.repr(value)})")

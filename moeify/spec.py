@@ -7,12 +7,30 @@ conversion can be replayed exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
 from moeify.checkpoint import parse_size
 from moeify.errors import MoeifyError
+
+# Upper bounds: generous for real use, and low enough that no spec makes a conversion allocate or
+# loop without limit. A conversion plans ~3 tensors per expert per layer (1-2 KB and ~30 µs each),
+# so 16384 experts in 32 layers is already ~1.5M planned tensors: a single-neuron split of a
+# 14336-wide FFN fits, a billion experts does not.
+MAX_EXPERTS = 16384  # experts per MoE layer, routed and shared (experts x granularity)
+MAX_CALIBRATION_TOKENS = 2**20  # 170 times the default; the calibration text read for it is capped too
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_STD = 100  # noise and router std: ~1e4 times the usual, still far inside float16's range
+MAX_SHARD = 10**12  # bytes (1TB)
+# The numeric fields' upper bounds, checked (with types and finiteness) before fields are related.
+LIMITS: dict[str, float | None] = {
+    "experts": MAX_EXPERTS, "topk": MAX_EXPERTS, "granularity": MAX_EXPERTS, "shared_experts": MAX_EXPERTS,
+    "seed": MAX_SEED, "calibration_tokens": MAX_CALIBRATION_TOKENS,
+    "router_std": MAX_STD, "noise": MAX_STD, "drop_ratio": None,  # drop_ratio: [0, 1), checked below
+}
 
 
 class Mode(str, Enum):
@@ -86,8 +104,14 @@ class Spec:
             if isinstance(f.default, Enum) and not isinstance(getattr(self, f.name), Enum):
                 object.__setattr__(self, f.name, _enum(type(f.default), f.name, getattr(self, f.name)))
         self._validate()
+        for f in fields(self):  # 1 and 1.0 are the same noise: store (and record) a float
+            if isinstance(f.default, float):
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
 
     def _validate(self) -> None:
+        for f in fields(self):
+            if f.name in LIMITS:
+                _check_number(f.name, getattr(self, f.name), LIMITS[f.name], whole=isinstance(f.default, int))
         if self.mode is Mode.SPLIT:
             self._validate_split()
         elif self.experts < 2:
@@ -102,8 +126,21 @@ class Spec:
             raise MoeifyError("--router-std and --noise must be zero or positive")
         if not 0 <= self.drop_ratio < 1:
             raise MoeifyError(f"--drop-ratio must be in [0, 1) (got {self.drop_ratio})")
-        parse_size(self.max_shard_size)
+        if self.seed < 0:
+            raise MoeifyError(f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
+        self._check_total()
+        _check_shard_size(self.max_shard_size)
         parse_layers(self.moe_layers, None)
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            raise MoeifyError(f"calibration must be a file path or a datasets name (got {_shown(self.calibration)})")
+
+    def _check_total(self) -> None:
+        total = self.experts * self.granularity + (self.shared_experts if self.mode is Mode.UPCYCLE else 0)
+        if total > MAX_EXPERTS:
+            parts = f"{self.experts} x granularity {self.granularity}" + (
+                f" + {self.shared_experts} shared" if self.mode is Mode.UPCYCLE and self.shared_experts else "")
+            raise MoeifyError(f"this spec makes {total} experts per MoE layer ({parts}); moeify makes at most "
+                              f"{MAX_EXPERTS}: lower --experts or --granularity")
 
     def _validate_split(self) -> None:
         # experts counts the source's FFNs (1 for a dense source); topk counts pieces after the cut
@@ -171,6 +208,34 @@ def parse_layers(expr: str, num_layers: int | None) -> list[int]:
         if not chosen:
             raise MoeifyError(f"--moe-layers {expr!r} selects no layer of this {num_layers}-layer model")
     return chosen
+
+
+def _check_number(name: str, value: Any, high: float | None, whole: bool) -> None:
+    """A number of the right kind, finite, and at most `high`: one line naming the flag otherwise."""
+    flag = "--" + name.replace("_", "-")
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise MoeifyError(f"{flag} must be {'a whole number' if whole else 'a number'} (got {_shown(value)})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MoeifyError(f"{flag} must be a finite number (got {value})")
+    if high is not None and value > high:  # an int compares exactly with a float, however large
+        raise MoeifyError(f"{flag} must be at most {high} (got {_shown(value)})")
+
+
+def _check_shard_size(text: str) -> None:
+    try:
+        size = parse_size(text)
+    except OverflowError:  # more digits than a float holds: over any bound
+        size = MAX_SHARD + 1
+    if size > MAX_SHARD:
+        raise MoeifyError(f"--max-shard-size must be at most 1TB (got {_shown(text)})")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: a 4000-digit number or a long list is cut short."""
+    if isinstance(value, int) and value.bit_length() > 1000:  # str() refuses ints past 4300 digits
+        return "a number over 10**300"
+    return reprlib.repr(value)
 
 
 def _enum(kind: type[Enum], name: str, value: Any) -> Enum:

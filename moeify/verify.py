@@ -76,14 +76,20 @@ class Report:
 # ---------------------------------------------------------------------------- inputs
 
 
-def load_text(path: Path | None) -> str:
-    """The text to evaluate on: a plain-text file, or the built-in English passage."""
+def load_text(path: Path | None, tokens: int | None = None) -> str:
+    """The text to evaluate on: a plain-text file, or the built-in English passage.
+
+    tokens: how many will be read; only the prefix token_ids can use (64 characters a token) is
+    read. None reads up to moeify.text.MAX_BYTES. Binary files are refused.
+    """
+    from moeify.text import read_plain
+
     if path is None:
         return resources.files("moeify").joinpath("data/verify_text.txt").read_text(encoding="utf-8")
     path = Path(path)
     if not path.is_file():
         raise MoeifyError(f"text file {path} does not exist; pass a plain-text file to --text")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_plain(path, "--text", None if tokens is None else tokens * 64)
     if not text.strip():
         raise MoeifyError(f"text file {path} is empty; pass a file with some prose in it")
     return text
