@@ -262,6 +262,11 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
         shutil.copytree(models["mixtral"], tmp_path / "model")
         (tmp_path / "model" / "moeify.json").unlink()
         return [tmp_path / "model", "--data", TEXT], ("no moeify.json",)
+    if kind == "foreign code":
+        shutil.copytree(models["remote"], tmp_path / "model")
+        with open(tmp_path / "model" / "modeling_moeify.py", "a") as f:
+            f.write("\nprint('not what moeify shipped')\n")
+        return [tmp_path / "model", "--data", TEXT], ("modeling_moeify.py", "--trust-remote-code")
     if kind == "data missing":
         return [models["mixtral"], "--data", tmp_path / "data" / "nope.txt"], ("nope.txt", "does not exist")
     if kind == "data empty":
@@ -302,7 +307,7 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
     raise AssertionError(kind)
 
 
-BAD = ["dense", "not moeify", "data missing", "data empty", "data a folder", "data other format", "data too short",
+BAD = ["dense", "not moeify", "foreign code", "data missing", "data empty", "data a folder", "data other format", "data too short",
        "bad jsonl", "chat without template", "seq-len", "teacher vocab", "freeze", "nothing left",
        "resume without checkpoint", "zero weights", "eval fraction"]
 

@@ -20,6 +20,7 @@ import typer
 
 from moeify import ui
 from moeify.commands.options import OutputOpt, OverwriteOpt
+from moeify.commands.verify import TrustOpt
 from moeify.training.settings import Objective, Precision, Schedule, Settings, Trainable
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A moeify output (folder, Hub id): native Mixtral, "
@@ -101,6 +102,7 @@ def train(
     checkpoint_dir: CheckpointDirOpt = None,
     resume: ResumeOpt = False,
     log_every: LogEveryOpt = 1,
+    trust_remote_code: TrustOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a moeify output further and write it, in its own format, to DIR.
@@ -123,11 +125,12 @@ def train(
                         weight_decay=weight_decay, warmup=warmup, schedule=schedule, clip=clip, seed=seed,
                         precision=precision, eval_every=eval_every, save_every=save_every, keep=keep_checkpoints,
                         log_every=log_every)
-    run(model, output, settings, overwrite=overwrite, checkpoint_dir=checkpoint_dir, resume=resume)
+    run(model, output, settings, overwrite=overwrite, checkpoint_dir=checkpoint_dir, resume=resume,
+        trust_remote_code=trust_remote_code)
 
 
 def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False, checkpoint_dir: Path | None = None,
-        resume: bool = False) -> None:
+        resume: bool = False, trust_remote_code: bool = False) -> None:
     """Plan, train and write, printing on the main process only: shared with recipes' train sections."""
     from moeify.training import plan as plans
     from moeify.training.display import summary
@@ -136,7 +139,8 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
     with accelerator_for(settings, ui.say) as accelerator:
         say = ui.say if accelerator.is_main_process else (lambda line: None)
         plan = plans.make(model, output, settings, processes=accelerator.num_processes, overwrite=overwrite,
-                          checkpoint_dir=checkpoint_dir, resume=resume, notify=say)
+                          checkpoint_dir=checkpoint_dir, resume=resume, trust_remote_code=trust_remote_code,
+                          notify=say)
         try:
             outcome = Trainer(plan, accelerator, say).run()
         except KeyboardInterrupt:

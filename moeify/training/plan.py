@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moeify import source
 from moeify.errors import MoeifyError
-from moeify.loading import tokenizer_in
+from moeify.loading import Code, code_of, tokenizer_in
 from moeify.output import check_output
 from moeify.spec import Mode
 from moeify.training import data
@@ -31,11 +31,13 @@ Notify = Callable[[str], None]
 class Plan:
     model: str  # as the user named it
     model_dir: Path
+    code: Code  # whose Python builds the model (see moeify.loading)
     record: dict  # the model's moeify.json
     settings: Settings  # complete: the job's defaults filled in
     corpus: data.Corpus
     teacher: str | None  # as named (--teacher or the recorded source); None: no teacher at all
     teacher_dir: Path | None
+    teacher_code: Code | None
     steps: int
     output: Path
     checkpoints: Checkpoints
@@ -50,22 +52,24 @@ class Plan:
 
 
 def make(model: str, output: Path, settings: Settings, *, processes: int = 1, overwrite: bool = False,
-         checkpoint_dir: Path | None = None, resume: bool = False, notify: Notify = lambda line: None) -> Plan:
+         checkpoint_dir: Path | None = None, resume: bool = False, trust_remote_code: bool = False,
+         notify: Notify = lambda line: None) -> Plan:
     output = Path(output).absolute()
     check_output(output, overwrite)
     model_dir = source.resolve(model, notify)
     record = _record(model, model_dir)
+    code = code_of(model_dir, trust_remote_code)
     settings = settings.for_job(Mode(record.get("mode", Mode.UPCYCLE.value)))
     if settings.objective is Objective.LOCAL:
         raise MoeifyError("--objective local is not available in `moeify train` yet; use the default global")
     if settings.batch_size % processes:
         raise MoeifyError(f"--batch-size {settings.batch_size} must divide evenly over the {processes} processes")
-    tokenizer = tokenizer_in(model_dir)
+    tokenizer = tokenizer_in(model_dir, code)
     if tokenizer is None:
         raise MoeifyError(f"{model} has no tokenizer; copy its source's tokenizer files into {model_dir}")
     _check_positions(model_dir, settings.seq_len)
     corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer)
-    teacher, teacher_dir = _teacher(settings, record, model_dir, tokenizer, notify)
+    teacher, teacher_dir, teacher_code = _teacher(settings, record, model_dir, tokenizer, trust_remote_code, notify)
     steps = _steps(settings, len(corpus.train))
     checkpoints = Checkpoints(checkpoint_dir or output.with_name(output.name + ".checkpoints"), settings.keep)
     run = _identity(model_dir, settings, processes)
@@ -73,8 +77,8 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     if not resume and checkpoints.complete() and not overwrite:
         raise MoeifyError(f"{checkpoints.folder} holds checkpoints of an earlier run; pass --resume to continue "
                           f"it or --overwrite to start over")
-    return Plan(model, model_dir, record, settings, corpus, teacher, teacher_dir, steps, output, checkpoints,
-                resume_from, run, overwrite)
+    return Plan(model, model_dir, code, record, settings, corpus, teacher, teacher_dir, teacher_code, steps, output,
+                checkpoints, resume_from, run, overwrite)
 
 
 def _record(model: str, folder: Path) -> dict:
@@ -102,25 +106,28 @@ def _check_positions(folder: Path, seq_len: int) -> None:
                           f"use --seq-len {positions} or less")
 
 
-def _teacher(settings: Settings, record: dict, model_dir: Path, tokenizer,
-             notify: Notify) -> tuple[str | None, Path | None]:
-    """The teacher's name and folder. Needed for distillation; otherwise only for the perplexity ratio."""
+def _teacher(settings: Settings, record: dict, model_dir: Path, tokenizer, trust_remote_code: bool,
+             notify: Notify) -> tuple[str | None, Path | None, Code | None]:
+    """The teacher's name, folder and code. Needed for distillation; otherwise only for the perplexity ratio."""
     name = settings.teacher or record.get("source")
     if settings.distill == 0 and settings.teacher is None:
         try:  # the ratio to the source is worth having, but not worth failing for
-            return (name, _checked_teacher(name, model_dir, tokenizer, notify)) if name else (None, None)
+            return (name, *_checked_teacher(name, model_dir, tokenizer, trust_remote_code, notify)) if name \
+                else (None, None, None)
         except MoeifyError as e:
             notify(f"no perplexity ratio to the source: {e}")
-            return None, None
+            return None, None, None
     if not name:
         raise MoeifyError("distillation needs a teacher and moeify.json names no source; pass --teacher SOURCE "
                           "or --distill 0")
-    return name, _checked_teacher(name, model_dir, tokenizer, notify)
+    return name, *_checked_teacher(name, model_dir, tokenizer, trust_remote_code, notify)
 
 
-def _checked_teacher(name: str, model_dir: Path, tokenizer, notify: Notify) -> Path:
+def _checked_teacher(name: str, model_dir: Path, tokenizer, trust_remote_code: bool,
+                     notify: Notify) -> tuple[Path, Code]:
     folder = source.resolve(name, notify)
-    theirs = tokenizer_in(folder)
+    code = code_of(folder, trust_remote_code)
+    theirs = tokenizer_in(folder, code)
     if theirs is not None and theirs.get_vocab() != tokenizer.get_vocab():
         raise MoeifyError(f"teacher {name} has another tokenizer vocabulary than the student; distill from "
                           f"the model it was converted from (or one sharing its tokenizer)")
@@ -128,7 +135,7 @@ def _checked_teacher(name: str, model_dir: Path, tokenizer, notify: Notify) -> P
     if sizes[0] != sizes[1]:
         raise MoeifyError(f"teacher {name} has {sizes[0]} vocabulary entries, the student {sizes[1]}; "
                           f"they must share one vocabulary")
-    return folder
+    return folder, code
 
 
 def _steps(settings: Settings, sequences: int) -> int:

@@ -110,7 +110,7 @@ def _precision(wanted: Precision, notify: Notify) -> str | None:
     """accelerate's mixed_precision value; None lets a launcher's config decide."""
     gpu = torch.cuda.is_available()
     if wanted is Precision.AUTO:
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":  # a launcher's config asked for it
             return None
         return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
     if wanted is Precision.FP16 and not gpu:
@@ -126,12 +126,13 @@ class Trainer:
         self.plan, self.acc, self.s = plan, accelerator, plan.settings
         self.notify = notify if accelerator.is_main_process else (lambda line: None)
         set_seed(self.s.seed)
-        student = load_model(plan.model_dir)
+        student = load_model(plan.model_dir, plan.code)
         self.selection = select(student, self.s.train, self.s.freeze)
         # Experts run as separate modules (remote format) get no gradient on a process whose tokens
         # chose none of them: DDP must then not wait for them. Fused experts (native) always run.
         accelerator.ddp_handler.find_unused_parameters = _separate_experts(student)
-        self.teacher = load_model(plan.teacher_dir).to(accelerator.device) if plan.teacher_dir else None
+        self.teacher = load_model(plan.teacher_dir, plan.teacher_code).to(accelerator.device) \
+            if plan.teacher_dir else None
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups(self.selection, self.s.lr, self.s.router_lr, self.s.weight_decay),
