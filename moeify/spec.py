@@ -36,6 +36,8 @@ LIMITS: dict[str, float | None] = {
 class Mode(str, Enum):
     UPCYCLE = "upcycle"  # copy each FFN into experts
     SPLIT = "split"  # cut each FFN (or expert) into pieces
+    MERGE = "merge"  # each expert's FFN from its own source model (fine-tunes of one base)
+    EXPAND = "expand"  # grow a MoE by new routed experts
 
 
 class Format(str, Enum):
@@ -47,6 +49,16 @@ class Format(str, Enum):
 class RouterInit(str, Enum):
     RANDOM = "random"  # normal(0, router_std)
     ZEROS = "zeros"  # uniform routing at init
+
+
+class Gate(str, Enum):
+    """How a merge's routers start."""
+
+    RANDOM = "random"  # normal(0, router_std)
+    ZEROS = "zeros"  # uniform routing at init
+    UNIFORM = "uniform"  # U(-1/sqrt(H), 1/sqrt(H)), nn.Linear's own initialisation
+    HIDDEN = "hidden"  # per layer, from the base's FFN inputs on each expert's prompts
+    CHEAP_EMBED = "cheap-embed"  # from the prompts' token embeddings, one row for every layer
 
 
 class Partition(str, Enum):
@@ -98,6 +110,15 @@ class Spec:
     split_router: SplitRouter = SplitRouter.FIT
     calibration: str | None = None  # text or JSONL file, or a datasets name; None: sampled from the source
     calibration_tokens: int = 6144  # calibration tokens: the text's, topped up with samples from the model
+    # merge only (moeify.merge checks them): where each routed expert's FFN comes from with the prompts
+    # that should reach it, the shared experts' sources, and how routers start
+    expert_sources: list | None = None  # [{"source": str, "positive": [str], "negative": [str]}], one per expert
+    shared_sources: list | None = None  # [{"source": str}], one per shared expert
+    gate: Gate = Gate.RANDOM
+    # expand only (moeify.expand checks them): routed experts added per MoE layer, where they come from
+    add: int = 0
+    expand_from: str | None = None  # a model folder or id, "copy:J", or "copy:busiest"
+    freeze_old: bool = False  # record the old experts as frozen (config.json) for training
 
     def __post_init__(self) -> None:
         for f in fields(self):  # coerce strings from YAML/JSON/CLI into enums once, here
