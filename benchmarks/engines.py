@@ -324,7 +324,8 @@ def check(case: Case, work: Path) -> Row:
 def gate_dtypes(work: Path) -> list[str]:
     """The negligible gate row against a zero one, per dtype, in transformers and llama.cpp."""
     source = tiny("llama", work / "dense", **PLAIN_HEADS)
-    lines = ["| engine | dtype | max abs logit: gate row c vs 0 | vs the dense source (same dtype) |", "|---|---|---|---|"]
+    lines = ["| engine | dtype | gate row c vs gate row 0 (max abs logit) | gate row c vs the dense source, same dtype |",
+             "|---|---|---|---|"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
         out = work / f"moe-{name}"
@@ -335,13 +336,19 @@ def gate_dtypes(work: Path) -> list[str]:
         tiny_gate = transformers_run(out, dtype)[0]
         gap = np.abs(tiny_gate - transformers_run(zero, dtype)[0]).max()
         dense = np.abs(tiny_gate - transformers_run(source, dtype)[0]).max()
-        lines.append(f"| transformers | {name} | {gap:.1e} | {dense:.1e} |")
-    for outtype in ("f32", "bf16", "f16"):
-        moe, dense = to_gguf(work / "moe-float32", outtype), to_gguf(source, outtype)
-        ran, base = llama_cpp_run(moe), llama_cpp_run(dense)
-        gap = f"{np.abs(ran[0] - base[0]).max():.1e}" if not isinstance(ran, str) else ran
-        lines.append(f"| llama.cpp | {outtype} GGUF | (gate 0: NaN) | {gap} |")
+        lines.append(f"| transformers | {name} | {gap:.1e} | {dense:.1e} |")  # both in this dtype
+    for outtype, name in (("f32", "float32"), ("bf16", "bfloat16"), ("f16", "float16")):
+        dense = llama_cpp_run(to_gguf(source, outtype))[0]
+        gaps = []
+        for out in (work / f"moe-{name}", work / f"moe-{name}-zero-gate"):
+            ran = llama_cpp_run(to_gguf(out, outtype))
+            gaps.append(ran if isinstance(ran, str) else _gap(ran[0], dense))
+        lines.append(f"| llama.cpp | {outtype} GGUF of the {name} output | gate 0: {gaps[1]} | {gaps[0]} |")
     return lines
+
+
+def _gap(logits: np.ndarray, reference: np.ndarray) -> str:
+    return f"{np.abs(logits - reference).max():.1e}" if np.isfinite(logits).all() else "NaN logits"
 
 
 # ---------------------------------------------------------------------------- report

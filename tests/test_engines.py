@@ -133,6 +133,15 @@ def test_an_engine_that_assumes_head_dim_is_refused(tmp_path, capsys):
     assert run_cli("upcycle", source, "-o", tmp_path / "out", "--experts", 4, "--engine", "vllm") == 0  # Mixtral
 
 
+@pytest.mark.parametrize("dtype,entry", [("bfloat16", 2.0**-60), ("float16", 2.0**-24)])
+def test_the_gate_row_is_non_zero_in_every_dtype(llama, tmp_path, dtype, entry):
+    """float16 cannot hold 2^-60 (it would round to 0, NaN in llama.cpp): its smallest subnormal instead."""
+    source, _ = llama
+    convert(source, tmp_path / "out", Spec(experts=4, topk=2, shared_experts=1, dtype=dtype), source="llama")
+    gate = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert gate.dtype == getattr(torch, dtype) and (gate.float() == entry).all()
+
+
 def test_transformers_only_keeps_the_plain_construction(llama, tmp_path):
     source, _ = llama
     spec = Spec(experts=4, topk=2, shared_experts=1, router_init="zeros", engine="transformers")

@@ -32,9 +32,10 @@ from moeify.transforms import FFN, LazyExperts, MoELayer
 SHARED_GATE = 0.5
 # Every entry of the shared-expert gate row, per dtype: the logit is this times the sum of the
 # normalised hidden state, far below where sigmoid leaves 0.5 (|x| < 2^-25 in float32), yet not 0,
-# where llama.cpp's silu(x)/x is NaN. float16 cannot hold 2^-60: its smallest normal number keeps
-# the logit within float16's own rounding of 0.5 for hidden sums up to about 16.
-GATE_ENTRY = {torch.float16: 2.0**-14}
+# where llama.cpp's silu(x)/x is NaN. float16 cannot hold 2^-60; its smallest subnormal, 2^-24,
+# still gives sigmoid 0.5 exactly there, and llama.cpp's converter keeps this tensor in float32
+# (FFN_GATE_INP_SHEXP in conversion/base.py), where 2^-24 times the hidden sum is not 0.
+GATE_ENTRY = {torch.float16: 2.0**-24}
 GATE_ENTRY_DEFAULT = 2.0**-60
 EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -61,7 +62,7 @@ class QwenMoE(Target):
             return f"{self.name} cannot hold {adapter.model_type}'s layers exactly"
         if adapter.bias:
             return f"{self.name} has no FFN biases"
-        if spec.mode is not Mode.UPCYCLE:
+        if spec.mode in (Mode.SPLIT, Mode.EXPAND):  # a merge is upcycle's construction with other FFNs
             if isinstance(adapter, MoESource):  # its own format, every expert cut into virtual groups: exact
                 return None
             return f"{self.name} renormalises top-k weights, which a split cannot match exactly"
