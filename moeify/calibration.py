@@ -191,7 +191,7 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     if tokenizer is None:
         raise MoeifyError(f"calibration needs the source's tokenizer, which {folder} lacks or cannot load; "
                           f"copy its tokenizer files in")
-    texts = read_texts(text) if text is not None else None
+    texts = read_texts(text, budget) if text is not None else None
     model = load_model(folder, Code.FAMILY)
     batches = token_batches(tokenizer, texts, budget) if texts is not None else []
     missing = budget - sum(b.numel() for b in batches)

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from moeify import calibration, recipe, text, verify
+from moeify.adapters import adapter_for
 from moeify.errors import MoeifyError
 from moeify.spec import MAX_EXPERTS, Spec
 from tests.fixtures import make_tiny, run_cli
+from tests.test_split import add_char_tokenizer
 
 PROSE = "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire.\n"
 
@@ -173,6 +175,16 @@ def test_only_the_prefix_a_caller_needs_is_read(tmp_path):
     assert calibration.read_texts(str(path), tokens=100) == [(PROSE * 1000)[:1600]]
     with pytest.raises(MoeifyError, match="contains NUL bytes"):
         verify.load_text(path)  # asked for everything: the binary tail is seen
+
+
+def test_calibration_reads_only_what_its_token_budget_can_use(tmp_path):
+    llama = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
+    path = tmp_path / "notes.txt"
+    path.write_bytes(PROSE.encode() * 100 + b"\0" * 1000)  # 7900 characters of prose, then binary
+    # One token a character: 100 tokens read 1600 characters (6400 bytes at most), never the NUL bytes.
+    stats = calibration.collect(llama, adapter_for({"model_type": "llama"}), [0], str(path), 100, 0,
+                                coactivation=False)
+    assert stats[0].tokens == 100
 
 
 def test_no_file_is_read_past_max_bytes(tmp_path, monkeypatch):
