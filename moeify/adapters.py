@@ -122,7 +122,7 @@ ADAPTERS: dict[str, Adapter] = {
 def adapter_for(config: dict) -> Adapter:
     """The adapter of a source config, or an error naming the supported families."""
     model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise MoeifyError(f"architecture {model_type!r} is not supported; supported families: {supported}")
     adapter = ADAPTERS[model_type]

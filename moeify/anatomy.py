@@ -15,6 +15,7 @@ from typing import Any
 
 from moeify.errors import MoeifyError
 from moeify.spec import Spec
+from moeify.validation import check_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # What a Python process with moeify, torch and transformers loaded holds before converting
@@ -193,6 +194,7 @@ def ffn_params(hidden: int, width: int, gated: bool, bias: bool) -> int:
 
 def describe(config: dict) -> Anatomy:
     """The anatomy of any checkpoint this config describes: dense, native MoE or moeify remote."""
+    check_config(config)  # every number below is an integer within moeify's bounds, or null
     if config.get("model_type") == "moeify":
         return _remote(config)
     fields = _Fields(config)

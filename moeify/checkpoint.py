@@ -14,14 +14,16 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from moeify.errors import MoeifyError
+from moeify.validation import check_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER = 100_000_000  # bytes of JSON header, as the safetensors library caps it
 
 # safetensors dtype codes, both ways.
 DTYPES: dict[str, torch.dtype] = {
@@ -54,23 +56,9 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header; reject truncated or corrupted files."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise MoeifyError(f"{path} is not a safetensors file (too short); re-download it")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > size - 8:
-            raise MoeifyError(f"{path} is truncated or corrupted (header runs past the end); re-download it")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MoeifyError(f"{path} has a corrupted header; re-download it") from None
-    if not isinstance(header, dict):
-        raise MoeifyError(f"{path} has a corrupted header; re-download it")
-    header.pop("__metadata__", None)
-    infos, data_start, end = {}, 8 + header_len, 0
+    """Parse and validate a safetensors header; reject truncated, corrupted or overlapping files."""
+    header, data_start = _parse_header(path)
+    infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             begin, stop = entry["data_offsets"]
@@ -82,12 +70,44 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if stop - begin != math.prod(shape) * dtype.itemsize:
             raise MoeifyError(f"{path} is corrupted: {name!r} has the wrong byte size; re-download it")
         infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, stop - begin)
-        end = max(end, stop)
-    if data_start + end > size:
-        raise MoeifyError(
-            f"{path} is truncated ({size} bytes, the header promises {data_start + end}); re-download it"
-        )
+    _check_ranges(path, infos, path.stat().st_size)
     return infos
+
+
+def _parse_header(path: Path) -> tuple[dict, int]:
+    """The header's JSON object (without __metadata__) and the offset where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise MoeifyError(f"{path} is not a safetensors file (too short); re-download it")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER:
+            raise MoeifyError(f"{path} is corrupted: its header claims {header_len} bytes, over the "
+                              f"{MAX_HEADER // 10**6} MB safetensors allows; re-download it")
+        if header_len > size - 8:
+            raise MoeifyError(f"{path} is truncated or corrupted (header runs past the end); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
+            raise MoeifyError(f"{path} has a corrupted header; re-download it") from None
+    if not isinstance(header, dict):
+        raise MoeifyError(f"{path} has a corrupted header; re-download it")
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def _check_ranges(path: Path, infos: dict[str, TensorInfo], size: int) -> None:
+    """Tensor bytes lie inside the file and never share a byte (the safetensors library refuses overlaps)."""
+    end, previous = 0, None
+    occupied = (info for info in infos.values() if info.nbytes)  # an empty tensor takes no byte, wherever it points
+    for info in sorted(occupied, key=lambda i: i.offset):
+        if info.offset < end:
+            raise MoeifyError(f"{path} is corrupted: the bytes of {info.name!r} overlap those of "
+                              f"{previous.name!r}; re-download it")
+        end, previous = info.offset + info.nbytes, info
+    if end > size:
+        raise MoeifyError(f"{path} is truncated ({size} bytes, the header promises {end}); re-download it")
 
 
 class Checkpoint:
@@ -100,9 +120,7 @@ class Checkpoint:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.config = _read_config(self.folder)
-        self.tensors: dict[str, TensorInfo] = {}
-        for shard in _shard_files(self.folder):
-            self.tensors.update(read_header(shard))
+        self.tensors: dict[str, TensorInfo] = _read_headers(_shard_files(self.folder))
         if not self.tensors:
             raise MoeifyError(f"{self.folder} holds no tensors; point at a folder with model weights")
 
@@ -136,6 +154,17 @@ class Checkpoint:
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
 
+def _read_headers(shards: list[Path]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in read_header(shard).items():
+            if name in tensors:  # which copy would a loader take? Neither is safe to guess.
+                raise MoeifyError(f"tensor {name!r} is in both {tensors[name].path.name} and {shard.name}; "
+                                  f"re-download the model")
+            tensors[name] = info
+    return tensors
+
+
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
@@ -146,6 +175,7 @@ def _read_config(folder: Path) -> dict:
         raise MoeifyError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
     if not isinstance(config, dict):
         raise MoeifyError(f"{path} is not a JSON object; fix or re-download it")
+    check_config(config)
     return config
 
 
@@ -158,7 +188,10 @@ def _shard_files(folder: Path) -> list[Path]:
                 raise TypeError
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise MoeifyError(f"{index} is corrupted; re-download it") from None
-        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            _check_shard_name(index, name)
+        shards = [folder / name for name in names]
         for shard in shards:
             if not shard.is_file():
                 raise MoeifyError(f"shard {shard.name} is named in {INDEX_FILE} but missing; re-download it")
@@ -167,6 +200,18 @@ def _shard_files(folder: Path) -> list[Path]:
     if not shards:
         raise MoeifyError(f"{folder} has no safetensors weights; convert the checkpoint to safetensors first")
     return shards
+
+
+def _check_shard_name(index: Path, name: str) -> None:
+    """A shard is a file inside the model folder, named relative to it.
+
+    The name is checked, not where it leads: in a Hugging Face cache snapshot every shard is a
+    symlink into ../../blobs, and that is the cache's business, not the index's.
+    """
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise MoeifyError(f"{index} names shard {name!r}, outside the model folder; shards must sit "
+                          f"inside it (re-download the model)")
 
 
 # ---------------------------------------------------------------------------- writing

@@ -26,6 +26,7 @@ from moeify.spec import DType, Spec
 from moeify.targets import choose
 from moeify.targets.base import Target, dtype_name
 from moeify.transforms import FFN, MoELayer, upcycle
+from moeify.validation import check_weights
 
 # Files of the source folder that describe weights or the model itself: never copied verbatim.
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".py", ".ckpt")
@@ -126,15 +127,20 @@ def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transform: Transform = upcycle,
-            adapter: Adapter | None = None,
+            adapter: Adapter | None = None, notes: dict | None = None,
             overwrite: bool = False, on_plan: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> Result:
-    """Convert the checkpoint in source_dir into a MoE checkpoint at output."""
+    """Convert the checkpoint in source_dir into a MoE checkpoint at output.
+
+    adapter: the reader of each layer's FFN (default: the source family's own); a MoESource keeps the
+    source's format and config. notes: more keys for moeify.json (a merge's routing report).
+    """
     started = time.perf_counter()
     ckpt = Checkpoint(source_dir)
     if adapter is None:  # split passes its own reader for MoE sources
         adapter = adapter_for(ckpt.config)
         ckpt = adapter.loaded(ckpt)  # legacy tensor names as the family's model loads them
+    check_weights(ckpt, adapter)  # the weights are the model config.json describes, before anything is planned
     moe_layers = spec.layers(adapter.num_layers(ckpt.config))
     target, reason = choose(adapter, ckpt.config, spec, moe_layers)
     dtype = None if spec.dtype is DType.AUTO else getattr(torch, spec.dtype.value)
@@ -144,9 +150,8 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     on_plan(total_bytes)
     skeleton = job.moe(moe_layers[0], meta=True)  # shapes of the MoE layers, for the config
     out_dtype = dtype or _source_dtype(ckpt)
-    if isinstance(adapter, MoESource):  # a split MoE keeps its own format and config, rescaled
-        config = adapter.split_config(ckpt.config, experts=len(skeleton.experts), topk=skeleton.topk,
-                                      width=skeleton.experts[0].intermediate_size, dtype=dtype_name(out_dtype))
+    if isinstance(adapter, MoESource):  # a MoE source (split, expand) keeps its own format and config, rescaled
+        config = adapter.output_config(ckpt.config, skeleton, dtype_name(out_dtype))
     else:
         config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)
     verdicts = engines.verdicts(config.to_dict(), spec)
@@ -163,7 +168,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
         _copy_side_files(ckpt.folder, staging)
         result.seconds = time.perf_counter() - started
         card.write(staging, result, ckpt.config, ckpt.folder)
-        (staging / "moeify.json").write_text(json.dumps(record(result), indent=2) + "\n")
+        (staging / "moeify.json").write_text(json.dumps(record(result) | (notes or {}), indent=2) + "\n")
     return result
 
 

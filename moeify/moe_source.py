@@ -20,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig
 from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
 from moeify.transforms import FFN, MoELayer, Scoring
+from moeify.validation import transformers_config
 
 GATED = (("gate", "gate_proj.weight"), ("up", "up_proj.weight"), ("down", "down_proj.weight"))
 BIASES = (("gate_bias", "gate_proj.bias"), ("up_bias", "up_proj.bias"), ("down_bias", "down_proj.bias"))
@@ -39,6 +40,21 @@ def field_of(config: dict, path: str, default=None):
         else:
             return value
     return default
+
+
+def _count(config: dict, path: str) -> int:
+    """An integer field (bounded by validation.check_config when config.json was read); one line when absent.
+
+    A field spelled two ways ("num_experts|num_local_experts") must not say two things.
+    """
+    given = {s: field_of(config, s) for s in path.split("|") if field_of(config, s) is not None}
+    if len(set(map(str, given.values()))) > 1:
+        said = " and ".join(f"{s}={v}" for s, v in given.items())
+        raise MoeifyError(f"config.json gives {said}, one number under two names; keep one")
+    value = field_of(config, path)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MoeifyError(f"config.json lacks a valid {path.split('|')[0]!r}; fix or re-download it")
+    return value
 
 
 def _set_field(config: dict, path: str, value) -> None:
@@ -74,16 +90,20 @@ class MoESource:
     sparse_layers: tuple[int, ...] | None = None  # the layers that are MoE; None: every layer
 
     def mlp_path(self, layer: int) -> str:
-        return self.mlp.format(i=layer)
+        return self.mlp.replace("{i}", str(layer))  # never str.format: a moeify config's mlp_path is untrusted
+
+    def loaded_name(self, name: str) -> str:
+        """MoE checkpoints are read under the names they were saved with."""
+        return name
 
     def num_layers(self, config: dict) -> int:
-        return int(field_of(config, self.layers_field))
+        return _count(config, self.layers_field)
 
     def num_experts(self, config: dict) -> int:
-        return int(field_of(config, self.experts_field))
+        return _count(config, self.experts_field)
 
     def topk(self, config: dict) -> int:
-        return int(field_of(config, self.topk_field))
+        return _count(config, self.topk_field)
 
     def activation(self, config: dict) -> str:
         return field_of(config, self.activation_field, "silu")
@@ -108,6 +128,11 @@ class MoESource:
         experts = [FFN(**{role: load(names[f"{j}.{role}"]) for role, _ in self.roles}) for j in range(self.count)]
         return MoELayer(experts=experts, router=load(names["router"]), topk=self.topk(ckpt.config),
                         scoring=self.scoring)
+
+    def output_config(self, config: dict, moe: MoELayer, dtype: str) -> PretrainedConfig:
+        """The config of an output in this source's own format; moe is its first MoE layer (meta tensors)."""
+        return self.split_config(config, experts=len(moe.experts), topk=moe.topk,
+                                 width=moe.experts[0].intermediate_size, dtype=dtype)
 
     def split_config(self, config: dict, experts: int, topk: int, width: int, dtype: str) -> PretrainedConfig:
         """The source's own config with the routed experts' count, top-k and width replaced."""
@@ -141,15 +166,17 @@ MOE_SOURCES: dict[str, MoESource] = {
                   width_field="moe_intermediate_size"),
         MoESource("moeify", native=(), mlp="model.layers.{i}.mlp", router="router.weight", expert="experts.{j}",
                   roles=GATED, experts_field="moe.num_experts", width_field="moe.expert_intermediate_size",
-                  topk_field="moe.num_experts_per_tok", layers_field="base_config.num_hidden_layers",
-                  hidden_field="base_config.hidden_size", activation_field="moe.hidden_act"),
+                  topk_field="moe.num_experts_per_tok",
+                  layers_field="base_config.num_hidden_layers|base_config.n_layer",  # gpt2 names its own
+                  hidden_field="base_config.hidden_size|base_config.n_embd", activation_field="moe.hidden_act"),
     )
 }
 
 
 def moe_source_for(config: dict) -> MoESource | None:
     """The reader of a MoE source's experts, bound to its config; None for a dense source."""
-    source = MOE_SOURCES.get(config.get("model_type"))
+    model_type = config.get("model_type")
+    source = MOE_SOURCES.get(model_type) if isinstance(model_type, str) else None
     if source is None:
         return None
     source = replace(source, count=source.num_experts(config))
@@ -171,6 +198,7 @@ def _bind_moeify(source: MoESource, config: dict) -> MoESource:
     moe = config.get("moe") or {}
     if not isinstance(config.get("base_config"), dict) or "moe_layers" not in moe:
         raise MoeifyError("this moeify checkpoint's config has no base_config or moe.moe_layers; cannot split it")
+    transformers_config(config)  # its config class checks every moe field: one line on a bad one
     if moe.get("aux_free_bias"):
         raise MoeifyError("a moeify checkpoint with aux_free_bias routes with per-expert biases, "
                           "which a split cannot repeat exactly; cannot split it")

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from moeify.output import claim, staged_output
@@ -121,7 +122,10 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None) -> Path:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+        with _quiet_transformers():  # its loading report would list what _refuse_missing names in one line
+            model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32",
+                                                               output_loading_info=True)
+        _refuse_missing(path, model, info["missing_keys"])
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except MoeifyError:
         raise
@@ -135,6 +139,25 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None) -> Path:
                 model.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
     return dest
+
+
+def _refuse_missing(path: Path, model, missing: set[str]) -> None:
+    """A GGUF lacking tensors (or holding none) loads anyway, the missing ones drawn at random: refuse it."""
+    if missing:
+        raise MoeifyError(f"GGUF file {path} lacks {len(missing)} of the {model.config.model_type} model's tensors "
+                          f"(first: {min(missing)}), which would be random numbers; re-download it")
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def fallback_smollm2(notify: Notify) -> Path:

@@ -179,6 +179,106 @@ def test_corrupted_header_is_rejected(tmp_path: Path):
     with pytest.raises(MoeifyError, match="corrupted header"):
         read_header(path)
 
+def with_header(path: Path, header: object, body: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def test_overlapping_byte_ranges_are_rejected(tmp_path: Path):
+    """Two tensors sharing bytes: the safetensors library refuses such a file, and so does moeify."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.randn(4, 4), "b": torch.randn(4, 4)}, path)
+    n = header_len(path)
+    data = path.read_bytes()
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    assert header["a"]["data_offsets"] == [0, 64] and header["b"]["data_offsets"] == [64, 128]
+    header["b"]["data_offsets"] = [32, 96]  # the right size, half inside a's bytes
+    with_header(path, header, body)
+    with pytest.raises(MoeifyError, match="bytes of 'b' overlap those of 'a'"):
+        read_header(path)
+    header["b"]["data_offsets"] = [0, 64]  # the very same bytes
+    with_header(path, header, body)
+    with pytest.raises(MoeifyError, match="overlap"):
+        read_header(path)
+    # Empty tensors occupy no bytes: pointing anywhere, even inside another tensor, is no overlap.
+    header["b"] = {"dtype": "F32", "shape": [0, 4], "data_offsets": [32, 32]}
+    with_header(path, header, body)
+    assert read_header(path)["b"].shape == (0, 4)
+
+
+def test_deeply_nested_header_is_one_clear_error(tmp_path: Path):
+    path = tmp_path / "m.safetensors"
+    text = b'{"w": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"  # json.loads would raise RecursionError
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(MoeifyError, match="corrupted header"):
+        read_header(path)
+
+
+def test_header_over_100_mb_is_refused_unread(tmp_path: Path):
+    """A header length over safetensors' cap is refused before a byte of it is read (the file is sparse)."""
+    path = tmp_path / "m.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 100_000_001))
+        f.truncate(8 + 100_000_001 + 64)
+    with pytest.raises(MoeifyError, match=r"claims 100000001 bytes, over the 100 MB safetensors allows"):
+        read_header(path)
+    with open(path, "r+b") as f:  # absurd lengths too, whatever the file's size
+        f.write(struct.pack("<Q", 2**63))
+    with pytest.raises(MoeifyError, match="over the 100 MB"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("outside", ["../x.safetensors", "ABSOLUTE", "sub/../../x.safetensors", "./../x.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path: Path, outside: str):
+    folder = sharded_folder(tmp_path / "sharded", sample_tensors())
+    stolen = tmp_path / "x.safetensors"  # exists and is valid: only its place is wrong
+    (folder / "model-00002-of-00002.safetensors").rename(stolen)
+    name = str(stolen) if outside == "ABSOLUTE" else outside
+    index = json.loads((folder / INDEX_FILE).read_text())
+    index["weight_map"] = {k: name if v.startswith("model-00002") else v for k, v in index["weight_map"].items()}
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(MoeifyError, match=f"names shard '{name}', outside the model folder"):
+        Checkpoint(folder)
+
+
+def test_hub_cache_snapshot_of_symlinks_is_read(tmp_path: Path):
+    """A Hugging Face cache snapshot: every file is a symlink to ../../blobs/<hash>, which must keep working."""
+    tensors = sample_tensors()
+    plain = sharded_folder(tmp_path / "plain", tensors)
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(plain.iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    ckpt = Checkpoint(snapshot)
+    assert set(ckpt.names()) == set(tensors)
+    assert all(raw(ckpt.read(name)) == raw(tensor) for name, tensor in tensors.items())
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path: Path):
+    tensors = sample_tensors()
+    folder = sharded_folder(tmp_path / "sharded", tensors)
+    first = load_file(folder / "model-00001-of-00002.safetensors")
+    save_file(first | {"g.int8": torch.zeros(5, dtype=torch.int8)}, folder / "model-00001-of-00002.safetensors")
+    with pytest.raises(MoeifyError, match="'g.int8' is in both model-00001-of-00002.safetensors and "
+                                          "model-00002-of-00002.safetensors"):
+        Checkpoint(folder)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers must be an integer from 1 to 1024"),
+    ({"hidden_size": "64"}, "hidden_size must be an integer"),
+    ({"model_type": ["llama"]}, "model_type must be a name"),
+    ({"dtype": "float8"}, "dtype must name a torch floating-point dtype"),
+])
+def test_config_is_checked_when_read(tiny_llama: Path, change: dict, needle: str):
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(MoeifyError, match=needle):
+        Checkpoint(tiny_llama)
+
+
 # ---------------------------------------------------------------------------- writing
 
 
