@@ -9,6 +9,7 @@ import typer
 
 from moeify.commands.apply import apply
 from moeify.commands.inspect import inspect
+from moeify.commands.merge import merge
 from moeify.commands.models import models
 from moeify.commands.push import push
 from moeify.commands.split import split
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
 app.command(epilog="Aliases: see `moeify models`.")(split)
+app.command(epilog="Aliases: see `moeify models`.")(merge)
 app.command()(models)
 app.command(epilog="Aliases: see `moeify models`.")(inspect)
 app.command(epilog="Shipped recipes: see recipes/ (mixtral, deepseekmoe, qwen-moe, switch, split).")(apply)

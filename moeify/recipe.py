@@ -21,6 +21,8 @@ from moeify.spec import Spec
 # What conversion.record adds to the spec in moeify.json: provenance, not instructions.
 RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params",
                          "engines"})
+# What some conversions add to moeify.json beside those: a merge's routing report.
+NOTE_KEYS = frozenset({"routing"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recipes/ at the repo root
 MAX_BYTES = 2**20  # a recipe is a few lines, a moeify.json about a kilobyte: 1 MiB is plenty
@@ -66,7 +68,7 @@ def read(path: Path) -> dict[str, Any]:
 
 def spec_of(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
     """Validate a recipe's fields, with command-line overrides on top, into a Spec."""
-    fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS} | (overrides or {})
+    fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS | NOTE_KEYS} | (overrides or {})
     for name, value in fields_.items():
         _check_type(name, value)
     return Spec.from_dict(fields_)  # unknown keys: one error naming them; numbers checked (and made floats) there

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from moeify import mergekit, ui
 from moeify import recipe as recipes
 from moeify.commands import options
 from moeify.commands.options import OutputOpt, OverwriteOpt, optional
@@ -70,12 +71,21 @@ def apply(
                  max_shard_size=max_shard_size)
     overrides = {k: v for k, v in given.items() if v is not None} | recipes.parse_assignments(set_ or [])
     data = recipes.read(recipes.find(recipe_))
+    if mergekit.is_config(data):  # a mergekit-moe config: the same merge, as moeify does it
+        base, fields, notes = mergekit.recipe(data)
+        for note in notes:
+            ui.say(f"note: {note}")
+        data = fields | {"source": base}
     spec = recipes.spec_of(data, overrides)
     source_name = source_ or data.get("source")
     if not source_name:
         raise MoeifyError("this recipe names no source; pass SOURCE after the recipe")
     if spec.mode is Mode.SPLIT:
         _split(source_name, output, spec, overwrite)
+    elif spec.mode is Mode.MERGE:
+        from moeify.commands.merge import run as merge
+
+        merge(source_name, output, spec, overwrite)
     else:
         run(source_name, output, spec, overwrite)
 

@@ -1,0 +1,206 @@
+"""moeify merge: experts from fine-tunes of one base, in every output format, with prompt-learnt gates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeify.checkpoint import Checkpoint
+from tests.fixtures import logits, make_tiny, run_cli
+from tests.test_cli_errors import assert_one_line_error, leftovers
+from tests.test_split import add_char_tokenizer
+
+# Three kinds of text a character-level tokenizer tells apart; the held-out prompts are not in the files.
+KINDS = {
+    "digits": (["12345 67890 2468", "3141 5926 5358 979", "2718 2818 2845 90", "1 22 333 4444 55555"],
+               ["8080 443 22 21", "99 1000 777 31337"]),
+    "words": (["hello there my friend", "the quick brown fox jumps", "lorem ipsum dolor sit", "over the lazy dog"],
+              ["good morning to you", "jumps over the fence"]),
+    "shout": (["HELLO THERE!!", "WHAT IS THIS?!", "STOP. NOW. PLEASE!", "GO AWAY, YOU!"],
+              ["YES! NO? MAYBE.", "ALL CAPS, ALWAYS!"]),
+}
+TOKENS = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@dataclass
+class Models:
+    root: Path
+    base: Path
+    tunes: dict[str, Path]  # kind -> the base with its FFNs perturbed
+    prompts: dict[str, Path]  # kind -> a text file of its training prompts
+
+
+def fine_tune(base: Path, folder: Path, seed: int, std: float = 0.05) -> Path:
+    """The base with every FFN weight perturbed: a stand-in for a fine-tune that changed its FFNs."""
+    shutil.copytree(base, folder)
+    tensors = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: t + torch.randn(t.shape, generator=gen) * std if ".mlp." in name else t
+               for name, t in tensors.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    root = tmp_path_factory.mktemp("merge")
+    base = add_char_tokenizer(make_tiny("llama", root / "base"))
+    tunes = {kind: fine_tune(base, root / kind, seed) for seed, kind in enumerate(KINDS, start=1)}
+    prompts = {}
+    for kind, (train, _) in KINDS.items():
+        prompts[kind] = root / f"{kind}.txt"
+        prompts[kind].write_text("\n".join(train) + "\n")
+    return Models(root, base, tunes, prompts)
+
+
+def merge(models: Models, output: Path, *args: object, kinds=("digits", "words")) -> int:
+    experts = [a for kind in kinds for a in ("--expert", f"{models.tunes[kind]}:{models.prompts[kind]}")]
+    return run_cli("merge", models.base, *experts, "--output", output, *args)
+
+
+def ffn(folder: Path, layer: int) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {p: ckpt.read(f"model.layers.{layer}.mlp.{p}_proj.weight") for p in ("gate", "up", "down")}
+
+
+def loads_cleanly(folder: Path, remote: bool = False):
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+EXPERT_NAMES = {  # format -> (expert tensor name of (layer, j, projection), shared experts, extra args)
+    "mixtral": (lambda i, j, p: f"model.layers.{i}.block_sparse_moe.experts.{j}.{dict(gate='w1', up='w3', down='w2')[p]}.weight",
+                (), ("--format", "native")),
+    "qwen2_moe": (lambda i, j, p: f"model.layers.{i}.mlp.experts.{j}.{p}_proj.weight",
+                  ("base",), ("--format", "native")),
+    "remote": (lambda i, j, p: f"model.layers.{i}.mlp.experts.{j}.{p}_proj.weight", ("base",),
+               ("--format", "remote")),
+}
+
+
+@pytest.mark.parametrize("target", list(EXPERT_NAMES))
+def test_merged_experts_are_their_sources_ffns(models: Models, tmp_path: Path, target: str):
+    name, shared, args = EXPERT_NAMES[target]
+    out = tmp_path / "out"
+    shared_args = [a for s in shared for a in ("--shared", models.base)]
+    assert merge(models, out, "--gate", "random", *shared_args, *args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == ("moeify" if target == "remote" else target)
+    loads_cleanly(out, remote=target == "remote")
+    merged, base = Checkpoint(out), Checkpoint(models.base)
+    share = 1 / (len(shared) + 1)  # routed and shared outputs are weighted 1/(S+1) each
+    for layer in range(3):
+        for j, kind in enumerate(("digits", "words")):
+            source = ffn(models.tunes[kind], layer)
+            for proj in ("gate", "up"):
+                assert torch.equal(merged.read(name(layer, j, proj)), source[proj])
+            torch.testing.assert_close(merged.read(name(layer, j, "down")), source["down"] * share, rtol=0, atol=0)
+    ffn_names = {n for n in base.names() if ".mlp." in n}
+    for tensor in base.names():
+        if tensor not in ffn_names:
+            assert torch.equal(merged.read(tensor), base.read(tensor)), tensor
+
+
+@pytest.mark.parametrize("fmt", ["native", "remote"])
+def test_merging_the_base_with_itself_computes_the_base(models: Models, tmp_path: Path, fmt: str):
+    out = tmp_path / "out"
+    args = ["--expert", models.base, "--expert", models.base, "--expert", models.base, "--shared", models.base]
+    assert run_cli("merge", models.base, *args, "--topk", 2, "--format", fmt, "--output", out) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == ("qwen2_moe" if fmt == "native" else "moeify")
+    torch.testing.assert_close(logits(out, TOKENS, trust_remote_code=fmt == "remote"), logits(models.base, TOKENS),
+                               rtol=0, atol=1e-5)
+
+
+def own_share(folder: Path, layers: int = 3) -> list[float]:
+    """Per layer, the share of held-out prompt tokens (after the first) whose top-1 expert is their kind's."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hits, total = torch.zeros(layers), 0
+    for e, (_, heldout) in enumerate(KINDS.values()):
+        for prompt in heldout:
+            ids = torch.tensor(tokenizer(prompt)["input_ids"])[None]
+            with torch.no_grad():
+                routers = model(ids, output_router_logits=True).router_logits
+            for layer, r in enumerate(routers):
+                hits[layer] += int((r.reshape(ids.shape[1], -1)[1:].argmax(-1) == e).sum())
+            total += ids.shape[1] - 1
+    return (hits / total).tolist()
+
+
+def test_hidden_gates_route_heldout_prompts_to_their_expert(models: Models, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert merge(models, out, "--gate", "hidden", "--topk", 1, kinds=tuple(KINDS)) == 0
+    shares = own_share(out)
+    # chance is 1/3; spaces appear in two kinds and a tiny random model's states are mostly the token's own
+    assert min(shares) > 0.55 and sum(shares) / 3 > 0.6, shares
+    report = json.loads((out / "moeify.json").read_text())["routing"]
+    assert report["gate"] == "hidden" and len(report["top1_shares"]) == 3 and report["mean_own_share"] > 0.7
+    err = capsys.readouterr().err
+    assert "routing (hidden gates)" in err and "reach their own expert first" in err
+
+
+def test_cheap_embed_gates_share_one_row_across_layers(models: Models, tmp_path: Path):
+    out = tmp_path / "out"
+    assert merge(models, out, "--gate", "cheap-embed", kinds=tuple(KINDS)) == 0
+    ckpt = Checkpoint(out)
+    rows = [ckpt.read(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(3)]
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2]) and rows[0].abs().sum() > 0
+    shares = own_share(out)
+    assert sum(shares) / 3 > 0.4, shares  # weaker than hidden gates, still above chance (1/3) on held-out text
+
+
+def test_a_merge_replays_from_its_moeify_json(models: Models, tmp_path: Path):
+    assert merge(models, tmp_path / "a", "--gate", "hidden", "--granularity", 2, "--noise", 0.01) == 0
+    assert run_cli("apply", tmp_path / "a" / "moeify.json", "--output", tmp_path / "b") == 0
+    first, again = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    assert first.names() == again.names() and len(first.names()) > 30
+    for tensor in first.names():
+        assert torch.equal(first.read(tensor), again.read(tensor)), tensor
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def bad_merge(models: Models, tmp_path: Path, kind: str) -> tuple[list, tuple[str, ...]]:
+    """Arguments of a merge that must be refused, and words its error line must contain."""
+    good = ["--expert", f"{models.tunes['digits']}:{models.prompts['digits']}"]
+    if kind == "family":
+        other = add_char_tokenizer(make_tiny("mistral", tmp_path / "mistral"))
+        return good + ["--expert", other], ("is a mistral model", "BASE is llama")
+    if kind == "hidden size":
+        other = make_tiny("llama", tmp_path / "wide", hidden_size=32)
+        return good + ["--expert", other], ("hidden_size=32", "BASE has 64")
+    if kind == "vocabulary":
+        other = make_tiny("llama", tmp_path / "vocab", vocab_size=300)
+        return good + ["--expert", other], ("vocab_size=300", "211")
+    if kind == "empty prompt file":
+        (tmp_path / "empty.txt").write_text("\n\n")
+        return good + ["--expert", f"{models.tunes['words']}:{tmp_path / 'empty.txt'}"], ("no positive prompt",)
+    if kind == "unknown expert":
+        (tmp_path / "prompts.yaml").write_text("nobody:\n  positive: [hello]\n")
+        return good + ["--expert", models.tunes["words"], "--prompts", tmp_path / "prompts.yaml"], (
+            "names expert 'nobody'", "which no --expert gives")
+    if kind == "no prompts":
+        return good + ["--expert", models.tunes["words"], "--gate", "hidden"], ("needs positive prompts", "expert 1")
+    assert kind == "same prompts"
+    return ["--expert", f"{models.tunes['digits']}:{models.prompts['digits']}",
+            "--expert", f"{models.tunes['words']}:{models.prompts['digits']}"], ("same prompts",)
+
+
+@pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "empty prompt file", "unknown expert",
+                                  "no prompts", "same prompts"])
+def test_bad_merge_is_one_line_and_writes_nothing(models: Models, tmp_path: Path, capsys, kind: str):
+    args, needles = bad_merge(models, tmp_path, kind)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert_one_line_error(capsys, run_cli("merge", models.base, *args, "--output", out), *needles)
+    assert not out.exists() and not leftovers(out)
