@@ -182,8 +182,8 @@ def tie_embeddings(folder: Path) -> None:
 def no_shared_expert(folder: Path) -> None:
     def drop(tensors: dict) -> None:
         for name in [k for k in tensors if ".shared_expert." in k]:
-            shape = tensors[name].shape
-            tensors[name] = tensors[name].new_zeros((shape[0], 0) if name.endswith("down_proj.weight") else (0, shape[1]))
+            rows, columns = tensors[name].shape
+            tensors[name] = tensors[name].new_zeros((rows, 0) if name.endswith("down_proj.weight") else (0, columns))
     edit_tensors(folder, drop)
     edit_config(folder, shared_expert_intermediate_size=0)
 
@@ -206,6 +206,9 @@ class Case:
 ZEROS = {"router_init": "zeros"}  # with --granularity 1: uniform routing, exact without renormalising
 # head_dim 16 = 64 / 4 heads: what llama.cpp's qwen2moe and vLLM's qwen2_moe assume.
 PLAIN_HEADS = {"head_dim": 16}
+# Llama 3.x's rope scaling, strong enough (original context 16) to change 12 tokens' logits.
+LLAMA3_ROPE = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
 
 CASES = [
     Case("mixtral", "llama", {"experts": 4, "topk": 2, "router_std": 0.5}, "Mixtral renormalises, tied embeddings",
@@ -215,11 +218,14 @@ CASES = [
          "granularity (virtual groups)", PLAIN_HEADS),
     Case("mixtral-split", "llama", {"experts": 4, "topk": 2, "router_std": 0.5}, "split of a Mixtral", PLAIN_HEADS,
          split=2),
+    Case("mixtral-llama3-rope", "llama", {"experts": 4, "topk": 2, "router_std": 0.5}, "llama3 rope scaling",
+         PLAIN_HEADS | LLAMA3_ROPE),
     Case("mixtral-sliding", "mistral", {"experts": 4, "topk": 2, "router_std": 0.5}, "sliding window (8 tokens)",
          ),
     Case("qwen2moe-shared", "llama", {"experts": 4, "topk": 2, "shared_experts": 2, **ZEROS},
          "shared experts, uniform routing, explicit lm_head, gate row ≠ 0, zero q/k/v biases", PLAIN_HEADS),
-    Case("qwen2moe-qwen2", "qwen2", {"experts": 4, "topk": 2, **ZEROS}, "no shared experts (1 zero neuron), q/k/v biases"),
+    Case("qwen2moe-qwen2", "qwen2", {"experts": 4, "topk": 2, **ZEROS},
+         "no shared experts (1 zero neuron), q/k/v biases"),
     Case("qwen2moe-random-router", "llama", {"experts": 4, "topk": 2, "shared_experts": 1, "router_std": 0.5},
          "norm_topk_prob true (renormalised)", PLAIN_HEADS),
     Case("qwen2moe-layers", "llama", {"experts": 4, "topk": 2, "moe_layers": "skip-first:1", **ZEROS},
@@ -227,6 +233,8 @@ CASES = [
     Case("qwen2moe-granular", "llama", {"experts": 4, "topk": 2, "granularity": 2, "shared_experts": 1,
                                         "router_std": 0.5}, "granularity (needs renormalisation)", PLAIN_HEADS),
     Case("qwen2moe-head-dim", "llama", {"experts": 4, "topk": 2, "shared_experts": 1, **ZEROS}, "head_dim 24 ≠ 64/4"),
+    Case("qwen2moe-llama3-rope", "llama", {"experts": 4, "topk": 2, "shared_experts": 1, **ZEROS},
+         "llama3 rope scaling", PLAIN_HEADS | LLAMA3_ROPE),
     Case("qwen2moe-sliding", "mistral", {"experts": 4, "topk": 2, "shared_experts": 1, **ZEROS},
          "sliding window (8 tokens)"),
     Case("qwen2moe-zero-gate", "llama", {"experts": 4, "topk": 2, "shared_experts": 1, **ZEROS},
@@ -237,8 +245,8 @@ CASES = [
          edit=no_shared_expert),
     Case("qwen2moe-split", "llama", {"experts": 4, "topk": 2, "shared_experts": 1, **ZEROS},
          "split of a Qwen2-MoE (random router, no renormalisation)", PLAIN_HEADS, split=2, random_router=True),
-    Case("granitemoe", "granite", {"experts": 4, "topk": 2, "router_std": 0.5}, "Granite-MoE: fused experts, multipliers",
-         {"mlp_bias": False}),
+    Case("granitemoe", "granite", {"experts": 4, "topk": 2, "router_std": 0.5},
+         "Granite-MoE: fused experts, multipliers", {"mlp_bias": False}),
     Case("granitemoeshared", "granite", {"experts": 4, "topk": 2, "granularity": 2, "shared_experts": 2,
                                          "router_std": 0.5}, "Granite-MoE-Shared: ungated shared MLP, granularity",
          {"mlp_bias": False}),
@@ -324,8 +332,8 @@ def check(case: Case, work: Path) -> Row:
 def gate_dtypes(work: Path) -> list[str]:
     """The negligible gate row against a zero one, per dtype, in transformers and llama.cpp."""
     source = tiny("llama", work / "dense", **PLAIN_HEADS)
-    lines = ["| engine | dtype | gate row c vs gate row 0 (max abs logit) | gate row c vs the dense source, same dtype |",
-             "|---|---|---|---|"]
+    lines = ["| engine | dtype | gate row c vs gate row 0 (max abs logit) "
+             "| gate row c vs the dense source, same dtype |", "|---|---|---|---|"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
         out = work / f"moe-{name}"
@@ -358,19 +366,33 @@ def support_table() -> list[str]:
     """moeify.engines.TABLE as markdown: what each engine's implementation honours."""
     columns = [("renormalise", "top-k renormalisation"), ("dense_layers", "dense layers"),
                ("tied_embeddings", "tied embeddings"), ("qkv_bias", "q/k/v biases"), ("head_dim", "head_dim"),
-               ("sliding_window", "sliding window"), ("shared_gate_at_zero", "gate logit 0"),
-               ("shared_width_zero", "shared width 0")]
+               ("sliding_window", "sliding window"), ("rope_types", "rope scaling"),
+               ("shared_gate_at_zero", "gate logit 0"), ("shared_width_zero", "shared width 0")]
     lines = ["| engine | architecture | " + " | ".join(t for _, t in columns) + " | read from |",
              "|---" * (len(columns) + 3) + "|"]
     for (engine, arch), h in engines.TABLE.items():
         if engine is Engine.TRANSFORMERS:
             continue
-        cells = [_cell(getattr(h, f)) for f, _ in columns] if h.runs else ["no implementation"] + [""] * (len(columns) - 1)
+        cells = [("—" if f in ABSENT.get(arch, ()) else _cell(getattr(h, f))) for f, _ in columns] if h.runs \
+            else ["no implementation"] + [""] * (len(columns) - 1)
         lines.append(f"| {engines.NAMES[engine]} | {arch} | " + " | ".join(cells) + f" | {h.read_from} |")
     return lines
 
 
+# Features a transformers architecture does not have at all ("—" in the table).
+_NO_SHARED_GATE = {"shared_gate_at_zero", "shared_width_zero"}
+ABSENT = {
+    "mixtral": {"dense_layers", "qkv_bias"} | _NO_SHARED_GATE,
+    "qwen3_moe": _NO_SHARED_GATE,
+    "granitemoe": {"dense_layers", "head_dim", "sliding_window"} | _NO_SHARED_GATE,
+    "granitemoeshared": {"dense_layers", "head_dim", "sliding_window"} | _NO_SHARED_GATE,
+}
+
+
 def _cell(value) -> str:
+    if value is None or isinstance(value, frozenset):  # rope scaling types: None is every one
+        missing = sorted(engines.LLAMACPP_ROPE - (value or engines.LLAMACPP_ROPE))
+        return "✗ " + ", ".join(missing) if missing else "✓"
     return ("✓" if value else "✗") if isinstance(value, bool) else value.value
 
 

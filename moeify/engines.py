@@ -55,6 +55,7 @@ class Honours:
     qkv_bias: QkvBias = QkvBias.CONFIG
     head_dim: bool = True  # an explicit head_dim; False: hidden_size / num_attention_heads is assumed
     sliding_window: bool = True  # a sliding attention window
+    rope_types: frozenset[str] | None = None  # rope scaling types computed (None: all transformers has)
     shared_gate_at_zero: bool = True  # sigmoid(0) = 0.5 for a zero shared-expert gate logit
     shared_width_zero: bool = True  # shared_expert_intermediate_size 0 (no shared expert)
     runs: bool = True  # has an implementation at all
@@ -73,6 +74,10 @@ class Honours:
 # transformers computes every config as written: it is the reference.
 REFERENCE = Honours(read_from="transformers (reference; exactness tests)")
 
+# Rope scaling types llama.cpp's converter writes as hparams (conversion/base.py), plus llama3's
+# frequency factors where the architecture's graph applies them.
+LLAMACPP_ROPE = frozenset({"default", "linear", "yarn", "longrope", "su", "llama3"})
+
 TABLE: dict[tuple[Engine, str], Honours] = {
     **{(Engine.TRANSFORMERS, arch): REFERENCE
        for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "olmoe", REMOTE)},
@@ -80,6 +85,7 @@ TABLE: dict[tuple[Engine, str], Honours] = {
     (Engine.LLAMACPP, "mixtral"): Honours(
         renormalise=Renormalise.ALWAYS,  # build_moe_ffn(..., norm_w = true) in models/llama.cpp
         sliding_window=False,  # models/llama.cpp has no sliding-window attention (Mistral's window is ignored)
+        rope_types=LLAMACPP_ROPE,  # llama3's frequency factors: conversion/llama.py generate_extra_tensors
         read_from="llama.cpp src/models/llama.cpp, conversion/llama.py"),
     (Engine.LLAMACPP, "qwen2_moe"): Honours(
         renormalise=Renormalise.NEVER,  # qwen2moe.cpp calls build_moe_ffn with norm_w = false
@@ -89,11 +95,13 @@ TABLE: dict[tuple[Engine, str], Honours] = {
         sliding_window=False,  # no sliding-window attention in qwen2moe.cpp
         shared_gate_at_zero=False,  # sigmoid computed as silu(x) / x: 0/0 = NaN at x = 0
         shared_width_zero=False,  # every layer needs a shared expert; width 0 falls back to n_ff
+        rope_types=LLAMACPP_ROPE - {"llama3"},  # ggml_rope_ext(..., nullptr): no frequency factors
         read_from="llama.cpp src/models/qwen2moe.cpp, conversion/qwen.py"),
     (Engine.LLAMACPP, "qwen3_moe"): Honours(
         renormalise=Renormalise.ALWAYS,  # qwen3moe.cpp: norm_w = true, norm_topk_prob is not read
         dense_layers=False,  # a router in every layer
         sliding_window=False,
+        rope_types=LLAMACPP_ROPE - {"llama3"},  # as qwen2moe.cpp: no frequency factors
         read_from="llama.cpp src/models/qwen3moe.cpp, conversion/qwen.py"),
     (Engine.LLAMACPP, "granitemoe"): Honours(
         renormalise=Renormalise.ALWAYS,  # models/granite.cpp: build_moe_ffn(..., norm_w = true)
@@ -217,6 +225,9 @@ def _problems(h: Honours, arch: str, config: dict, spec: Spec) -> list[tuple[str
     head_dim, derived = config.get("head_dim"), _derived_head_dim(config)
     if not h.head_dim and head_dim and head_dim != derived:
         found.append((f"assumes head_dim = hidden_size / heads = {derived}, not {head_dim}", ""))
+    rope = rope_type(config)
+    if h.rope_types is not None and rope not in h.rope_types:
+        found.append((f"ignores {rope} rope scaling", ""))
     window = sliding_window(config)
     if not h.sliding_window and window:
         found.append((f"ignores the {window}-token sliding window: the same only within it", ""))
@@ -235,6 +246,13 @@ def renormalised(arch: str, config: dict) -> bool | None:
 def dense_layers(config: dict) -> bool:
     """Whether some decoder layer keeps a dense FFN (Qwen-MoE's mlp_only_layers, decoder_sparse_step)."""
     return bool(config.get("mlp_only_layers")) or int(config.get("decoder_sparse_step") or 1) > 1
+
+
+def rope_type(config: dict) -> str:
+    """The config's rope scaling type ("default" without scaling)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    params = params.get("full_attention", params) if isinstance(params, dict) else {}
+    return str(params.get("rope_type") or params.get("type") or "default")
 
 
 def sliding_window(config: dict) -> int | None:

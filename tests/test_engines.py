@@ -70,6 +70,15 @@ def test_renormalisation_matters_only_below_every_expert():
     assert verdict(qwen3, Engine.VLLM).exact
 
 
+def test_llama3_rope_scaling_is_lost_in_llamacpp_qwen_moe_only():
+    """llama.cpp writes Llama 3's rope frequency factors for its llama architecture; qwen2moe.cpp applies none."""
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    assert "ignores llama3 rope scaling" in verdict(qwen2_moe(rope_parameters=rope), Engine.LLAMACPP).reason
+    assert verdict(qwen2_moe(rope_parameters=rope), Engine.VLLM).exact
+    assert verdict(MixtralConfig(num_local_experts=4, rope_parameters=rope), Engine.LLAMACPP).exact
+
+
 def test_mistral_sliding_window_is_ignored_by_both_mixtral_engines():
     windowed = MixtralConfig(num_local_experts=4, sliding_window=4096)
     assert verdict(MixtralConfig(num_local_experts=4), Engine.LLAMACPP).exact
@@ -80,9 +89,8 @@ def test_mistral_sliding_window_is_ignored_by_both_mixtral_engines():
 def test_remote_format_runs_in_transformers_only():
     found = engines.verdicts({"model_type": "moeify"}, Spec(format="remote"))
     assert [v.exact for v in found] == [True, False, False]
-    assert engines.line(found) == ("transformers ✓, vLLM ✗ (remote format: no implementation of its code; would with "
-                                   "a native format (drop --format remote)), llama.cpp ✗ (remote format: no "
-                                   "implementation of its code; would with a native format (drop --format remote))")
+    no_code = "(remote format: no implementation of its code; would with a native format (drop --format remote))"
+    assert engines.line(found) == f"transformers ✓, vLLM ✗ {no_code}, llama.cpp ✗ {no_code}"
 
 
 # ---------------------------------------------------------------------------- constructions
@@ -176,7 +184,8 @@ def test_engine_llamacpp_refuses_in_one_line_before_writing(llama, tmp_path, cap
     capsys.readouterr()
     assert run_cli("upcycle", source, "-o", tmp_path / "out", "--experts", 4, *args, "--engine", "llamacpp") == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --engine llamacpp: llama.cpp would not compute") and says in lines[0]
+    assert len(lines) == 1 and says in lines[0]
+    assert lines[0].startswith("error: --engine llamacpp: llama.cpp would not compute this output exactly (")
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
@@ -237,4 +246,4 @@ def test_llamacpp_claim_holds(name, tmp_path):
         pytest.fail(str(e))  # asked for with -m engines: a missing engine is a failure, with how to install it
     row = bench.check(next(c for c in bench.CASES if c.name == name), tmp_path)
     assert row.exactness < 1e-4, "transformers is exact against the source"
-    assert row.holds, f"moeify says {row.claim.line()}, llama.cpp gave {row.engine_gap} (greedy same: {row.greedy_same})"
+    assert row.holds, f"moeify says {row.claim.line()}; llama.cpp: {row.engine_gap}, greedy same: {row.greedy_same}"
