@@ -18,8 +18,10 @@ if TYPE_CHECKING:
     from moeify.conversion import Result
 
 CARD = "README.md"
-# A Hub cache folder names its repo: .../models--org--name/snapshots/<sha>
-_CACHED_REPO = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
+# The Hub's base_model_relation for an output whose source weights are a repo's own (we change them).
+FINETUNE = "finetune"
+# ... and for a source that is a quantized copy of the repo (dequantized again: the rounding stays).
+QUANTIZED = "quantized"
 
 
 def human(count: float, unit: str = "") -> str:
@@ -48,15 +50,17 @@ def source_license(source_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def base_model(source: str, source_dir: Path | None = None) -> str | None:
-    """The Hub repo a source came from: its id or alias, or the Hub cache folder it sits in."""
-    from moeify.source import hub_repo_of
+def base_of(resolved: dict) -> tuple[str | None, str | None]:
+    """The Hub repo whose weights the source holds, and the Hub's base_model_relation to it.
 
-    repo = hub_repo_of(source)
-    if repo:
-        return repo
-    match = _CACHED_REPO.search(str(Path(source_dir).resolve()) + "/") if source_dir else None
-    return f"{match.group(1)}/{match.group(2)}" if match else None
+    Only what the source resolved to counts (source.provenance), not the name typed: the offline
+    copy behind the smollm2-135m alias is a dequantized Q4_1 GGUF, not the repo's own weights.
+    """
+    if resolved.get("kind") == "hub":
+        return str(resolved["repo"]), FINETUNE
+    if resolved.get("kind") == "gguf" and resolved.get("repo"):
+        return str(resolved["repo"]), QUANTIZED
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,9 @@ class Facts:
     architecture: str  # the source family (llama, qwen2, ...)
     num_layers: int
     base_model: str | None = None
+    relation: str = FINETUNE  # base_model_relation, when there is a base_model
     license: str | None = None
+    dtype: str | None = None  # of the written weights (config.json's dtype)
     repo_id: str | None = None  # where the model lives on the Hub, once pushed
     weight_bytes: int = 0  # size of the safetensors shards
 
@@ -79,7 +85,7 @@ def render(facts: Facts) -> str:
     meta: dict = {}
     if facts.base_model:
         meta["base_model"] = facts.base_model
-        meta["base_model_relation"] = "finetune"
+        meta["base_model_relation"] = facts.relation
     if facts.license:
         meta["license"] = facts.license
     meta["library_name"] = "transformers"
@@ -92,8 +98,9 @@ def render(facts: Facts) -> str:
 # {facts.title}
 
 A Mixture-of-Experts model made from {_source_link(record.get("source", "?"), facts.base_model)} by
-[moeify](https://pypi.org/project/moeify/) ({record.get("mode", "upcycle")}). The chosen layers' FFNs
+moeify {record.get("moeify_version", "")} ({record.get("mode", "upcycle")}). The chosen layers' FFNs
 became experts behind a new router; attention, norms and embeddings are the source's, unchanged.
+{_provenance(record)}
 
 ## Conversion
 
@@ -152,8 +159,27 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
     else:
         rows += [("router init", f"{spec.router_init.value} (std {spec.router_std})"),
                  ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}")]
-    return rows + [("seed", str(spec.seed)), ("dtype", spec.dtype.value),
+    return rows + [("seed", str(spec.seed)), ("dtype", _dtype(spec.dtype.value, facts.dtype)),
                    ("moeify version", str(record.get("moeify_version", "?")))]
+
+
+def _dtype(asked: str, written: str | None) -> str:
+    if not written:
+        return asked
+    return f"{written} (the source's)" if asked == "auto" else written
+
+
+def _provenance(record: dict) -> str:
+    from moeify.source import describe
+
+    resolved = record.get("resolved")
+    if not isinstance(resolved, dict):
+        return ""
+    line = f"\nThe source's weights: {describe(resolved)}."
+    if resolved.get("kind") == "gguf":
+        line += (" They are not the original weights: quantization rounded them, and dequantizing "
+                 "does not bring the lost precision back.")
+    return line + "\n"
 
 
 def _engines(recorded: dict) -> str:
@@ -173,11 +199,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _usage(repo: str, remote: bool) -> str:
+    # Both: AutoTokenizer reads config.json too, and with an auto_map it asks on stdin otherwise.
     extra = ", trust_remote_code=True" if remote else ""
     return f"""from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{repo}"{extra})
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}"{extra})
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))"""
 
@@ -209,10 +236,13 @@ def write(folder: Path, result: Result, source_config: dict, source_dir: Path) -
     """The card of a conversion being written into folder (moeify.json may not exist yet)."""
     from moeify.conversion import record
 
+    base, relation = base_of(result.resolved)
+    config = json.loads((Path(folder) / "config.json").read_text())  # written before the card
     facts = Facts(title=Path(result.output).name, record=record(result),
                   architecture=source_config.get("model_type", "unknown"), num_layers=result.num_layers,
-                  base_model=base_model(result.source, source_dir), license=source_license(source_dir),
-                  weight_bytes=weight_bytes(folder))
+                  base_model=base, relation=relation or FINETUNE,
+                  license=result.resolved.get("license") or source_license(source_dir),
+                  dtype=_config_dtype(config), weight_bytes=weight_bytes(folder))
     (Path(folder) / CARD).write_text(render(facts))
 
 
@@ -240,11 +270,17 @@ def refreshed(folder: Path, repo_id: str) -> str:
         architecture = (base_config or {}).get("model_type") or (known[0] if known else config.get("model_type"))
         facts = Facts(title=repo_id.split("/")[-1], record=record, architecture=str(architecture),
                       num_layers=len(describe(config).blocks), base_model=old.get("base_model"),
-                      license=old.get("license"), repo_id=repo_id, weight_bytes=weight_bytes(folder))
+                      relation=str(old.get("base_model_relation") or FINETUNE), license=old.get("license"),
+                      dtype=_config_dtype(config), repo_id=repo_id, weight_bytes=weight_bytes(folder))
         return render(facts)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MoeifyError(f"{folder}/moeify.json or config.json is not what moeify wrote ({type(e).__name__}: {e}); "
                           f"convert again") from None
+
+
+def _config_dtype(config: dict) -> str | None:
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def _json_object(path: Path) -> dict:

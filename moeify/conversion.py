@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moeify import __version__, card, engines
+from moeify import source as sources
 from moeify.adapters import Adapter, adapter_for
 from moeify.checkpoint import Checkpoint, PlannedTensor, write_shards
 from moeify.output import staged_output
@@ -52,6 +53,7 @@ class Result:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     engines: list[engines.Verdict] = field(default_factory=list)  # which engines compute it exactly
+    resolved: dict = field(default_factory=dict)  # what the source resolved to: source.provenance
 
 
 class _LayerCache:
@@ -160,7 +162,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes,
-                    engines=verdicts)
+                    engines=verdicts, resolved=sources.provenance(source_dir))
     with staged_output(output, overwrite, protect=[source_dir]) as staging:
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
         config.save_pretrained(staging)
@@ -175,7 +177,8 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
 def record(result: Result) -> dict:
     """moeify.json: the spec (a valid recipe by itself) plus where it came from."""
     return result.spec.to_dict() | {
-        "source": result.source,
+        "source": sources.public_name(result.source, result.resolved),  # never an absolute path
+        "resolved": result.resolved,
         "moeify_version": __version__,
         "target": result.target,
         "moe_layer_indices": result.moe_layers,

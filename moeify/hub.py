@@ -47,6 +47,8 @@ def source_config(source: str, notify: Callable[[str], None] = lambda line: None
     from moeify import source as sources
 
     path = Path(source).expanduser()
+    if sources.looks_like_path(source) and not path.exists():
+        raise sources.no_such_folder(source)
     if path.is_file() and path.name == "config.json":
         return read_config(path), path.parent
     if path.is_dir():
@@ -71,15 +73,20 @@ def source_config(source: str, notify: Callable[[str], None] = lambda line: None
 def _download_config(repo: str) -> str:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    from moeify.source import Reach, hub_reach, unreachable
+
+    online = hub_reach() is Reach.ONLINE  # one probe per run; offline, huggingface_hub answers from its cache
     try:
         return hf_hub_download(repo, "config.json")
     except GatedRepoError:
         raise MoeifyError(f"{repo} is gated; accept its license on the Hub and log in with `hf auth login`") from None
     except RepositoryNotFoundError:
         raise MoeifyError(f"{repo} was not found on the Hub; check the name (or log in for a private repo)") from None
-    except Exception as e:  # offline, no network, proxy: the same to the user
-        raise MoeifyError(f"cannot fetch config.json of {repo} from the Hub ({type(e).__name__}); "
-                          f"pass a local model folder instead") from None
+    except Exception as e:  # no network, proxy: the same to the user
+        if not online:
+            raise unreachable(repo, "config.json") from None
+        raise MoeifyFailure(f"cannot fetch config.json of {repo} from the Hub ({type(e).__name__}); "
+                            f"pass a local model folder instead") from None
 
 
 # ---------------------------------------------------------------------------- publishing

@@ -20,7 +20,7 @@ from moeify.spec import Spec
 
 # What conversion.record adds to the spec in moeify.json: provenance, not instructions.
 RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params",
-                         "engines"})
+                         "engines", "resolved"})
 # What some conversions add to moeify.json beside those: a merge's routing report.
 NOTE_KEYS = frozenset({"routing"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).

