@@ -309,6 +309,18 @@ def public_name(source: str, resolved: dict) -> str:
     return Path(source).expanduser().resolve().name
 
 
+def identity(resolved: dict) -> str:
+    """A provenance record in a few words, for one line on a terminal."""
+    kind = resolved.get("kind")
+    if kind == "hub":
+        return f"{resolved.get('repo')} at revision {str(resolved.get('revision'))[:12]}"
+    if kind == "gguf":
+        return f"the GGUF file {resolved.get('file')} (sha256 {str(resolved.get('sha256'))[:12]}…)"
+    if kind == "folder":
+        return f"the folder {resolved.get('name')} (weights sha256 {str(resolved.get('weights_sha256'))[:12]}…)"
+    return "an unrecorded source"
+
+
 def describe(resolved: dict) -> str:
     """One phrase for the card: where the weights came from, in Markdown."""
     kind = resolved.get("kind")

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from moeify import mergekit, ui
+from moeify import mergekit, source, ui
 from moeify import recipe as recipes
 from moeify.commands import options
 from moeify.commands.options import OutputOpt, OverwriteOpt, optional
@@ -80,6 +80,7 @@ def apply(
     source_name = source_ or data.get("source")
     if not source_name:
         raise MoeifyError("this recipe names no source; pass SOURCE after the recipe")
+    _check_replay(data, source_name, explicit=source_ is not None)
     if spec.mode is Mode.SPLIT:
         _split(source_name, output, spec, overwrite)
     elif spec.mode is Mode.MERGE:
@@ -88,6 +89,27 @@ def apply(
         merge(source_name, output, spec, overwrite)
     else:
         run(source_name, output, spec, overwrite)
+
+
+def _check_replay(data: dict, source_name: str, explicit: bool) -> None:
+    """A moeify.json records the weights it was made from (source.provenance).
+
+    A replay (no SOURCE given) promises the same output, so other weights behind the same name
+    (a new Hub revision, the offline copy of an alias, an edited folder) are refused; a SOURCE
+    given on purpose is the recipe applied to another model, which is said in one line.
+    """
+    recorded = data.get("resolved")
+    if not isinstance(recorded, dict):
+        return  # a recipe, or a moeify.json older than provenance records
+    resolved = source.provenance(source.resolve(source_name, notify=ui.say))
+    if source.same_source(recorded, resolved):
+        return
+    was, now = source.identity(recorded), source.identity(resolved)
+    if explicit:
+        ui.say(f"note: the recipe's conversion was made from {was}; {source_name} is {now}: not a replay")
+        return
+    raise MoeifyError(f"this moeify.json was made from {was}, but {source_name} is now {now}, so the replay "
+                      f"would differ; pass SOURCE after the recipe to convert it anyway")
 
 
 def _split(source_name: str, output, spec: Spec, overwrite: bool) -> None:
