@@ -8,6 +8,7 @@ import sys
 import typer
 
 from moeify.commands.apply import apply
+from moeify.commands.expand import expand
 from moeify.commands.inspect import inspect
 from moeify.commands.merge import merge
 from moeify.commands.models import models
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
 app.command(epilog="Aliases: see `moeify models`.")(split)
 app.command(epilog="Aliases: see `moeify models`.")(merge)
+app.command()(expand)
 app.command()(models)
 app.command(epilog="Aliases: see `moeify models`.")(inspect)
 app.command(epilog="Shipped recipes: see recipes/ (mixtral, deepseekmoe, qwen-moe, switch, split).")(apply)

@@ -21,8 +21,8 @@ from moeify.spec import Spec
 # What conversion.record adds to the spec in moeify.json: provenance, not instructions.
 RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params",
                          "engines", "resolved"})
-# What some conversions add to moeify.json beside those: a merge's routing report.
-NOTE_KEYS = frozenset({"routing"})
+# What some conversions add to moeify.json beside those: a merge's routing report, an expansion's facts.
+NOTE_KEYS = frozenset({"routing", "expansion"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recipes/ at the repo root
 MAX_BYTES = 2**20  # a recipe is a few lines, a moeify.json about a kilobyte: 1 MiB is plenty

@@ -160,7 +160,9 @@ def test_cheap_embed_gates_share_one_row_across_layers(models: Models, tmp_path:
 
 def test_a_merge_replays_from_its_moeify_json(models: Models, tmp_path: Path):
     assert merge(models, tmp_path / "a", "--gate", "hidden", "--granularity", 2, "--noise", 0.01) == 0
-    assert run_cli("apply", tmp_path / "a" / "moeify.json", "--output", tmp_path / "b") == 0
+    record = json.loads((tmp_path / "a" / "moeify.json").read_text())
+    assert record["source"] == "base"  # a local folder is recorded by name: a replay names it again
+    assert run_cli("apply", tmp_path / "a" / "moeify.json", models.base, "--output", tmp_path / "b") == 0
     first, again = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
     assert first.names() == again.names() and len(first.names()) > 30
     for tensor in first.names():

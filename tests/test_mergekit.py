@@ -44,7 +44,7 @@ def test_a_mergekit_moe_config_applies(models: Models, tmp_path: Path):
     assert torch.equal(merged.read("model.layers.1.block_sparse_moe.experts.1.w1.weight"),
                        source.read("model.layers.1.mlp.gate_proj.weight"))
     record = json.loads((out / "moeify.json").read_text())
-    assert record["mode"] == "merge" and record["gate"] == "hidden" and record["source"] == str(models.base)
+    assert record["mode"] == "merge" and record["gate"] == "hidden" and record["source"] == "base"
     assert record["expert_sources"][0]["negative"] == KINDS["words"][0][:1]
     assert record["routing"]["mean_own_share"] > 0.5
 

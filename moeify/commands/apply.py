@@ -87,6 +87,11 @@ def apply(
         from moeify.commands.merge import run as merge
 
         merge(source_name, output, spec, overwrite)
+    elif spec.mode is Mode.EXPAND:
+        from moeify.commands.expand import run as expand
+
+        expand(source_name, output, overwrite, add=spec.add, expand_from=spec.expand_from, freeze_old=spec.freeze_old,
+               noise=spec.noise, dtype=spec.dtype, seed=spec.seed, max_shard_size=spec.max_shard_size)
     else:
         run(source_name, output, spec, overwrite)
 

@@ -34,6 +34,8 @@ class Remote(Target):
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
         base = adapter.mlp_path(layer)
         tensors: list[LayerTensor] = [(f"{base}.router.weight", lambda m: m.router)]
+        if getattr(moe, "selection_bias", None) is not None:  # (E,) float32: top-k selection only (expand)
+            tensors.append((f"{base}.router.expert_bias", lambda m: m.selection_bias))
         for j in range(len(moe.experts)):
             tensors += _ffn_tensors(f"{base}.experts.{j}", moe.experts[0], lambda m, j=j: m.experts[j])
         for s in range(len(moe.shared)):
