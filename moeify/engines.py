@@ -8,11 +8,12 @@ with each such feature, read from its code:
 
 - llama.cpp, as vendored in llama-cpp-python 0.3.36: src/models/llama.cpp (Mixtral is its
   "llama" architecture with experts), src/models/qwen2moe.cpp, src/models/qwen3moe.cpp,
-  src/models/granite-moe.cpp, src/models/olmoe.cpp, src/llama-graph.cpp (build_moe_ffn), and its
-  converter convert_hf_to_gguf.py with conversion/{llama,qwen,granite,olmo}.py. Every claim is
+  src/models/granite-moe.cpp and granite.cpp, src/llama-graph.cpp (build_moe_ffn), and its
+  converter convert_hf_to_gguf.py with conversion/{base,llama,qwen,granite}.py. Every claim is
   also checked by running llama.cpp on tiny models: benchmarks/engines.py, `pytest -m engines`.
-- vLLM: vllm/model_executor/models/{mixtral,qwen2_moe,qwen3_moe,granitemoe,granitemoeshared,
-  olmoe}.py as stored in the search index. Read only: vLLM needs a GPU and is not run here.
+- vLLM: vllm/model_executor/models/{mixtral,qwen2_moe,qwen3_moe,granitemoe,granitemoeshared}.py
+  as stored in the search index (not necessarily the newest versions). Read only: vLLM needs a
+  GPU and is not run here.
 
 Targets consult the table to choose constructions every engine in scope computes exactly
 (`all_honour`; scope: all three for --engine any, else the one asked for and transformers),
@@ -80,7 +81,7 @@ LLAMACPP_ROPE = frozenset({"default", "linear", "yarn", "longrope", "su", "llama
 
 TABLE: dict[tuple[Engine, str], Honours] = {
     **{(Engine.TRANSFORMERS, arch): REFERENCE
-       for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "olmoe", REMOTE)},
+       for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", REMOTE)},
     # Mixtral: llama.cpp's "llama" architecture with experts.
     (Engine.LLAMACPP, "mixtral"): Honours(
         renormalise=Renormalise.ALWAYS,  # build_moe_ffn(..., norm_w = true) in models/llama.cpp
@@ -238,7 +239,7 @@ def renormalised(arch: str, config: dict) -> bool | None:
     """Whether transformers renormalises this config's top-k weights (None: not a routed MoE)."""
     if arch in ("mixtral", "granitemoe", "granitemoeshared"):  # softmax over the top-k logits: renormalised
         return True
-    if arch in ("qwen2_moe", "qwen3_moe", "olmoe"):
+    if arch in ("qwen2_moe", "qwen3_moe"):
         return bool(config.get("norm_topk_prob"))
     return None
 
