@@ -3,8 +3,8 @@
 Two checks, each failing with one line that names the field or tensor:
 
 - `check_config`: the numbers moeify sizes loops and tensors by are integers within bounds,
-  `model_type` is a name, `dtype` a torch floating-point dtype. config.json alone, no imports;
-  it runs on every config.json a checkpoint is read with.
+  `model_type` is a name, `dtype` a torch floating-point dtype. config.json alone, so it runs
+  on every config.json a checkpoint is read with, and before `moeify inspect` counts anything.
 - `check_weights`: the tensors transformers builds from config.json, instantiated on the meta
   device (shapes, no memory), against the checkpoint's headers: the decoder layers the config
   counts, every tensor present with the shape the config implies, none the model would drop.
@@ -136,45 +136,6 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     _remember(verdict)
 
 
-def _check_expected(model: nn.Module, expected: dict, found: dict, config: dict) -> None:
-    """Every tensor the model has is in the weights (unless tied or filled in by transformers), shaped alike."""
-    optional = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
-    for name, shape in expected.items():
-        if name not in found:
-            if name in model.all_tied_weights_keys or optional.search(name):
-                continue  # tied to the embedding, or transformers fills it itself
-            raise MoeifyError(f"tensor {name} {_shape(shape)} of the {_family(config)} model config.json "
-                              f"describes is missing from the weights: the checkpoint is incomplete, or "
-                              f"config.json is not its config; re-download the model")
-        if found[name] != shape:
-            raise MoeifyError(f"{name} is {_shape(found[name])} in the weights but config.json implies "
-                              f"{_shape(shape)}{_culprits(config, found[name], shape)}; {FIX}")
-
-
-def _verdict(ckpt: Checkpoint) -> Path:
-    """Where a passed check of exactly this config and these tensor shapes is remembered.
-
-    Building the model imports transformers' modeling code, which costs more than the rest of an
-    upcycle's start-up (see the README); a conversion repeated on the same source skips it. The key
-    holds all the check reads, plus the transformers version and this module's own text.
-    """
-    import transformers
-
-    from moeify.source import cache_dir
-
-    shapes = sorted((name, info.shape) for name, info in ckpt.tensors.items())
-    key = json.dumps([ckpt.config, shapes, transformers.__version__, _CODE], sort_keys=True, default=str)
-    return cache_dir() / "checked" / hashlib.sha256(key.encode()).hexdigest()
-
-
-def _remember(verdict: Path) -> None:
-    try:
-        verdict.parent.mkdir(parents=True, exist_ok=True)
-        verdict.touch()
-    except OSError:  # a read-only cache costs the next run the check, nothing else
-        pass
-
-
 def _check_layer_count(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     """The decoder layers the weights hold, against the count config.json states."""
     prefix = reader.mlp.split("{i}")[0]  # "model.layers.", "transformer.h."
@@ -208,6 +169,45 @@ def _check_read(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
                 raise MoeifyError(f"tensor {name} (layer {layer}'s FFN in the {_family(config)} model config.json "
                                   f"describes) is missing from the weights: the checkpoint is incomplete, or "
                                   f"config.json is not its config; re-download the model")
+
+
+def _check_expected(model: nn.Module, expected: dict, found: dict, config: dict) -> None:
+    """Every tensor the model has is in the weights (unless tied or filled in by transformers), shaped alike."""
+    optional = _patterns(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    for name, shape in expected.items():
+        if name not in found:
+            if name in model.all_tied_weights_keys or optional.search(name):
+                continue  # tied to the embedding, or transformers fills it itself
+            raise MoeifyError(f"tensor {name} {_shape(shape)} of the {_family(config)} model config.json "
+                              f"describes is missing from the weights: the checkpoint is incomplete, or "
+                              f"config.json is not its config; re-download the model")
+        if found[name] != shape:
+            raise MoeifyError(f"{name} is {_shape(found[name])} in the weights but config.json implies "
+                              f"{_shape(shape)}{_culprits(config, found[name], shape)}; {FIX}")
+
+
+def _verdict(ckpt: Checkpoint) -> Path:
+    """Where a passed check of exactly this config and these tensor shapes is remembered.
+
+    The first model built in a process imports transformers' modeling code (about 1 s of CPU, five
+    times the check itself on SmolLM2-135M); a conversion repeated on the same source skips both.
+    The key holds all the check reads, plus the transformers version and this module's own text.
+    """
+    import transformers
+
+    from moeify.source import cache_dir
+
+    shapes = sorted((name, info.shape) for name, info in ckpt.tensors.items())
+    key = json.dumps([ckpt.config, shapes, transformers.__version__, _CODE], sort_keys=True, default=str)
+    return cache_dir() / "checked" / hashlib.sha256(key.encode()).hexdigest()
+
+
+def _remember(verdict: Path) -> None:
+    try:
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        verdict.touch()
+    except OSError:  # a read-only cache costs the next run the check, nothing else
+        pass
 
 
 def empty_model(config: dict) -> nn.Module:

@@ -1,4 +1,4 @@
-"""validation.py: a model folder whose config.json and weights disagree is refused in one line, before anything is written.
+"""validation.py: a folder whose config.json and weights disagree is refused in one line, before any write.
 
 Through the CLI where it is about what the user sees (exit code 2, one `error:` line naming the
 field or tensor, the source untouched, nothing written beside it), and the validator itself on
@@ -250,8 +250,9 @@ def test_every_moe_source_as_saved_passes(tmp_path: Path):
                make_qwen_moe("qwen2_moe", tmp_path / "qwen2-0", shared_expert_intermediate_size=0)]
     for family in ("gpt2", "gpt_neox", "phi3"):  # remote outputs over families with their own names
         dense = make_tiny(family, tmp_path / family)
-        assert run_cli("upcycle", dense, "--experts", 2, "--format", "remote", "--output", tmp_path / f"r-{family}") == 0
-        sources.append(tmp_path / f"r-{family}")
+        remote_output = tmp_path / f"r-{family}"
+        assert run_cli("upcycle", dense, "--experts", 2, "--format", "remote", "--output", remote_output) == 0
+        sources.append(remote_output)
     for folder in sources:
         ckpt, reader = saved(folder)
         assert reader.model_type in ("mixtral", "moeify", "qwen3_moe", "qwen2_moe"), folder
