@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -116,23 +116,38 @@ def hub_reach() -> Reach:
 
 
 def _probe(endpoint: str) -> bool:
-    """A TCP connection to the endpoint (or the HTTPS proxy), within PROBE_SECONDS, name lookup included."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlsplit(proxy or endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """An HTTP answer (any status) from the endpoint within PROBE_SECONDS, name lookup included.
+
+    A TCP connection is not enough: some networks accept every connection and then stay silent.
+    """
+    url = urlsplit(endpoint)
     answered: list[bool] = []
 
-    def connect() -> None:
+    def ask() -> None:
         try:
-            socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+            connection = _connection(url)
+            connection.request("HEAD", "/")
+            connection.getresponse()
             answered.append(True)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
 
-    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    thread = threading.Thread(target=ask, daemon=True)  # getaddrinfo has no timeout of its own
     thread.start()
     thread.join(PROBE_SECONDS)
     return bool(answered)
+
+
+def _connection(url) -> http.client.HTTPConnection:
+    """A connection to the endpoint, through the HTTPS proxy the environment names, if any."""
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else None
+    if not proxy:
+        return kind(url.hostname, url.port, timeout=PROBE_SECONDS)
+    via = urlsplit(proxy)
+    connection = kind(via.hostname, via.port, timeout=PROBE_SECONDS)
+    connection.set_tunnel(url.hostname, url.port)
+    return connection
 
 
 def unreachable(repo: str, what: str = "") -> MoeifyError:
