@@ -110,7 +110,7 @@ def snippet(folder: Path) -> str:
 
 
 def test_card_snippets_run_as_written(tmp_path):
-    """One per format: Mixtral, Qwen2-MoE, remote. stdin closed: a prompt (trust_remote_code) fails it."""
+    """One per format: Mixtral, Qwen2-MoE, remote, stdin closed: a [y/N] prompt (trust_remote_code) fails it."""
     source = with_tokenizer(make_tiny("llama", tmp_path / "llama"))
     outputs = {"mixtral": (), "qwen2_moe": ("--shared-experts", 1), "remote": ("--format", "remote")}
     scripts = []
@@ -122,4 +122,5 @@ def test_card_snippets_run_as_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", "\n".join(scripts)], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "custom code?" not in done.stdout + done.stderr  # transformers' [y/N] prompt: it asked, nobody answered
     assert [line for line in done.stdout.splitlines() if line.startswith("ran ")] == [f"ran {n}" for n in outputs]
