@@ -16,7 +16,13 @@ from moeify import engines
 from moeify.card import human
 from moeify.conversion import Result
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False)  # progress and messages
+results = Console(highlight=False)  # tables a person may pipe or redirect: `moeify models | grep qwen`
+
+
+def show(table: Table) -> None:
+    """A result: printed on stdout, while progress and messages stay on stderr."""
+    results.print(table)
 
 
 def say(line: str) -> None:

@@ -130,7 +130,7 @@ def test_noise_raises_the_ratio_and_fails_the_limit(source, noisy, capsys):
     code, out, err = run_cli(capsys, source, noisy, "--tokens", TOKENS, "--max-ppl-ratio", "1.0001")
     assert code == 1
     assert f"perplexity ratio {report.ppl_ratio:.4f} exceeds the limit 1.0001" in err
-    assert "perplexity ratio" in err and "top-1 agreement" in err  # the tables came first
+    assert "perplexity ratio" in out and "top-1 agreement" in out  # the tables, on stdout
 
 
 def test_moe_to_moe_reports_both_loads(upcycled, noisy):

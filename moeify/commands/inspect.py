@@ -25,7 +25,7 @@ from moeify.commands.options import (
 )
 from moeify.spec import Spec
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report for scripts.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print a JSON report for scripts.")]
 
 
 def inspect(
@@ -62,9 +62,9 @@ def inspect(
     if json_:
         typer.echo(json.dumps(report, indent=2))
         return
-    ui.console.print(_table(f"{source_}", model, report))
+    ui.show(_table(f"{source_}", model, report))
     if plan is not None:
-        ui.console.print(_table(f"after upcycling ({_options_line(options)})", plan.result, report["conversion"]))
+        ui.show(_table(f"after upcycling ({_options_line(options)})", plan.result, report["conversion"]))
 
 
 def _report(source: str, model: Anatomy, folder: Path | None, plan: Plan | None) -> dict[str, Any]:

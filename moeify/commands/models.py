@@ -13,9 +13,14 @@ from moeify import source, ui
 
 
 def models() -> None:
-    """List the aliases accepted wherever a SOURCE is expected."""
+    """List the aliases accepted wherever a SOURCE is expected.
+
+    Examples:
+
+    moeify models | grep qwen
+    """
     table = Table("alias", "Hub repo", title="moeify aliases", title_justify="left")
     for alias, repo in source.ALIASES.items():
         note = " (works offline: PyPI fallback)" if alias == source.FALLBACK_ALIAS else ""
         table.add_row(alias, repo + note)
-    ui.console.print(table)
+    ui.show(table)

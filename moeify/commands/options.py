@@ -27,7 +27,7 @@ NoiseOpt = Annotated[float, typer.Option(help="Std of Gaussian noise added to ex
 DropOpt = Annotated[float, typer.Option("--drop-ratio", help="Drop-Upcycling: share of each expert's neurons re-initialised.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for routers, noise and Drop-Upcycling.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace a non-empty output folder.")]
 
 
 def optional(alias: Any) -> Any:

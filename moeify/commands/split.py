@@ -64,10 +64,18 @@ def split(
     A dense split uses unit combine weights (remote format): with all pieces selected it is the
     dense model exactly; with fewer it keeps the chosen pieces' partial sum. A MoE split repeats
     router rows and multiplies top-k by G, which is exact in the source's own native format.
+
+    Examples:
+
+    moeify split smollm2-135m --granularity 8 --output smollm2-split8   # all 8 active: exact, no compute saved
+
+    moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
+
+    moeify split ./my-mixtral --granularity 2 --output mixtral-16e   # native Mixtral, exact
     """
     with claim(output, overwrite, protect=[source_], notify=ui.say) as out:  # before any download, held to the end
         if calibration_ is not None:
-            calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
+            calibration.read_texts(calibration_, calibration_tokens)  # a missing or empty file fails before anything is loaded
         folder = source.resolve(source_, notify=ui.say)
         out.protect(folder)  # a Hub id or .gguf is a folder in a cache only now
         config = Checkpoint(folder).config
@@ -84,7 +92,7 @@ def split(
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_, transform=transform, adapter=moe,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.console.print(ui.summary(result))
+    ui.show(ui.summary(result))
 
 
 def _moe_transform(moe: MoESource, spec: Spec):

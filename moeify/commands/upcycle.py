@@ -68,4 +68,4 @@ def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=u
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_name, transform=transform,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.console.print(ui.summary(result))
+    ui.show(ui.summary(result))

@@ -28,9 +28,9 @@ TokensOpt = Annotated[int, typer.Option("--tokens", help="Tokens of the text to 
 MaxRatioOpt = Annotated[float | None, typer.Option("--max-ppl-ratio",
                                                    help="Exit 1 when converted/source perplexity exceeds this.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG heatmap of expert load (layers x experts).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the report as JSON on stdout instead of tables.")]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust-remote-code",
+    "--trust-remote-code", metavar="",
     help="Run Python a model folder ships (config.json auto_map). Off: such folders are refused, "
          "except moeify's own outputs, whose code moeify checks and runs from its own package.")]
 
@@ -60,18 +60,19 @@ def verify(
 
     moeify verify ./my-llama ./my-llama-4e --plot load.png --json > report.json
     """
-    report = checks.verify(source_, converted, checks.load_text(text), tokens, notify=ui.say,
+    report = checks.verify(source_, converted, checks.load_text(text, tokens), tokens, notify=ui.say,
                            trust_remote_code=trust_remote_code)
     if plot is not None:
         ui.say(f"expert load heatmap written to {checks.plot(report, plot)}")
     if json_:
-        passed = max_ppl_ratio is None or report.ppl_ratio <= max_ppl_ratio
-        typer.echo(json.dumps(report.to_dict() | {"max_ppl_ratio": max_ppl_ratio, "passed": passed}, indent=2))
+        verdict = {} if max_ppl_ratio is None else {"max_ppl_ratio": max_ppl_ratio,  # no limit: nothing passed
+                                                     "passed": report.ppl_ratio <= max_ppl_ratio}
+        typer.echo(json.dumps(report.to_dict() | verdict, indent=2))
     else:
-        ui.console.print(summary(report))
+        ui.show(summary(report))
         for stats in (report.source, report.converted):
             if stats.load:
-                ui.console.print(load_table(stats))
+                ui.show(load_table(stats))
     if max_ppl_ratio is not None and report.ppl_ratio > max_ppl_ratio:
         ui.say(f"perplexity ratio {report.ppl_ratio:.4f} exceeds the limit {max_ppl_ratio:g}")
         raise typer.Exit(1)
