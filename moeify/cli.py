@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
@@ -27,6 +28,25 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"moeify {version('moeify')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_version,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Turn a dense Hugging Face causal LM into a Mixture-of-Experts model.
+
+    Example: moeify upcycle smollm2-135m --experts 8 --topk 2 --output smollm2-8x135m
+    """
+
+
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
 app.command(epilog="Aliases: see `moeify models`.")(split)
 app.command(epilog="Aliases: see `moeify models`.")(merge)
@@ -46,7 +66,14 @@ def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output i
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(args=argv, prog_name="moeify")
+        # standalone_mode=False: usage errors reach us and print as one line like every other error
+        code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",
+                   standalone_mode=False)
+        sys.exit(code or 0)  # as standalone Click did: typer.Exit(n) from a command, else 0
+    except typer.TyperException as e:  # a usage error (exit 2) or an unreadable file argument
+        _fail(f"{e.format_message()} (see `moeify --help`)", e.exit_code)
+    except typer.Abort:  # Ctrl-C or SIGTERM; staged output was already removed
+        _fail("aborted", 1)
     except MoeifyError as e:  # the message says what to do; the type says whose fault it was
         _fail(str(e), e.exit_code)
     except OSError as e:  # the machine failed us (disk full, permissions): one line, not a traceback
