@@ -194,8 +194,8 @@ def test_engine_llamacpp_writes_and_records_what_llamacpp_runs(llama, tmp_path, 
     out = tmp_path / "out"
     assert run_cli("upcycle", source, "-o", out, "--experts", 4, "--shared-experts", 1, "--router-init", "zeros",
                    "--engine", "llamacpp") == 0
-    err = capsys.readouterr().err
-    assert "engines" in err and "llama.cpp ✓" in err
+    summary = capsys.readouterr().out  # results go to stdout
+    assert "engines" in summary and "llama.cpp ✓" in summary
     record = json.loads((out / "moeify.json").read_text())
     assert record["engine"] == "llamacpp" and record["engines"]["llamacpp"] == {"exact": True}
     # Built for llama.cpp (and transformers) only: vLLM's q/k/v biases are written for --engine any or vllm.
