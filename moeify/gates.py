@@ -81,8 +81,11 @@ def check_prompts(spec: Spec, experts: Sequence[ExpertSource]) -> None:
 
 
 def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource],
-           on_layer: Callable[[int], None] = lambda layer: None) -> Gates:
-    """Router rows of every MoE layer from the base model on the experts' prompts (hidden, cheap-embed)."""
+           on_layer: Callable[[int, int], None] = lambda done, total: None) -> Gates:
+    """Router rows of every MoE layer from the base model on the experts' prompts (hidden, cheap-embed).
+
+    on_layer(done, total) reports progress over the MoE layers.
+    """
     from moeify.loading import Code, tokenizer_in
 
     tokenizer = tokenizer_in(folder, Code.FAMILY)
@@ -96,7 +99,7 @@ def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], expert
 
     def fit(layer: int, x: torch.Tensor) -> None:
         rows[layer], shares[layer] = fit_rows(batch, x)
-        on_layer(layer)
+        on_layer(len(rows), len(layers))
 
     if spec.gate is Gate.HIDDEN:
         runner.ffn_inputs(batch.real, layers, fit)
@@ -110,7 +113,8 @@ def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], expert
 def report(spec: Spec, experts: Sequence[ExpertSource], shares: dict[int, list[list[float]]]) -> dict:
     """moeify.json's routing report: per layer, row e = where expert e's prompt tokens go first (shares)."""
     own = {i: [m[e][e] for e in range(len(m))] for i, m in shares.items()}
-    return {"gate": spec.gate.value, "experts": [e.source for e in experts],
+    names = [Path(e.source).name if Path(e.source).exists() else e.source for e in experts]  # no local paths
+    return {"gate": spec.gate.value, "experts": names,
             "mean_own_share": sum(sum(v) for v in own.values()) / max(sum(len(v) for v in own.values()), 1),
             "top1_shares": {str(i): [[round(s, 4) for s in row] for row in m] for i, m in shares.items()}}
 

@@ -297,10 +297,7 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path],
     layers = spec.layers(adapter.num_layers(base.config))
     opened = {name: open_source(folder, name, base, adapter, layers) for name, folder in folders.items()}
     reader = MergeReader.of(adapter, [opened[e.source] for e in experts], [opened[s.source] for s in shared])
-    learnt = None
-    if spec.gate in gates.PROMPTED:
-        done = iter(range(1, len(layers) + 1))
-        learnt = gates.learnt(spec, base_folder, adapter, layers, experts, lambda layer: on_layer(next(done), len(layers)))
+    learnt = gates.learnt(spec, base_folder, adapter, layers, experts, on_layer) if spec.gate in gates.PROMPTED else None
     hidden = int(base.config[adapter.hidden_field])
 
     def router(layer: int) -> torch.Tensor:

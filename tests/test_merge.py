@@ -48,9 +48,8 @@ def fine_tune(base: Path, folder: Path, seed: int, std: float = 0.05) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Models:
-    root = tmp_path_factory.mktemp("merge")
+def build_models(root: Path) -> Models:
+    """A tiny Llama with a character tokenizer, a fine-tune of it per kind of text, and each kind's prompt file."""
     base = add_char_tokenizer(make_tiny("llama", root / "base"))
     tunes = {kind: fine_tune(base, root / kind, seed) for seed, kind in enumerate(KINDS, start=1)}
     prompts = {}
@@ -58,6 +57,11 @@ def models(tmp_path_factory) -> Models:
         prompts[kind] = root / f"{kind}.txt"
         prompts[kind].write_text("\n".join(train) + "\n")
     return Models(root, base, tunes, prompts)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    return build_models(tmp_path_factory.mktemp("merge"))
 
 
 def merge(models: Models, output: Path, *args: object, kinds=("digits", "words")) -> int:
@@ -78,7 +82,7 @@ def loads_cleanly(folder: Path, remote: bool = False):
 
 
 EXPERT_NAMES = {  # format -> (expert tensor name of (layer, j, projection), shared experts, extra args)
-    "mixtral": (lambda i, j, p: f"model.layers.{i}.block_sparse_moe.experts.{j}.{dict(gate='w1', up='w3', down='w2')[p]}.weight",
+    "mixtral": (lambda i, j, p: f"model.layers.{i}.block_sparse_moe.experts.{j}.{ {'gate': 'w1', 'up': 'w3', 'down': 'w2'}[p] }.weight",
                 (), ("--format", "native")),
     "qwen2_moe": (lambda i, j, p: f"model.layers.{i}.mlp.experts.{j}.{p}_proj.weight",
                   ("base",), ("--format", "native")),

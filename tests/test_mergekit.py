@@ -11,7 +11,12 @@ import torch
 from moeify.checkpoint import Checkpoint
 from tests.fixtures import run_cli
 from tests.test_cli_errors import assert_one_line_error, leftovers
-from tests.test_merge import KINDS, Models, loads_cleanly, models  # noqa: F401 (models is a fixture)
+from tests.test_merge import KINDS, Models, build_models, loads_cleanly
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    return build_models(tmp_path_factory.mktemp("mergekit"))
 
 
 def config(models: Models, **extra: str) -> str:

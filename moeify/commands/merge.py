@@ -16,8 +16,18 @@ import typer
 
 from moeify import conversion, source, ui
 from moeify.commands.options import (
-    DTypeOpt, EngineOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt, RouterStdOpt,
-    SeedOpt, ShardOpt, TopkOpt,
+    DTypeOpt,
+    EngineOpt,
+    FormatOpt,
+    GranularityOpt,
+    LayersOpt,
+    NoiseOpt,
+    OutputOpt,
+    OverwriteOpt,
+    RouterStdOpt,
+    SeedOpt,
+    ShardOpt,
+    TopkOpt,
 )
 from moeify.errors import MoeifyError
 from moeify.merge import ExpertSource, apply_prompt_file, merge_spec, parse_expert, prepare, sources_of

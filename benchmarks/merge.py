@@ -1,0 +1,254 @@
+"""moeify merge next to mergekit-moe 0.1.5 on one job: 4 experts from SmolLM2-135M and three fine-tunes of it.
+
+    python benchmarks/merge.py [--steps 40] [--seq 64] [--batch 4] [--runs 3]
+
+1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
+   arithmetic (seeded), English prose (benchmarks/data's calibration and held-out texts), and short
+   questions for the base model's own expert. Each has a training part and a held-out part.
+2. Fine-tunes (cached in ~/.cache/moeify/bench/merge/): SmolLM2-135M-Instruct (float32, the offline
+   copy) trained --steps AdamW steps (--batch x --seq tokens) on each of code, arithmetic and prose, FFN
+   weights only: a few minutes on a shared 2-core machine.
+3. The merge, both tools from ONE mergekit-moe YAML (base + 3 fine-tunes, gate_mode hidden, top-2,
+   float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
+   this venv's torch/transformers through a .pth) and `moeify apply config.yml --output OUT`, each in
+   a fresh process, alternating, median wall time and peak RSS (wait4's ru_maxrss).
+4. Quality of both outputs: per domain, the share of held-out tokens (after the first of each line)
+   whose top-1 expert is that domain's (averaged over layers), and held-out perplexity next to each
+   source model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data" / "merge"
+CACHE = Path(os.environ.get("MOEIFY_CACHE", Path.home() / ".cache" / "moeify")) / "bench" / "merge"
+STDLIB = Path(os.__file__).parent
+CODE_TRAIN = ("textwrap.py", "fnmatch.py", "bisect.py", "shlex.py", "glob.py", "heapq.py", "colorsys.py", "copy.py")
+CODE_HELDOUT = ("getopt.py", "keyword.py", "stat.py")
+QUESTIONS = [
+    "What is the capital of France?", "How do I make a cup of tea?", "Can you recommend a good book?",
+    "Why is the sky blue?", "What should I cook for dinner tonight?", "How far away is the moon?",
+    "Who wrote Pride and Prejudice?", "What is a good name for a cat?", "How do plants grow?",
+    "Tell me a joke about penguins.", "What time zone is Tokyo in?", "How many legs does a spider have?",
+]
+DOMAINS = ("chat", "code", "math", "prose")  # expert order: the base model, then the three fine-tunes
+LR = 3e-4
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def arithmetic(seed: int, lines: int) -> str:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        op = rng.choice("+-*")
+        out.append(f"{a} {op} {b} = {eval(f'{a}{op}{b}')}")  # our own digits
+    return "\n".join(out) + "\n"
+
+
+def make_data() -> dict[str, tuple[str, str]]:
+    """(training text, held-out text) per domain, written once under benchmarks/data/merge."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "code": (lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_TRAIN),
+                 lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_HELDOUT)),
+        "math": (lambda: arithmetic(1, 4000), lambda: arithmetic(2, 300)),
+        "prose": (lambda: (ROOT / "benchmarks/data/calibration.txt").read_text(),
+                  lambda: (ROOT / "benchmarks/data/heldout.txt").read_text()),
+        "chat": (lambda: "\n".join(QUESTIONS[:8]) + "\n", lambda: "\n".join(QUESTIONS[8:]) + "\n"),
+    }
+    out = {}
+    for domain, (train, heldout) in sources.items():
+        for part, make in (("train", train), ("heldout", heldout)):
+            path = DATA / f"{domain}.{part}.txt"
+            if not path.is_file():
+                path.write_text(make())
+        out[domain] = ((DATA / f"{domain}.train.txt").read_text(), (DATA / f"{domain}.heldout.txt").read_text())
+    return out
+
+
+def prompts(text: str, count: int = 6) -> list[str]:
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 12]
+    step = max(len(lines) // count, 1)
+    return [line[:200] for line in lines[::step][:count]]
+
+
+# ---------------------------------------------------------------------------- fine-tunes
+
+
+def base_folder() -> Path:
+    from moeify.source import fallback_smollm2
+
+    return fallback_smollm2(notify=print)
+
+
+def fine_tune(base: Path, domain: str, text: str, steps: int, seq: int, batch: int) -> Path:
+    """SmolLM2 trained `steps` steps of batch x seq tokens on one domain's text, FFN weights only; cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = CACHE / f"{domain}-{steps}x{batch}x{seq}"
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    rows = ids[: len(ids) // seq * seq].reshape(-1, seq)
+    params = [p for n, p in model.named_parameters() if ".mlp." in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(".mlp." in n)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        chosen = rows[torch.randint(len(rows), (batch,))]
+        loss = model(chosen, labels=chosen).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == steps - 1:
+            print(f"  {domain} step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+    staging = folder.with_name(folder.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------- the two tools
+
+
+def mergekit_venv() -> Path:
+    """A throwaway venv with mergekit 0.1.5, reusing this venv's packages (torch, transformers) via a .pth."""
+    venv = CACHE / "mergekit-venv"
+    tool = venv / "bin" / "mergekit-moe"
+    if tool.is_file():
+        return tool
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "moeify-bench.pth").write_text("\n".join(ours) + "\n")
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit==0.1.5"], check=True)
+    return tool
+
+
+def config_yaml(base: Path, tunes: dict[str, Path], data: dict[str, tuple[str, str]]) -> str:
+    experts = [("chat", base)] + [(d, tunes[d]) for d in DOMAINS[1:]]
+    lines = [f"base_model: {base}", "gate_mode: hidden", "dtype: float32", "experts_per_token: 2", "experts:"]
+    for domain, folder in experts:
+        lines += [f"  - source_model: {folder}", "    positive_prompts:"]
+        lines += [f"      - {json.dumps(p)}" for p in prompts(data[domain][0])]
+    return "\n".join(lines) + "\n"
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one fresh process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- quality
+
+
+def quality(folder: Path, data: dict[str, tuple[str, str]], tokens: int = 2048) -> dict[str, tuple[float, float | None]]:
+    """Per domain: (held-out perplexity, share of tokens whose top-1 expert is the domain's, or None for a dense model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    moe = getattr(model.config, "num_local_experts", None) is not None
+    out = {}
+    for e, domain in enumerate(DOMAINS):
+        ids = torch.tensor(tokenizer(data[domain][1])["input_ids"][:tokens])
+        nll, count, hits, routed = 0.0, 0, 0.0, 0
+        for chunk in ids.split(256):
+            if len(chunk) < 2:
+                continue
+            with torch.no_grad():
+                result = model(chunk[None], labels=chunk[None], output_router_logits=moe)
+            nll += result.loss.item() * (len(chunk) - 1)
+            count += len(chunk) - 1
+            if moe:
+                tops = torch.stack([r.reshape(len(chunk), -1)[1:].argmax(-1) for r in result.router_logits])
+                hits += float((tops == e).float().mean(0).sum())
+                routed += len(chunk) - 1
+        out[domain] = (math.exp(nll / count), hits / routed if moe else None)
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per domain")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per fine-tuning sequence")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per fine-tuning step")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = make_data()
+    base = base_folder()
+    tunes = {d: fine_tune(base, d, data[d][0], args.steps, args.seq, args.batch) for d in DOMAINS[1:]}
+    work = CACHE / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    yaml = work / "config.yml"
+    yaml.write_text(config_yaml(base, tunes, data))
+    tool = mergekit_venv()
+    jobs = {"moeify apply (merge)": lambda out: [sys.executable, "-m", "moeify", "apply", str(yaml), "--output", str(out)],
+            "mergekit-moe 0.1.5": lambda out: [str(tool), str(yaml), str(out), "--device", "cpu"]}
+    env_threads = {"OMP_NUM_THREADS": str(args.threads)}
+    os.environ.update(env_threads)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
+    for run in range(args.runs):
+        for name, command in jobs.items():
+            out = work / name.split()[0]
+            shutil.rmtree(out, ignore_errors=True)  # outside the clock
+            results[name].append(timed(command(out)))
+            print(f"run {run + 1}: {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB")
+    print(f"\n4 experts (SmolLM2-135M-Instruct + 3 fine-tunes of {args.steps} x {args.batch} x {args.seq} tokens), "
+          f"hidden gates, top-2, "
+          f"float32, Mixtral; median of {args.runs}, {args.threads} threads")
+    print(f"{'job':<24}{'wall s':>9}{'peak RSS MB':>13}")
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        print(f"{name:<24}{medians[name][0]:>9.1f}{medians[name][1]:>13.0f}")
+    (ours, theirs) = medians.values()
+    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it\n")
+    rows = {"base (SmolLM2-135M-Instruct)": quality(base, data)}
+    rows |= {f"fine-tune: {d}": quality(tunes[d], data) for d in DOMAINS[1:]}
+    rows |= {name: quality(work / name.split()[0], data) for name in jobs}
+    print("held-out perplexity per domain (share of tokens reaching the domain's expert first, mean over layers)")
+    print(f"{'model':<32}" + "".join(f"{d:>18}" for d in DOMAINS))
+    for name, per in rows.items():
+        cells = "".join(f"{ppl:>9.2f}" + (f" ({share:>5.0%})" if share is not None else " " * 8) for ppl, share in per.values())
+        print(f"{name:<32}{cells}")
+
+
+if __name__ == "__main__":
+    main()
