@@ -40,6 +40,7 @@ SHIPPED: dict[str, frozenset[str]] = {
         "378484d4e9d174ad7f492060f62481be832464468dabcb83d36e877af48dc8e4",  # 1b122bf
         "58af862ea1de2906b0fad1535eaecdd6362e2c09716a734c75f580a5a4a306a3",  # 17d7b1f
         "da8c785bbd693d0c5becae540d95c489cc431fb07476a77f0ed26680dee85725",  # 4bb6c8e
+        "282dc64bcf4cfbb6e738ef5cd01261e540fa970d9b0d3bee2b9f4f07f3420931",  # e438066
     }),
 }
 

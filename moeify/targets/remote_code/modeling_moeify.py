@@ -13,7 +13,10 @@ layer M:
 
 from __future__ import annotations
 
+import itertools
 import math
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,38 @@ class Routing:
     def __init__(self, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None):
         self.logits, self.index, self.weight, self.keep = logits, index, weight, keep
 
+    def mixing(self, dtype: torch.dtype) -> torch.Tensor:
+        """(T, k) mixing weights in dtype, 0 where capacity dropped the assignment."""
+        weight = self.weight.to(dtype)
+        return weight if self.keep is None else weight * self.keep
+
+
+class Kernel(Enum):
+    """How a block computes its routed experts; every kernel equals the module path up to float rounding.
+
+    Chosen per call by MoeifyBlock.plan from measurements on CPU (benchmarks/forward.py --kernels).
+    """
+
+    MODULE = "module"  # each expert's own modules on its sorted tokens: wrappers (LoRA), hooks, autocast
+    GROUPED = "grouped"  # tokens sorted by expert through stacked weights: torch grouped matmul (or a loop)
+    GATHER = "gather"  # each token through its chosen experts' weights, gathered: one token (decoding)
+    MASKED = "masked"  # all experts as one dense FFN, a token's hidden units weighted 0 for unchosen experts
+
+
+class ExpertStacks(NamedTuple):
+    """The routed experts' weights stacked, each expert's width I zero-padded to `width` W.
+
+    w_in (E, R*W, H): the R in-projections (gate then up, or up alone), rows [r*W, r*W + I) real;
+    w_out (E, W, H): down_proj.weight transposed, rows [0, I) real; b_in (E, R*W), b_out (E, H) or None.
+    Padding rows are zero, so padded hidden units contribute nothing.
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+    width: int
+
 
 class MoeifyBlock(nn.Module):
     """Routed experts behind a top-k router, plus always-on shared experts and an optional output bias.
@@ -96,6 +131,9 @@ class MoeifyBlock(nn.Module):
         self._packed_pointers: tuple = ()  # where the experts' parameters lived when last packed
         self._packable_key: tuple | None = None  # what packable() last checked, and its answer
         self._packable = False
+        self._sample: tuple | None = None  # sample() after the last check of every expert without autograd
+        self.kernel: Kernel | None = None  # forced for every call that can stack (tests, benchmarks); None: plan()
+        self.register_state_dict_post_hook(contiguous_down_weights)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -119,7 +157,9 @@ class MoeifyBlock(nn.Module):
         logits = F.linear(x, self.router.weight)
         probs = logits.float().softmax(dim=-1)
         scores = probs if self.router.expert_bias is None else probs + self.router.expert_bias.float()
-        index = scores.topk(self.top_k, dim=-1).indices
+        # Unsorted top-k is 4x faster at E=256, k=128; only capacity dropping needs the choices in order.
+        ordered = bool(self.training and moe["capacity_factor"])
+        index = scores.topk(self.top_k, dim=-1, sorted=ordered).indices
         weight = probs.gather(1, index)
         if moe["scoring"] == "unit":  # weight 1 forward, d(weight)/d(p) = 1/p backward: the router still learns
             weight = weight / weight.detach()
@@ -163,10 +203,49 @@ class MoeifyBlock(nn.Module):
         self.pending_load = None
 
     def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Sum over each token's kept experts of weight * expert(x). x: (T, H) -> (T, H).
+        """Sum over each token's kept experts of weight * expert(x). x: (T, H) -> (T, H), by plan()'s kernel."""
+        kernel = self.plan(x)
+        if kernel is Kernel.MODULE or kernel is Kernel.GROUPED:
+            return self.sorted_dispatch(x, routing, kernel)
+        expert_kernel = masked_experts if kernel is Kernel.MASKED else gathered_experts
+        return expert_kernel(x, routing, self.stacks(), self.experts[0].act_fn, self.gated())
 
-        Assignments are sorted by expert; each projection runs once per expert on its contiguous
-        rows and the activation once over all rows, so the op count does not grow with E.
+    def plan(self, x: torch.Tensor) -> Kernel:
+        """The kernel for this call: self.kernel when set, otherwise the fastest measured one.
+
+        Measured on CPU, float32, SmolLM2 shapes (hidden 576, 1536 neurons cut into E experts):
+        one token reads least by gathering its experts' weights; many tokens are fastest as one
+        dense masked FFN when experts are fine (see fine_grained), else as grouped products.
+        Under autograd the masked FFN for fine experts (12x the module path's speed at E=256),
+        otherwise the modules: grouped_mm's CPU backward is no faster than them.
+        """
+        if not self.ready(x):
+            return Kernel.MODULE
+        if self.kernel is not None:
+            return self.kernel
+        fine = self.fine_grained()
+        if torch.is_grad_enabled():
+            return Kernel.MASKED if fine else Kernel.MODULE
+        if x.shape[0] == 1:
+            return Kernel.GATHER
+        return Kernel.MASKED if fine else Kernel.GROUPED
+
+    def fine_grained(self) -> bool:
+        """Whether computing every expert densely beats grouped products over the chosen ones.
+
+        On CPU a grouped product over experts of width I runs at about I / (I + 110) of a dense
+        product's speed (measured: 512 tokens, I from 6 to 384, 1/8 to 1/2 active), so the dense
+        pass wins once the active share k/E reaches that: at 50 % active, below 110 neurons.
+        """
+        width = self.moe["expert_intermediate_size"]
+        return self.top_k * (width + GROUPED_WIDTH_COST) >= self.num_experts * width
+
+    def gated(self) -> bool:
+        return self.experts[0].gate_proj is not None
+
+    def sorted_dispatch(self, x: torch.Tensor, routing: Routing, kernel: Kernel) -> torch.Tensor:
+        """dispatch with assignments sorted by expert: each projection runs once per expert (or once
+        for all, grouped) on its contiguous rows and the activation once over all rows.
         """
         flat_expert = routing.index.reshape(-1)
         if routing.keep is None:
@@ -176,13 +255,11 @@ class MoeifyBlock(nn.Module):
             slot = routing.keep.reshape(-1).nonzero().squeeze(-1)
             order = slot[flat_expert[slot].argsort(stable=True)]
             counts = torch.bincount(flat_expert[order], minlength=self.num_experts).tolist()
-        spans, start = [], 0
-        for j, count in enumerate(counts):
-            if count:
-                spans.append((j, start, start + count))
-                start += count
         inputs = x[order // self.top_k]
-        out = self.packed_rows(inputs, counts) if self.packable(inputs) else self.module_rows(inputs, spans)
+        if kernel is Kernel.GROUPED:
+            out = grouped_rows(inputs, counts, self.stacks(), self.experts[0].act_fn, self.gated())
+        else:
+            out = self.module_rows(inputs, counts)
         weight = routing.weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         out = out * weight if torch.is_grad_enabled() else out.mul_(weight)
         if routing.keep is not None:  # one zero row past the end: every dropped assignment reads it
@@ -196,20 +273,52 @@ class MoeifyBlock(nn.Module):
             back[order] = torch.arange(order.numel(), device=x.device)
         return out[back].view(-1, self.top_k, x.shape[-1]).sum(dim=1)
 
-    def module_rows(self, inputs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    def module_rows(self, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Sorted rows (S, H) through their experts' modules (autograd, LoRA, quantized layers): (S, H)."""
+        bounds = [0, *itertools.accumulate(counts)]
+        spans = [(j, bounds[j], bounds[j + 1]) for j, count in enumerate(counts) if count]
+
         def linear(role: str, x: torch.Tensor) -> torch.Tensor:
             parts = [getattr(self.experts[j], role)(x[a:b]) for j, a, b in spans]
             return torch.cat(parts) if parts else x.new_zeros(0, getattr(self.experts[0], role).out_features)
 
         act = self.experts[0].act_fn
         up = linear("up_proj", inputs)
-        hidden = act(up) if self.experts[0].gate_proj is None else act(linear("gate_proj", inputs)) * up
+        hidden = act(up) if not self.gated() else act(linear("gate_proj", inputs)) * up
         return linear("down_proj", hidden)
 
+    def ready(self, x: torch.Tensor) -> bool:
+        """Whether the experts can run from stacks (packable), which without autograd are packed and current.
+
+        Checking every expert costs O(E) Python per call: 5x the kernel itself for one token at E=256.
+        So a single token without autograd (decoding) checks a sample, the first and last experts'
+        projections and where their weights live, which whole-model changes (.to, LoRA, quantizers,
+        offloading, sharding) all touch; every other call checks every expert. Change one expert's
+        parameter object or storage in the middle of one-token calls, and the next call of more
+        tokens (or .to(), load_state_dict) notices it.
+        """
+        grad = torch.is_grad_enabled()
+        if x.shape[0] == 1 and not grad and self._sample is not None and self._sample == self.sample(x):
+            return self._packable
+        if not self.packable(x):
+            self._sample = None if grad else self.sample(x)
+            return False
+        if not grad:
+            self.packed()  # repacks if a parameter moved
+            self._sample = self.sample(x)
+        return True
+
+    def sample(self, x: torch.Tensor) -> tuple:
+        """x's dtype and device, the first and last experts' submodules and their weights' addresses."""
+        experts = self.experts._modules
+        modules = [*experts["0"]._modules.values(), *experts[str(len(experts) - 1)]._modules.values()]
+        weights = [getattr(m, "weight", None) for m in modules]
+        return x.dtype, x.device, *modules, *(w.data_ptr() if isinstance(w, torch.Tensor) else None for w in weights)
+
     def packable(self, x: torch.Tensor) -> bool:
-        """Plain inference on plain nn.Linear experts (no autograd, autocast, wrappers or offload hooks)."""
-        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        """Plain nn.Linear experts in x's dtype and device (no autocast, wrappers or offload hooks):
+        their weights can be stacked, with or without autograd."""
+        if torch.is_autocast_enabled(x.device.type):
             return False
         linears = self.linears()
         key = (tuple(map(id, linears)), x.dtype, x.device)  # a wrapped (LoRA) layer is a new object
@@ -230,24 +339,22 @@ class MoeifyBlock(nn.Module):
     def parameter_pointers(self) -> tuple:
         return tuple(p.data_ptr() for m in self.linears() for p in m._parameters.values() if p is not None)
 
-    def packed_rows(self, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Sorted rows (S, H) through their experts, one fused gate+up product per expert: (S, H).
+    def stacks(self) -> ExpertStacks:
+        """The experts' weights stacked: the packed stacks, or under autograd fresh differentiable ones."""
+        if torch.is_grad_enabled():
+            return stack_experts(list(self.experts), self.stack_width(self.experts[0].up_proj.weight.dtype))
+        return self._packed if self._packed is not None else self.packed()  # ready() checked them
 
-        torch's grouped matmul where it takes the dtype (one call for all experts), otherwise one
-        product per expert written straight into a preallocated buffer.
-        """
-        w_in, b_in, w_out, b_out = self.packed()
-        mid = grouped_product(inputs, w_in, b_in, counts)
-        act = self.experts[0].act_fn
-        if self.experts[0].gate_proj is None:
-            hidden = act(mid)
-        else:
-            gate, up = mid.split(w_in.shape[1] // 2, dim=1)
-            hidden = act(gate).mul_(up)
-        return grouped_product(hidden, w_out, b_out, counts)
+    def stack_width(self, dtype: torch.dtype) -> int:
+        """Expert width in the stacks: padded to grouped_mm's 16-byte rows where grouped products run."""
+        width = self.moe["expert_intermediate_size"]
+        if GROUPED_MM is None or dtype not in GROUPED_MM_DTYPES or self.fine_grained():
+            return width  # the dense masked FFN would only compute the padding
+        step = 16 // dtype.itemsize
+        return -(-width // step) * step
 
-    def packed(self) -> tuple:
-        """The experts' weights stacked: (E, 2I or I, H) gate+up, (E, H, I) down, and biases or None.
+    def packed(self) -> ExpertStacks:
+        """The experts' weights stacked (see ExpertStacks), for computing without autograd.
 
         Packed once and reused while every expert parameter still lives in the stacks; .to() and
         friends drop them (see _apply) and anything else giving a parameter new storage triggers
@@ -261,40 +368,119 @@ class MoeifyBlock(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._packed = None  # parameters get new storage: the stacks would only hold memory
-        self._packable_key = None  # and maybe a new dtype or device
+        self._packable_key = self._sample = None  # and maybe a new dtype or device
         return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
-    def pack(self) -> tuple:
+    def pack(self) -> ExpertStacks:
         """Stack the experts' weights and make each parameter a view of its stack.
 
         The parameter objects stay the same (optimizers and tying keep working) and memory does not
-        double: the old per-expert storages are freed. Built outside inference mode so the
-        parameters can still be trained afterwards.
+        double: the old per-expert storages are freed. A down_proj.weight becomes a transposed
+        view (the stack holds it as (W, H) rows) and save_pretrained writes it contiguous, under
+        its own name. Built outside inference mode so the parameters can still be trained.
         """
         with torch.inference_mode(False):
-            inner = [[e.gate_proj, e.up_proj] if e.gate_proj is not None else [e.up_proj] for e in self.experts]
-            has_bias = self.experts[0].up_proj.bias is not None
-            w_in = torch.stack([torch.cat([m.weight for m in ms]) for ms in inner])
-            w_out = torch.stack([e.down_proj.weight for e in self.experts])
-            b_in = torch.stack([torch.cat([m.bias for m in ms]) for ms in inner]) if has_bias else None
-            b_out = torch.stack([e.down_proj.bias for e in self.experts]) if has_bias else None
-            for j, (ms, expert) in enumerate(zip(inner, self.experts)):
-                start = 0
-                for m in ms:
-                    end = start + m.out_features
-                    m.weight.data = w_in[j, start:end]
-                    if has_bias:
-                        m.bias.data = b_in[j, start:end]
-                    start = end
-                expert.down_proj.weight.data = w_out[j]
-                if has_bias:
-                    expert.down_proj.bias.data = b_out[j]
-        return w_in, b_in, w_out, b_out
+            stacks = stack_experts(list(self.experts), self.stack_width(self.experts[0].up_proj.weight.dtype))
+            width, roles = stacks.width, ("gate_proj", "up_proj") if self.gated() else ("up_proj",)
+            for j, expert in enumerate(self.experts):
+                for r, role in enumerate(roles):
+                    linear = getattr(expert, role)
+                    rows = slice(r * width, r * width + linear.out_features)
+                    linear.weight.data = stacks.w_in[j, rows]
+                    if stacks.b_in is not None:
+                        linear.bias.data = stacks.b_in[j, rows]
+                expert.down_proj.weight.data = stacks.w_out[j, : expert.down_proj.in_features].t()
+                if stacks.b_out is not None:
+                    expert.down_proj.bias.data = stacks.b_out[j]
+        return stacks
 
 
 GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.10 (CPU kernel included)
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_WIDTH_COST = 110  # neurons; see MoeifyBlock.fine_grained
+
+
+def contiguous_down_weights(block: MoeifyBlock, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: each packed down_proj.weight (a transposed view of its stack) as a contiguous
+    copy, as transformers' save_pretrained and safetensors need. Parameters (keep_vars) stay as they are."""
+    for j in range(block.num_experts):
+        name = f"{prefix}experts.{j}.down_proj.weight"
+        tensor = state.get(name)
+        if tensor is not None and not isinstance(tensor, nn.Parameter) and not tensor.is_contiguous():
+            state[name] = tensor.contiguous()
+
+
+def stack_experts(experts: list[MoeifyExpert], width: int) -> ExpertStacks:
+    """The experts' weights stacked and zero-padded to `width` (differentiable under autograd)."""
+    first = experts[0]
+    roles = ("gate_proj", "up_proj") if first.gate_proj is not None else ("up_proj",)
+    pad = width - first.up_proj.out_features
+
+    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:  # (E, I, ...) padded to (E, W, ...)
+        out = torch.stack(tensors)
+        return F.pad(out, (0, 0, 0, pad) if out.dim() == 3 else (0, pad)) if pad else out
+
+    w_in = torch.cat([stacked([getattr(e, role).weight for e in experts]) for role in roles], dim=1)
+    w_out = stacked([e.down_proj.weight.t() for e in experts])
+    if first.up_proj.bias is None:
+        return ExpertStacks(w_in, None, w_out, None, width)
+    b_in = torch.cat([stacked([getattr(e, role).bias for e in experts]) for role in roles], dim=1)
+    return ExpertStacks(w_in, b_in, w_out, torch.stack([e.down_proj.bias for e in experts]), width)
+
+
+def hidden_units(mid: torch.Tensor, act: nn.Module, gated: bool) -> torch.Tensor:
+    """act(gate) * up, or act(up): mid (..., R, W) -> (..., W)."""
+    if not gated:
+        return act(mid[..., 0, :])
+    gate = act(mid[..., 0, :])
+    return gate * mid[..., 1, :] if torch.is_grad_enabled() else gate.mul_(mid[..., 1, :])
+
+
+def grouped_rows(inputs: torch.Tensor, counts: list[int], stacks: ExpertStacks, act: nn.Module,
+                 gated: bool) -> torch.Tensor:
+    """Rows (S, H) sorted by expert, counts[j] for expert j, through their experts: (S, H)."""
+    mid = grouped_product(inputs, stacks.w_in, stacks.b_in, counts)
+    hidden = hidden_units(mid.view(mid.shape[0], -1, stacks.width), act, gated)
+    return grouped_product(hidden, stacks.w_out.transpose(1, 2), stacks.b_out, counts)
+
+
+def masked_experts(x: torch.Tensor, routing: Routing, stacks: ExpertStacks, act: nn.Module,
+                   gated: bool) -> torch.Tensor:
+    """Every expert on every token as one dense FFN of E*W neurons, each token's hidden units of
+    expert e scaled by its mixing weight for e (0 when not chosen). x (T, H) -> (T, H).
+
+    Exact, as the weighted sum of experts is linear in each expert's hidden units; it computes all
+    experts, so it pays where the active share is high and experts are too small to group well.
+    """
+    tokens, experts = x.shape[0], stacks.w_in.shape[0]
+    b_in = None if stacks.b_in is None else stacks.b_in.flatten()
+    mid = F.linear(x, stacks.w_in.flatten(0, 1), b_in).view(tokens, experts, -1, stacks.width)
+    mixing = x.new_zeros(tokens, experts).scatter(1, routing.index, routing.mixing(x.dtype))  # (T, E)
+    hidden = hidden_units(mid, act, gated)  # (T, E, W)
+    hidden = hidden * mixing.unsqueeze(-1) if torch.is_grad_enabled() else hidden.mul_(mixing.unsqueeze(-1))
+    out = hidden.flatten(1) @ stacks.w_out.flatten(0, 1)
+    return out if stacks.b_out is None else out + mixing @ stacks.b_out
+
+
+def gathered_experts(x: torch.Tensor, routing: Routing, stacks: ExpertStacks, act: nn.Module,
+                     gated: bool) -> torch.Tensor:
+    """Each token through its k chosen experts, whose stacked weights are gathered first: reads only
+    the chosen weights, which pays for one token (decoding). x (T, H) -> (T, H)."""
+    (tokens, k), hidden_size = routing.index.shape, x.shape[1]
+    chosen = routing.index.reshape(-1)
+    w_in = stacks.w_in.index_select(0, chosen).view(tokens, -1, hidden_size)  # (T, k*R*W, H)
+    mid = torch.bmm(w_in, x.unsqueeze(-1)).view(tokens, k, -1, stacks.width)
+    if stacks.b_in is not None:
+        mid = mid + stacks.b_in.index_select(0, chosen).view(mid.shape)
+    weight = routing.mixing(x.dtype).unsqueeze(-1)  # (T, k, 1)
+    hidden = hidden_units(mid, act, gated)  # (T, k, W)
+    hidden = hidden * weight if torch.is_grad_enabled() else hidden.mul_(weight)
+    w_out = stacks.w_out.index_select(0, chosen).view(tokens, -1, hidden_size)  # (T, k*W, H)
+    out = torch.bmm(hidden.reshape(tokens, 1, -1), w_out).squeeze(1)
+    if stacks.b_out is not None:
+        out = out + (weight * stacks.b_out.index_select(0, chosen).view(tokens, k, hidden_size)).sum(1)
+    return out
 
 
 def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -308,8 +494,13 @@ def grouped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         ends = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
         out = GROUPED_MM(x, weight.transpose(1, 2), offs=ends)
         if bias is not None:
-            out += bias.repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
+            out = out + bias.repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
         return out
+    if torch.is_grad_enabled():  # out= products do not record autograd
+        bounds = [0, *itertools.accumulate(counts)]
+        parts = [F.linear(x[bounds[j]:bounds[j + 1]], weight[j], None if bias is None else bias[j])
+                 for j in range(len(counts))]
+        return torch.cat(parts)
     out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
     for j, count in enumerate(counts):
         if count:
