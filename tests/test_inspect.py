@@ -166,10 +166,10 @@ def test_cli_json_report(tmp_path, capsys):
 
 def test_cli_table_on_a_real_folder(tiny_llama, capsys):
     assert run_cli("inspect", tiny_llama, "--granularity", 2, "--moe-layers", "0,2") == 0
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out  # the report is a result: stdout
     assert "layers 0, 2" in out and "16 experts of width 48, top-4" in out and "layer 1" in out
     assert run_cli("inspect", tiny_llama, "--shared-experts", 2) == 0
-    assert "8 experts of width 96, top-2, 2 shared of width 96" in capsys.readouterr().err
+    assert "8 experts of width 96, top-2, 2 shared of width 96" in capsys.readouterr().out
     assert "of safetensors here" in out and "conversion needs" in out
 
 

@@ -246,7 +246,7 @@ def test_cli_shared_experts_and_layers_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("upcycle", source, "-o", out, "--experts", 4, "--shared-experts", 1,
                    "--moe-layers", "skip-first:1") == 0
-    format_line = next(line for line in capsys.readouterr().err.splitlines() if "format" in line)
+    format_line = next(line for line in capsys.readouterr().out.splitlines() if "format" in line)  # summary: stdout
     assert "qwen2_moe" in format_line and "native" in format_line
     record = json.loads((out / "moeify.json").read_text())
     assert record["target"] == "qwen2_moe" and record["moe_layer_indices"] == [1, 2]
