@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
 
+from moeify import source
 from moeify.conversion import convert
 from moeify.errors import MoeifyError
 from moeify.spec import Format, Spec
@@ -47,10 +48,17 @@ def models(tmp_path_factory) -> dict[str, Path]:
     for name, (source, spec) in jobs.items():
         out[name] = root / name
         convert(source, out[name], spec, source=str(source))
+        SOURCES[out[name]] = source
     out["split"] = root / "split"
+    SOURCES[out["split"]] = llama
     assert run_cli("split", llama, "--granularity", 4, "--topk", 2, "--partition", "contiguous",
                    "--router-init", "centroid", "--output", out["split"]) == 0
     return out
+
+
+# Each output's dense source. moeify.json names a local source by folder name only (no path), so
+# the tests pass it as --teacher; test_the_recorded_source_is_the_default_teacher covers the default.
+SOURCES: dict[Path, Path] = {}
 
 
 def qwen_char_tokenizer(folder: Path) -> Path:
@@ -83,7 +91,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def train(model: Path, output: Path, *options: object) -> int:
-    return run_cli("train", model, "--data", TEXT, "--output", output, *SMALL, *options)
+    teacher = ["--teacher", SOURCES[model]] if model in SOURCES and "--teacher" not in options else []
+    return run_cli("train", model, "--data", TEXT, "--output", output, *SMALL, *teacher, *options)
 
 
 def record_of(folder: Path) -> dict:
@@ -99,7 +108,7 @@ def test_healing_a_split_trains_only_its_routers_by_default(models: dict[str, Pa
     training = record_of(out)["training"][-1]
     assert (training["settings"]["train"], training["settings"]["distill"], training["settings"]["lm"]) == \
         ("routers", 1.0, 0.0)
-    assert training["teacher"] == str(models["llama"]) and training["steps"] == 4 and training["tokens"] == 512
+    assert training["teacher"] == "llama" and training["steps"] == 4 and training["tokens"] == 512
     before, after = tensors_of(models["split"]), tensors_of(out)
     routers = {name for name in before if name.endswith("router.weight")}
     assert routers and set(before) == set(after)
@@ -108,6 +117,7 @@ def test_healing_a_split_trains_only_its_routers_by_default(models: dict[str, Pa
     for name in ("config.json", "configuration_moeify.py", "modeling_moeify.py", "tokenizer.json"):
         assert (out / name).read_bytes() == (models["split"] / name).read_bytes(), name
     assert "## Training" in (out / "README.md").read_text()
+    assert str(models["llama"].parent) not in (out / "moeify.json").read_text() + (out / "README.md").read_text()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "distill" in row] == [1, 2, 3, 4]
     assert run_cli("verify", models["llama"], out, "--tokens", 64) == 0
@@ -154,13 +164,51 @@ def test_upcycle_defaults_continue_training_with_lm_and_aux(models: dict[str, Pa
     assert attention and all(same_bits(before[n], after[n]) for n in attention)
 
 
+def test_local_objective_trains_each_moe_layer_against_its_dense_ffn(models: dict[str, Path], tmp_path: Path):
+    out = tmp_path / "local"
+    assert train(models["split"], out, "--objective", "local", "--train", "moe", "--steps", 8, "--lr", "3e-3") == 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    local = [row["local"] for row in rows if "local" in row]
+    assert len(local) == 8 and local[-1] < local[0] and not any("distill" in row for row in rows)
+    before, after = tensors_of(models["split"]), tensors_of(out)
+    moe = {n for n in before if ".mlp." in n}
+    assert moe and all(not torch.equal(before[n], after[n]) for n in moe)
+    assert all(same_bits(before[n], after[n]) for n in set(before) - moe)
+
+
+def test_plot_draws_the_log(models: dict[str, Path], tmp_path: Path):
+    png = tmp_path / "curves" / "train.png"
+    assert train(models["mixtral"], tmp_path / "out", "--steps", 3, "--eval-every", 1, "--plot", png) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_training_twice_keeps_both_records(models: dict[str, Path], tmp_path: Path):
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert train(models["split"], once, "--steps", 1) == 0
-    assert train(once, twice, "--steps", 1, "--lr", "5e-4") == 0
+    assert train(once, twice, "--steps", 1, "--lr", "5e-4", "--teacher", models["llama"]) == 0
     runs = record_of(twice)["training"]
-    assert [r["settings"]["lr"] for r in runs] == [1e-3, 5e-4] and runs[1]["model"] == str(once)
-    assert record_of(twice)["source"] == str(models["llama"])  # the teacher is still the dense source
+    assert [r["settings"]["lr"] for r in runs] == [1e-3, 5e-4] and runs[1]["model"] == "once"
+    assert record_of(twice)["source"] == record_of(models["split"])["source"]  # still the dense source
+
+
+def test_the_recorded_source_is_the_default_teacher(models: dict[str, Path], tmp_path: Path, monkeypatch, capsys):
+    """moeify.json names a local source by its folder name: found from the folder that holds it, and only
+    when its weights are the recorded ones."""
+    monkeypatch.chdir(models["llama"].parent)
+    assert run_cli("train", models["split"], "--data", TEXT, "--output", tmp_path / "out", *SMALL, "--steps", 1) == 0
+    assert record_of(tmp_path / "out")["training"][-1]["teacher"] == "llama"
+    monkeypatch.chdir(tmp_path)  # no folder named llama here
+    monkeypatch.setattr(source, "_resolved", {})  # moeify resolves a name once per run; this is a new run
+    capsys.readouterr()
+    code = run_cli("train", models["split"], "--data", TEXT, "--output", tmp_path / "again", *SMALL)
+    assert_one_line_error(capsys, code, "'llama'", "not found", "--teacher")
+    make_tiny("llama", tmp_path / "llama", seed=1)  # a folder of that name, other weights
+    add_char_tokenizer(tmp_path / "llama")
+    monkeypatch.setattr(source, "_resolved", {})
+    capsys.readouterr()
+    code = run_cli("train", models["split"], "--data", TEXT, "--output", tmp_path / "again", *SMALL)
+    assert_one_line_error(capsys, code, "'llama'", "not the source", "--teacher")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "again.checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------- checkpoints and resuming
@@ -186,7 +234,9 @@ def wait_for(path: Path, child: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert child.poll() is None and path.exists(), "the run ended before it could be interrupted"
+    if child.poll() is not None:
+        raise AssertionError(f"the run ended before it could be interrupted: {child.communicate()[1][-2000:]}")
+    assert path.exists(), "no checkpoint in time"
 
 
 def test_resume_after_a_kill_reaches_the_same_weights(models: dict[str, Path], tmp_path: Path):

@@ -95,7 +95,6 @@ def test_shipped_accelerate_configs_load(name: str, kind: str):
 def test_fsdp_config_names_real_classes():
     """The classes the FSDP config wraps exist in transformers under those names."""
     import transformers
-
     from accelerate.commands.config.config_args import load_config_from_file
 
     names = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config["fsdp_transformer_layer_cls_to_wrap"]

@@ -39,7 +39,9 @@ LmOpt = Annotated[float | None, typer.Option("--lm", help="Weight of the LM loss
                                              "1 for an upcycle.")]
 AuxOpt = Annotated[float, typer.Option("--aux", help="Multiplies the model's own router loss coefficients.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Distillation temperature.")]
-ObjectiveOpt = Annotated[Objective, typer.Option("--objective", help="global: loss on the model's outputs.")]
+ObjectiveOpt = Annotated[Objective, typer.Option("--objective", help="global: the weighted terms on the model's "
+                                                 "outputs; local: each MoE layer reproduces its dense FFN on the "
+                                                 "teacher's hidden states (one process).")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per packed sequence.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Sequences per micro-step, over all processes.")]
 AccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step.")]
@@ -66,6 +68,8 @@ KeepOpt = Annotated[int, typer.Option("--keep-checkpoints", help="Checkpoints ke
 CheckpointDirOpt = Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where checkpoints go "
                                                        "(default: DIR.checkpoints beside the output).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the loss terms and held-out "
+                                             "perplexity over steps.")]
 LogEveryOpt = Annotated[int, typer.Option("--log-every", help="Steps between lines of train_log.jsonl.")]
 
 
@@ -102,6 +106,7 @@ def train(
     checkpoint_dir: CheckpointDirOpt = None,
     resume: ResumeOpt = False,
     log_every: LogEveryOpt = 1,
+    plot: PlotOpt = None,
     trust_remote_code: TrustOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -126,15 +131,19 @@ def train(
                         precision=precision, eval_every=eval_every, save_every=save_every, keep=keep_checkpoints,
                         log_every=log_every)
     run(model, output, settings, overwrite=overwrite, checkpoint_dir=checkpoint_dir, resume=resume,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, plot=plot)
 
 
 def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False, checkpoint_dir: Path | None = None,
-        resume: bool = False, trust_remote_code: bool = False) -> None:
+        resume: bool = False, trust_remote_code: bool = False, plot: Path | None = None) -> None:
     """Plan, train and write, printing on the main process only: shared with recipes' train sections."""
+    from moeify.training import display
     from moeify.training import plan as plans
-    from moeify.training.display import summary
+    from moeify.training.checkpoints import LOG
     from moeify.training.trainer import Trainer, accelerator_for
+
+    if plot is not None:
+        display.check_plotting()
 
     with accelerator_for(settings, ui.say) as accelerator:
         say = ui.say if accelerator.is_main_process else (lambda line: None)
@@ -149,4 +158,6 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
                 + (f"continue from {latest} with --resume" if latest else "no checkpoint had been saved yet"))
             raise typer.Exit(130) from None
         if accelerator.is_main_process:
-            ui.console.print(summary(outcome))
+            ui.console.print(display.summary(outcome))
+            if plot is not None:
+                ui.say(f"loss and perplexity curves written to {display.plot(plan.checkpoints.folder / LOG, plot)}")

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moeify.card import human
+from moeify.errors import MoeifyError
 from moeify.ui import console
 
 
@@ -77,3 +78,37 @@ def summary(outcome) -> Table:
         table.add_row("ratio to teacher", f"×{outcome.before / t:.3f} -> ×{outcome.after / t:.3f} (teacher {t:.3f})")
     table.add_row("checkpoints", str(outcome.checkpoints))
     return table
+
+
+def check_plotting() -> None:
+    """--plot needs matplotlib: refused before training, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MoeifyError("--plot needs matplotlib; install it with `pip install moeify[plot]`") from None
+
+
+def plot(log: Path, path: Path) -> Path:
+    """A PNG of train_log.jsonl: each loss term (left) and held-out perplexity (right) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line]
+    steps = [row for row in rows if "loss" in row]
+    evals = [row for row in rows if "eval_perplexity" in row]
+    terms = [k for k in steps[0] if k not in ("step", "tokens", "lr", "seconds")] if steps else []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for term in terms:  # each term unweighted; "loss" is the weighted total
+        left.plot([r["step"] for r in steps], [r[term] for r in steps], label=term)
+    left.set(xlabel="step", ylabel="value (log scale)", title="loss terms", yscale="log")
+    left.legend()
+    right.plot([r["step"] for r in evals], [r["eval_perplexity"] for r in evals], marker="o")
+    right.set(xlabel="step", ylabel="perplexity", title="held-out perplexity")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

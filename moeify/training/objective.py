@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeify.errors import MoeifyError
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -93,3 +95,54 @@ class Loss:
             terms["z"] = z_loss(out.router_logits)
             total = total + self.z_weight * terms["z"]
         return total, {name: value.detach() for name, value in terms.items()}
+
+
+class LocalLoss:
+    """Layer-wise reconstruction: each MoE block learns to give what the teacher's module at the
+    same path (the dense FFN it came from) gives, on the teacher's own hidden states.
+
+    One teacher forward collects every such module's input and output; each student block then
+    runs on those inputs alone, so the backward pass stays inside the blocks and never crosses the
+    model. The term is the squared error relative to the target's square, averaged over layers.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, autocast: Callable):
+        from moeify.verify import blocks
+
+        names = {id(module): name for name, module in student.named_modules()}
+        self.paths = [names[id(block.module)] for block in blocks(student).values()]
+        teacher_modules = dict(teacher.named_modules())
+        missing = [path for path in self.paths if path not in teacher_modules]
+        if missing:
+            raise MoeifyError(f"the teacher has no module at {missing[0]}; --objective local needs the model "
+                              f"this one was converted from as the teacher")
+        self.student, self.teacher, self.autocast = student, teacher, autocast
+
+    def __call__(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """ids (B, L) -> (mean relative squared error over MoE layers, {"local": it})."""
+        pairs = self._targets(ids)
+        errors = []
+        with self.autocast():
+            for path, (x, y) in pairs.items():
+                out = self.student.get_submodule(path)(x)
+                errors.append((out.float() - y).square().sum() / y.square().sum().clamp_min(1e-12))
+        total = torch.stack(errors).mean()
+        return total, {"local": total.detach()}
+
+    def _targets(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{path: (input (B, L, H), output (B, L, H) float32)} of the teacher's modules."""
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(path: str):
+            def hook(module, args, output):
+                pairs[path] = (args[0].detach(), (output[0] if isinstance(output, tuple) else output).float())
+            return hook
+
+        handles = [self.teacher.get_submodule(p).register_forward_hook(keep(p)) for p in self.paths]
+        try:
+            with torch.no_grad(), self.autocast():
+                self.teacher(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return pairs

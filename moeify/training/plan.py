@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeify import source
@@ -44,6 +44,7 @@ class Plan:
     resume_from: Path | None
     run: dict  # what a checkpoint must match to be resumed
     overwrite: bool = False  # replace an existing output (and earlier checkpoints)
+    notes: list[str] = field(default_factory=list)  # said when training starts, after every refusal
 
     @property
     def tokens_per_step(self) -> int:
@@ -60,8 +61,9 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     record = _record(model, model_dir)
     code = code_of(model_dir, trust_remote_code)
     settings = settings.for_job(Mode(record.get("mode", Mode.UPCYCLE.value)))
-    if settings.objective is Objective.LOCAL:
-        raise MoeifyError("--objective local is not available in `moeify train` yet; use the default global")
+    if settings.objective is Objective.LOCAL and processes > 1:
+        raise MoeifyError("--objective local trains in one process (it calls the MoE blocks directly, past "
+                          "the data-parallel wrapper); launch it without accelerate or use --objective global")
     if settings.batch_size % processes:
         raise MoeifyError(f"--batch-size {settings.batch_size} must divide evenly over the {processes} processes")
     tokenizer = tokenizer_in(model_dir, code)
@@ -69,7 +71,6 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
         raise MoeifyError(f"{model} has no tokenizer; copy its source's tokenizer files into {model_dir}")
     _check_positions(model_dir, settings.seq_len)
     corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer)
-    teacher, teacher_dir, teacher_code = _teacher(settings, record, model_dir, tokenizer, trust_remote_code, notify)
     steps = _steps(settings, len(corpus.train))
     checkpoints = Checkpoints(checkpoint_dir or output.with_name(output.name + ".checkpoints"), settings.keep)
     run = _identity(model_dir, settings, processes)
@@ -77,8 +78,10 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     if not resume and checkpoints.complete() and not overwrite:
         raise MoeifyError(f"{checkpoints.folder} holds checkpoints of an earlier run; pass --resume to continue "
                           f"it or --overwrite to start over")
+    notes: list[str] = []
+    teacher, teacher_dir, teacher_code = _teacher(settings, record, model_dir, tokenizer, trust_remote_code, notes)
     return Plan(model, model_dir, code, record, settings, corpus, teacher, teacher_dir, teacher_code, steps, output,
-                checkpoints, resume_from, run, overwrite)
+                checkpoints, resume_from, run, overwrite, notes)
 
 
 def _record(model: str, folder: Path) -> dict:
@@ -107,25 +110,49 @@ def _check_positions(folder: Path, seq_len: int) -> None:
 
 
 def _teacher(settings: Settings, record: dict, model_dir: Path, tokenizer, trust_remote_code: bool,
-             notify: Notify) -> tuple[str | None, Path | None, Code | None]:
-    """The teacher's name, folder and code. Needed for distillation; otherwise only for the perplexity ratio."""
-    name = settings.teacher or record.get("source")
-    if settings.distill == 0 and settings.teacher is None:
-        try:  # the ratio to the source is worth having, but not worth failing for
-            return (name, *_checked_teacher(name, model_dir, tokenizer, trust_remote_code, notify)) if name \
-                else (None, None, None)
-        except MoeifyError as e:
-            notify(f"no perplexity ratio to the source: {e}")
-            return None, None, None
+             notes: list[str]) -> tuple[str | None, Path | None, Code | None]:
+    """The teacher's name, folder and code. Needed for distillation and --objective local; otherwise
+    only for the perplexity ratio, which is worth having but not worth failing for."""
+    needed = settings.distill > 0 or settings.objective is Objective.LOCAL
+    try:
+        name, folder = _teacher_folder(settings.teacher, record, notes)
+        return name, folder, _compatible(name, folder, model_dir, tokenizer, trust_remote_code)
+    except MoeifyError as e:
+        if needed or settings.teacher is not None:
+            raise
+        notes.append(f"no perplexity ratio to the source: {e}")
+        return None, None, None
+
+
+def _teacher_folder(given: str | None, record: dict, notes: list[str]) -> tuple[str, Path]:
+    """--teacher, or the source moeify.json records, checked against the weights it records.
+
+    moeify.json names a local source by its folder name only (no path): that name resolves from
+    the current folder, and only when the weights there are the recorded ones.
+    """
+    recorded = record.get("resolved") if isinstance(record.get("resolved"), dict) else None
+    if given is not None:
+        folder = source.resolve(given, notes.append)
+        if recorded and not source.same_source(recorded, source.provenance(folder)):
+            notes.append(f"the teacher {given} is not the model this one was made from ({source.identity(recorded)}); "
+                   f"distilling from it as asked")
+        return given, folder
+    name = record.get("source")
     if not name:
-        raise MoeifyError("distillation needs a teacher and moeify.json names no source; pass --teacher SOURCE "
-                          "or --distill 0")
-    return name, *_checked_teacher(name, model_dir, tokenizer, trust_remote_code, notify)
+        raise MoeifyError("moeify.json names no source to learn from; pass --teacher SOURCE")
+    try:
+        folder = source.resolve(name, notes.append)
+    except MoeifyError:
+        raise MoeifyError(f"the source recorded in moeify.json, {name!r}, is not found from here; pass "
+                          f"--teacher with its path") from None
+    if recorded and not source.same_source(recorded, source.provenance(folder)):
+        raise MoeifyError(f"{name!r} here is not the source this model was made from ({source.identity(recorded)}); "
+                          f"pass --teacher with the right one")
+    return name, folder
 
 
-def _checked_teacher(name: str, model_dir: Path, tokenizer, trust_remote_code: bool,
-                     notify: Notify) -> tuple[Path, Code]:
-    folder = source.resolve(name, notify)
+def _compatible(name: str, folder: Path, model_dir: Path, tokenizer, trust_remote_code: bool) -> Code:
+    """The teacher's code, once its vocabulary is known to be the student's."""
     code = code_of(folder, trust_remote_code)
     theirs = tokenizer_in(folder, code)
     if theirs is not None and theirs.get_vocab() != tokenizer.get_vocab():
@@ -135,7 +162,7 @@ def _checked_teacher(name: str, model_dir: Path, tokenizer, trust_remote_code: b
     if sizes[0] != sizes[1]:
         raise MoeifyError(f"teacher {name} has {sizes[0]} vocabulary entries, the student {sizes[1]}; "
                           f"they must share one vocabulary")
-    return folder, code
+    return code
 
 
 def _steps(settings: Settings, sequences: int) -> int:

@@ -20,16 +20,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from moeify import __version__
 from moeify.loading import load_model
-from moeify.training import display, export
+from moeify.training import display, export, record
 from moeify.training.checkpoints import Progress
 from moeify.training.data import Stream, order
 from moeify.training.evaluation import perplexity
-from moeify.training.objective import Loss, RouterCoefficients, Weights
+from moeify.training.objective import LocalLoss, Loss, RouterCoefficients, Weights
 from moeify.training.plan import Plan
 from moeify.training.selection import groups, select
-from moeify.training.settings import Precision, Schedule, Settings
+from moeify.training.settings import Objective, Precision, Schedule, Settings
 from moeify.verify import blocks
 
 Notify = Callable[[str], None]
@@ -142,10 +141,15 @@ class Trainer:
         loader = DataLoader(stream, batch_size=self.s.batch_size, drop_last=True)
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             student, optimizer, loader, _schedule(optimizer, self.s, plan.steps))
+        self.loss = self._objective(student)
+        self.progress = Progress()
+
+    def _objective(self, student: torch.nn.Module):
+        if self.s.objective is Objective.LOCAL:  # the student's blocks are called directly: one process
+            return LocalLoss(student, self.teacher, self.acc.autocast)
         weights = Weights(self.s.distill, self.s.lm, self.s.aux, self.s.temperature)
         teacher = self._teacher_logits if self.s.distill > 0 else None
-        self.loss = Loss(weights, RouterCoefficients.of(student.config), teacher)
-        self.progress = Progress()
+        return Loss(weights, RouterCoefficients.of(student.config), teacher)
 
     def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
         with self.acc.autocast():
@@ -155,6 +159,8 @@ class Trainer:
 
     def run(self) -> Outcome:
         plan, acc = self.plan, self.acc
+        for note in plan.notes:
+            self.notify(note)
         if plan.resume_from is not None:
             self._resume()
         elif acc.is_main_process:
@@ -162,9 +168,7 @@ class Trainer:
         acc.wait_for_everyone()
         journal = display.Journal(plan.checkpoints.folder / export.LOG, acc.is_main_process, self.progress.step)
         teacher_ppl = self._teacher_perplexity()
-        # A resumed run scores the checkpoint too: beside the check that it reproduces, this makes
-        # its first pass without gradients happen as it did in the uninterrupted run (the remote
-        # format packs its experts then), and the weights come out bit for bit the same.
+        # A resumed run scores the checkpoint too (said, not recorded): a check that it reproduces.
         self._evaluate(journal, record=not self.progress.evaluations)
         self._loop(journal)
         if self.progress.evaluations[-1]["step"] != self.progress.step:
@@ -174,36 +178,38 @@ class Trainer:
         return outcome
 
     def _loop(self, journal: display.Journal) -> None:
-        s, acc = self.s, self.acc
-        skip = self.progress.step * s.grad_accum
-        batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+        skip = self.progress.step * self.s.grad_accum
+        batches = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
-        clock = time.perf_counter()
-        session_tokens, session_seconds = 0, 0.0
-        with display.Bar(self.plan.steps, self.progress.step, acc.is_main_process) as bar:
+        watch, session = Stopwatch(), Progress()
+        with display.Bar(self.plan.steps, self.progress.step, self.acc.is_main_process) as bar:
             for ids in batches:
-                with acc.accumulate(self.model):
-                    total, terms = self.loss(self.model, ids)
-                    acc.backward(total)
-                    if acc.sync_gradients and s.clip > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), s.clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                for name, value in (terms | {"loss": total.detach()}).items():
-                    sums[name] = sums.get(name, 0) + value
-                if not acc.sync_gradients:
+                self._micro_step(ids, sums)
+                if not self.acc.sync_gradients:
                     continue
-                spent = time.perf_counter() - clock
-                self.progress.step += 1
-                self.progress.tokens += self.plan.tokens_per_step
-                self.progress.seconds += spent
-                session_tokens, session_seconds = session_tokens + self.plan.tokens_per_step, session_seconds + spent
-                self._log(journal, bar, sums, session_tokens / session_seconds)
+                spent = watch.lap()  # logging the step before counts: it is part of the loop's cost
+                for progress in (self.progress, session):
+                    progress.step, progress.tokens = progress.step + 1, progress.tokens + self.plan.tokens_per_step
+                    progress.seconds += spent
+                self._log(journal, bar, sums, session.tokens / session.seconds)
                 sums = {}
-                self._between_steps(journal)
-                clock = time.perf_counter()  # evaluations and checkpoints do not count as training time
+                with watch.paused():  # evaluations and checkpoints are not training time
+                    self._between_steps(journal)
+
+    def _micro_step(self, ids: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """Forward, backward and (at the last micro-step of a step) the optimizer; ids (B, L)."""
+        acc = self.acc
+        with acc.accumulate(self.model):
+            total, terms = self.loss(self.model, ids)
+            acc.backward(total)
+            if acc.sync_gradients and self.s.clip > 0:
+                acc.clip_grad_norm_(self.model.parameters(), self.s.clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        for name, value in (terms | {"loss": total.detach()}).items():
+            sums[name] = sums.get(name, 0) + value
 
     def _log(self, journal: display.Journal, bar: display.Bar, sums: dict[str, torch.Tensor], rate: float) -> None:
         step = self.progress.step
@@ -226,7 +232,7 @@ class Trainer:
             self.plan.checkpoints.save(self.acc, self.progress, self.plan.run)
 
     def _evaluate(self, journal: display.Journal, record: bool = True) -> float:
-        ppl = perplexity(self.model, self.plan.corpus.held_out, self.acc)
+        ppl = perplexity(self.model, self.plan.corpus.held_out, self.acc, trained=True)
         if record:
             self.progress.evaluations.append({"step": self.progress.step, "perplexity": ppl})
             journal.write({"step": self.progress.step, "eval_perplexity": ppl})
@@ -238,7 +244,7 @@ class Trainer:
         if self.teacher is None:
             return None
         ppl = perplexity(self.teacher, self.plan.corpus.held_out, self.acc)
-        if self.s.distill == 0:
+        if self.s.distill == 0 and self.s.objective is Objective.GLOBAL:
             self.teacher = None  # it was only needed for the ratio
         return ppl
 
@@ -261,30 +267,30 @@ class Trainer:
         state = self.acc.get_state_dict(self.model)  # gathered from the shards under FSDP and ZeRO-3
         if self.acc.is_main_process:
             export.write(self.acc.unwrap_model(self.model), state, self.plan.model_dir, self.plan.output,
-                         overwrite=self.plan.overwrite, entry=self._entry(outcome), section=self._section(outcome),
+                         overwrite=self.plan.overwrite, entry=record.entry(self.plan, outcome, self.acc.num_processes),
+                         section=record.section(self.plan, outcome),
                          log=self.plan.checkpoints.folder / export.LOG)
         self.acc.wait_for_everyone()
 
-    def _entry(self, o: Outcome) -> dict:
-        """The training record appended to moeify.json."""
-        return {"model": self.plan.model, "teacher": self.plan.teacher, "settings": self.s.to_dict(),
-                "steps": o.steps, "tokens": o.tokens, "seconds": round(o.seconds, 2),
-                "processes": self.acc.num_processes, "perplexity_before": o.before, "perplexity_after": o.after,
-                "teacher_perplexity": o.teacher_perplexity, "moeify_version": __version__}
 
-    def _section(self, o: Outcome) -> str:
-        s = self.s
-        ratio = (f" (×{o.before / o.teacher_perplexity:.3f} → ×{o.after / o.teacher_perplexity:.3f} of the "
-                 f"teacher's {o.teacher_perplexity:.3f})") if o.teacher_perplexity else ""
-        rows = [("data", f"`{s.data}`"), ("trained", f"{s.train.value} ({o.trainable_params:,} parameters)"
-                                                     + (f", frozen: {', '.join(s.freeze)}" if s.freeze else "")),
-                ("objective", (f"distill {s.distill:g} (T {s.temperature:g}, teacher `{self.plan.teacher}`), "
-                               if s.distill else "") + f"lm {s.lm:g}, aux {s.aux:g}"),
-                ("steps / tokens", f"{o.steps} / {o.tokens:,}"),
-                ("held-out perplexity", f"{o.before:.3f} → {o.after:.3f}{ratio}")]
-        table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-        return (f"## Training\n\nTrained further with `moeify train` (its settings are in moeify.json's "
-                f"`training`, the curve in train_log.jsonl):\n\n| | |\n|---|---|\n{table}\n")
+class Stopwatch:
+    """Training time: wall time between laps, minus the pauses."""
+
+    def __init__(self):
+        self.mark = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        spent, self.mark = now - self.mark, now
+        return spent
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.mark += time.perf_counter() - start
 
 
 def _separate_experts(model: torch.nn.Module) -> bool:
