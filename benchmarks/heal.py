@@ -1,0 +1,222 @@
+"""Healing converted SmolLM2-135M models with `moeify train`, and what the loop costs.
+
+    python benchmarks/heal.py                                   # split G=8 top-4, routers and moe, 100k tokens
+    python benchmarks/heal.py --tokens 400000 --jobs routers    # further, one job
+    python benchmarks/heal.py --layouts g8,g64s8,upcycle --tokens 51200
+    python benchmarks/heal.py --overhead-only                   # the loop against a bare accelerate loop
+
+Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. Training text:
+Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
+paragraphs reflowed. Held-out text: benchmarks/data/heldout.txt (modern prose, disjoint from
+the training text). Each conversion is made once with the moeify CLI, then each job is one
+`python -m moeify train` run with a constant learning rate after 10 warmup steps, scored on the
+held-out text every --eval-every steps: the table reads the curve at each token budget, so one
+run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
+
+The overhead part times moeify's loop (from its train_log.jsonl: wall time per step, logging
+included, evaluations excluded) against a bare loop in the same process doing the same work:
+teacher forward, student forward, KL, backward, AdamW step; the median step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "benchmarks" / "data"
+SEQ_LEN, BATCH = 256, 4  # 1024 tokens per step; --seq-len and --batch-size change them
+
+# How each layout is made from the dense model (moeify CLI arguments after the source).
+LAYOUTS = {
+    "g8": ["split", "--granularity", "8", "--topk", "4"],  # activation partition, fitted routers
+    "g64s8": ["split", "--granularity", "64", "--shared-experts", "8", "--topk", "24"],
+    "upcycle": ["upcycle", "--experts", "8", "--topk", "2", "--drop-ratio", "0.5", "--format", "remote"],
+}
+# What trains in each job, all distilled from the dense model.
+JOBS = {
+    "routers": ["--train", "routers", "--lr", "1e-3"],
+    "moe": ["--train", "moe", "--lr", "2e-4", "--router-lr", "1e-3"],
+}
+
+
+def moeify(*args: object, log: Path) -> float:
+    """Run the moeify CLI in a child process (its output into log); wall seconds."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "moeify", *map(str, args)], stdout=out, stderr=out,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        sys.exit(f"moeify {' '.join(map(str, args[:2]))} failed; see {log}")
+    return time.perf_counter() - started
+
+
+def training_text(work: Path) -> Path:
+    """Emma with each paragraph on one line (the Gutenberg file wraps lines at 70 characters)."""
+    path = work / "train.txt"
+    if not path.is_file():
+        raw = (DATA / "austen-emma.txt").read_text()
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw)]
+        path.write_text("\n\n".join(p for p in paragraphs if p) + "\n")
+    return path
+
+
+def convert(layout: str, dense: Path, text: Path, work: Path) -> Path:
+    out = work / layout
+    if not (out / "moeify.json").is_file():
+        calibration = ["--calibration", text] if LAYOUTS[layout][0] == "split" else []
+        seconds = moeify(*LAYOUTS[layout][:1], dense, *LAYOUTS[layout][1:], *calibration, "--output", out,
+                         "--overwrite", log=work / f"{layout}.log")
+        print(f"{layout}: converted in {seconds:.0f} s")
+    return out
+
+
+def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path) -> list[dict]:
+    """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio."""
+    out = work / f"{model.name}-{job}"
+    # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
+    # (written by moeify itself); it runs as written rather than being refused.
+    moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
+           "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN, "--batch-size", BATCH, "--schedule", "constant",
+           "--warmup", 10, "--eval-every", eval_every, "--save-every", 0, "--log-every", 1, *JOBS[job],
+           log=work / f"{out.name}.log")
+    record = json.loads((out / "moeify.json").read_text())["training"][-1]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    seconds = {row["step"]: row["seconds"] for row in log if "seconds" in row} | {0: 0.0}
+    teacher = record["teacher_perplexity"]
+    return [{"step": row["step"], "tokens": row["step"] * SEQ_LEN * BATCH, "seconds": seconds[row["step"]],
+             "perplexity": row["eval_perplexity"], "ratio": row["eval_perplexity"] / teacher}
+            for row in log if "eval_perplexity" in row]
+
+
+def table(results: dict[tuple[str, str], list[dict]], budgets: list[int]) -> None:
+    print(f"\n{'layout':<8} {'job':<8} {'tokens':>8} {'train s':>8} {'ppl ratio before -> after':>26}")
+    for (layout, job), curve in results.items():
+        before = curve[0]["ratio"]
+        for budget in budgets:
+            reached = [row for row in curve if row["tokens"] >= budget]
+            if reached:
+                row = reached[0]
+                change = f"×{before:.2f} -> ×{row['ratio']:.2f}"
+                print(f"{layout:<8} {job:<8} {row['tokens']:>8} {row['seconds']:>8.0f} {change:>26}")
+        print(f"{'':<8} curve: " + ", ".join(f"{row['tokens'] // 1000}k ×{row['ratio']:.2f}" for row in curve))
+
+
+# ---------------------------------------------------------------------------- overhead
+
+
+def moeify_steps(model: Path, dense: Path, text: Path, steps: int, work: Path) -> list[float]:
+    """Per-step wall seconds of moeify's own loop, in this process (from its train_log.jsonl)."""
+    from moeify.commands.train import run
+    from moeify.training.settings import Settings
+
+    out = work / "overhead-moeify"
+    settings = Settings(data=str(text), eval_text=str(DATA / "heldout.txt"), seq_len=SEQ_LEN, batch_size=BATCH,
+                        steps=steps, train="routers", lr=1e-3, save_every=0, schedule="constant", warmup=0,
+                        teacher=str(dense))
+    run(str(model), out, settings, overwrite=True, trust_remote_code=True)
+    seconds = [json.loads(line).get("seconds") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    seconds = [0.0] + [s for s in seconds if s is not None]
+    return [b - a for a, b in itertools.pairwise(seconds)]
+
+
+def bare_steps(model: Path, dense: Path, text: Path, steps: int) -> list[float]:
+    """Per-step wall seconds of the plainest accelerate loop doing the same passes."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from moeify.loading import Code, load_model, tokenizer_in
+    from moeify.training import data
+    from moeify.training.selection import select
+    from moeify.training.settings import Trainable
+
+    accelerator = Accelerator()
+    student, teacher = load_model(model, Code.FOLDER), load_model(dense)
+    select(student, Trainable.ROUTERS)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    student.train()
+    sequences = data.pack(data.token_ids([text.read_text()], tokenizer_in(dense)), SEQ_LEN)
+    times = []
+    for step in range(steps):
+        ids = sequences[step * BATCH:(step + 1) * BATCH]
+        started = time.perf_counter()
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)
+        logits = F.log_softmax(student(input_ids=ids).logits.float(), dim=-1)
+        loss = F.kl_div(logits.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return times
+
+
+def overhead(model: Path, dense: Path, text: Path, steps: int, rounds: int, work: Path) -> None:
+    """Alternate the two loops; drop each run's first two steps (allocation), compare medians."""
+    ours, bare = [], []
+    for _ in range(rounds):
+        ours += moeify_steps(model, dense, text, steps, work)[2:]
+        bare += bare_steps(model, dense, text, steps)[2:]
+    a, b = statistics.median(ours), statistics.median(bare)
+    print(f"\nloop overhead, split {model.name}, routers, {SEQ_LEN * BATCH} tokens per step, "
+          f"{len(ours)} steps each, {torch.get_num_threads()} threads")
+    print(f"moeify train  median {a:.3f} s/step (min {min(ours):.3f})")
+    print(f"bare loop     median {b:.3f} s/step (min {min(bare):.3f})")
+    print(f"ratio moeify / bare: {a / b:.3f} (median), {min(ours) / min(bare):.3f} (best)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", default="g8", help=f"comma-separated: {', '.join(LAYOUTS)}")
+    parser.add_argument("--jobs", default="routers,moe", help=f"comma-separated: {', '.join(JOBS)}")
+    parser.add_argument("--tokens", type=int, default=102400, help="training tokens per run")
+    parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
+                        help="token counts the table reads the curves at")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moeify" / "heal")
+    parser.add_argument("--overhead-steps", type=int, default=12)
+    parser.add_argument("--overhead-rounds", type=int, default=2)
+    parser.add_argument("--overhead-only", action="store_true")
+    parser.add_argument("--no-overhead", action="store_true")
+    args = parser.parse_args()
+    global SEQ_LEN, BATCH
+    SEQ_LEN, BATCH = args.seq_len, args.batch_size
+
+    from moeify.source import fallback_smollm2
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    dense = fallback_smollm2(notify=print)
+    text = training_text(args.work)
+    budgets = [int(b) for b in args.budgets.split(",") if int(b) <= args.tokens]
+    if not args.overhead_only:
+        results = {}
+        for layout in args.layouts.split(","):
+            model = convert(layout, dense, text, args.work)
+            for job in args.jobs.split(","):
+                started = time.perf_counter()
+                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work)
+                print(f"{layout} {job}: {time.perf_counter() - started:.0f} s wall")
+        table(results, budgets or [args.tokens])
+    if not args.no_overhead:
+        overhead(convert("g8", dense, text, args.work), dense, text, args.overhead_steps, args.overhead_rounds,
+                 args.work)
+
+
+if __name__ == "__main__":
+    main()
