@@ -180,6 +180,7 @@ def overhead(model: Path, dense: Path, text: Path, steps: int, rounds: int, work
 
 
 def main() -> None:
+    global SEQ_LEN, BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="g8", help=f"comma-separated: {', '.join(LAYOUTS)}")
     parser.add_argument("--jobs", default="routers,moe", help=f"comma-separated: {', '.join(JOBS)}")
@@ -187,15 +188,14 @@ def main() -> None:
     parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
                         help="token counts the table reads the curves at")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
-    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
-    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moeify" / "heal")
     parser.add_argument("--overhead-steps", type=int, default=12)
     parser.add_argument("--overhead-rounds", type=int, default=2)
     parser.add_argument("--overhead-only", action="store_true")
     parser.add_argument("--no-overhead", action="store_true")
     args = parser.parse_args()
-    global SEQ_LEN, BATCH
     SEQ_LEN, BATCH = args.seq_len, args.batch_size
 
     from moeify.source import fallback_smollm2

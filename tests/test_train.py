@@ -45,10 +45,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     jobs = {"mixtral": (llama, Spec(experts=4, topk=2, noise=0.01)),
             "remote": (llama, Spec(experts=4, topk=2, shared_experts=1, noise=0.01, format=Format.REMOTE)),
             "qwen2_moe": (qwen2, Spec(experts=4, topk=2, shared_experts=1, noise=0.01))}
-    for name, (source, spec) in jobs.items():
+    for name, (origin, spec) in jobs.items():
         out[name] = root / name
-        convert(source, out[name], spec, source=str(source))
-        SOURCES[out[name]] = source
+        convert(origin, out[name], spec, source=str(origin))
+        SOURCES[out[name]] = origin
     out["split"] = root / "split"
     SOURCES[out["split"]] = llama
     assert run_cli("split", llama, "--granularity", 4, "--topk", 2, "--partition", "contiguous",
