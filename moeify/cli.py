@@ -13,6 +13,7 @@ from moeify.commands.expand import expand
 from moeify.commands.inspect import inspect
 from moeify.commands.merge import merge
 from moeify.commands.models import models
+from moeify.commands.peer import peer
 from moeify.commands.push import push
 from moeify.commands.split import split
 from moeify.commands.train import train
@@ -50,6 +51,7 @@ def _options(version: Annotated[bool, typer.Option("--version", metavar="", is_e
 app.command(epilog="Aliases: see `moeify models`.")(upcycle)
 app.command(epilog="Aliases: see `moeify models`.")(split)
 app.command(epilog="Aliases: see `moeify models`.")(merge)
+app.command(epilog="Aliases: see `moeify models`.")(peer)
 app.command()(expand)
 app.command()(models)
 app.command(epilog="Aliases: see `moeify models`.")(inspect)

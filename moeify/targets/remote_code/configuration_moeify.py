@@ -48,6 +48,26 @@ LAYER = "{i}"
 MLP_PATH = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*|\{i\})(?:\.(?:[A-Za-z][A-Za-z0-9_]*|\{i\}))*")
 MIRRORED_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
+# Every key of the `peer` dict with its default: a checkpoint's PEER layers (product-key retrieval of
+# single-neuron experts), beside or instead of its MoE layers. A checkpoint may omit any of them.
+PEER_DEFAULTS: dict = {
+    "mlp_path": "model.layers.{i}.mlp",  # module path, relative to the *ForCausalLM, of the FFN to replace
+    "peer_layers": [],  # indices of the layers whose FFN is a PEER block
+    "num_neurons": None,  # experts (single neurons) per layer; None: the base config's intermediate size
+    "num_sub_keys": None,  # n, the grid's side: the smallest with n² >= num_neurons (None: computed)
+    "num_heads": 1,  # retrieval heads, each with its own query projection and sub-keys
+    "num_neurons_per_head": 16,  # top-k of each head
+    "key_dim": 128,  # query size per head; each sub-key has key_dim / 2
+    "num_shared_neurons": 0,  # always-on neurons, one dense FFN of this width (0: none)
+    "hidden_act": "silu",  # a transformers ACT2FN key
+    "gated": True,  # act(gate·x) * (up·x); False: act(up·x)
+    "bias": False,  # neurons carry gate and up biases
+    "output_bias": False,  # one (H,) bias added once to the block output (the FFN's down bias)
+    "scoring": "softmax",  # "softmax" over each head's k scores, or "unit" (1 per distinct neuron)
+    "query_norm": False,  # BatchNorm over the queries, as in the PEER paper
+}
+PEER_FLAGS = ("gated", "bias", "output_bias", "query_norm")
+
 
 class MoeifyConfig(PretrainedConfig):
     """The source family's config plus the MoE description; the family's fields read through.
@@ -62,6 +82,7 @@ class MoeifyConfig(PretrainedConfig):
 
     base_config: dict | PretrainedConfig | None = None
     moe: dict | None = None
+    peer: dict | None = None  # PEER layers (see PEER_DEFAULTS); None in MoE checkpoints
     output_router_logits: bool = False  # return router logits and the aux loss by default
     # Mirrored from base_config: weight tying and the default generation config read them here.
     tie_word_embeddings: bool = False
@@ -79,6 +100,8 @@ class MoeifyConfig(PretrainedConfig):
             self.moe["expert_intermediate_size"] = getattr(base, "intermediate_size", None) or 4 * base.hidden_size
         check_moe(self.moe, getattr(self.base_config, "num_hidden_layers", None))
         self.moe["moe_layers"] = list(self.moe["moe_layers"])
+        if self.peer is not None:
+            self.peer = peer_section(self.peer, self.base_config)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
         for name in MIRRORED_TOKENS:
             if getattr(self, name) is None:
@@ -145,6 +168,54 @@ def _check_layers(layers: object, num_layers: int | None) -> None:
             or not all(_is_integer(i) and 0 <= i and (num_layers is None or i < num_layers) for i in layers)
             or len(set(layers)) != len(layers)):
         raise ValueError(f"moe.moe_layers must list distinct layer indices from 0 to {last}, got {_shown(layers)}")
+
+
+def peer_section(peer: object, base: PretrainedConfig) -> dict:
+    """The `peer` dict with its defaults filled in and every field checked (a ValueError names the first bad one)."""
+    if not isinstance(peer, dict):
+        raise ValueError(f"peer must be a mapping of PEER fields, got {_shown(peer)}")
+    peer = {**PEER_DEFAULTS, **peer}
+    if peer["num_neurons"] is None:  # the family's FFN width (gpt2 leaves it implicit: 4H)
+        peer["num_neurons"] = getattr(base, "intermediate_size", None) or 4 * base.hidden_size
+    _check_peer_integer(peer, "num_neurons", 1)
+    if peer["num_sub_keys"] is None:
+        peer["num_sub_keys"] = math.isqrt(peer["num_neurons"] - 1) + 1
+    check_peer(peer, getattr(base, "num_hidden_layers", None))
+    peer["peer_layers"] = list(peer["peer_layers"])
+    return peer
+
+
+def check_peer(peer: dict, num_layers: int | None) -> None:
+    """Raise a ValueError naming the first field of a filled-in `peer` dict that is out of range."""
+    path = peer["mlp_path"]
+    if not isinstance(path, str) or not MLP_PATH.fullmatch(path) or path.split(".").count(LAYER) != 1:
+        raise ValueError(f"peer.mlp_path must be a dotted path of names with {LAYER} once, for the layer index "
+                         f"(e.g. 'model.layers.{LAYER}.mlp'), got {_shown(path)}")
+    neurons = peer["num_neurons"]
+    side = math.isqrt(neurons - 1) + 1
+    _check_peer_integer(peer, "num_sub_keys", side, side, f"{side}, the smallest n with n² >= num_neurons")
+    _check_peer_integer(peer, "num_heads", 1)
+    _check_peer_integer(peer, "num_neurons_per_head", 1, neurons, f"from 1 to num_neurons ({neurons})")
+    _check_peer_integer(peer, "num_shared_neurons", 0)
+    if not _is_integer(peer["key_dim"]) or peer["key_dim"] < 2 or peer["key_dim"] % 2:
+        raise ValueError(f"peer.key_dim must be an even integer >= 2 (two halves), got {_shown(peer['key_dim'])}")
+    for name in PEER_FLAGS:
+        if not isinstance(peer[name], bool):
+            raise ValueError(f"peer.{name} must be true or false, got {_shown(peer[name])}")
+    if peer["scoring"] not in SCORINGS:
+        raise ValueError(f"peer.scoring must be one of {SCORINGS}, got {_shown(peer['scoring'])}")
+    if not isinstance(peer["hidden_act"], str) or peer["hidden_act"] not in ACT2FN:
+        raise ValueError(f"peer.hidden_act must be a key of transformers' ACT2FN, got {_shown(peer['hidden_act'])}")
+    layers, last = peer["peer_layers"], "num_hidden_layers - 1" if num_layers is None else num_layers - 1
+    if (not isinstance(layers, (list, tuple)) or len(set(layers)) != len(layers)
+            or not all(_is_integer(i) and 0 <= i and (num_layers is None or i < num_layers) for i in layers)):
+        raise ValueError(f"peer.peer_layers must list distinct layer indices from 0 to {last}, got {_shown(layers)}")
+
+
+def _check_peer_integer(peer: dict, name: str, low: int, high: int | None = None, wanted: str | None = None) -> None:
+    value = peer[name]
+    if not _is_integer(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"peer.{name} must be an integer {wanted or f'>= {low}'}, got {_shown(value)}")
 
 
 def _is_integer(value: object) -> bool:

@@ -513,6 +513,126 @@ def grouped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out
 
 
+class PeerBlock(nn.Module):
+    """A PEER layer ("Mixture of A Million Experts"): every expert is one neuron, found by product keys.
+
+    Neurons sit on an n x n grid of slots (slot = row * n + column). Layer M holds, with S = n² slots:
+
+        M.up_rows, M.down_rows (S, H); M.gate_rows (S, H), when gated; M.gate_bias, M.up_bias (S,), with bias
+        M.query.weight (heads * d, H); M.sub_keys (heads, 2, n, d / 2); M.query_norm.*, with query_norm
+        M.shared.{gate,up,down}_proj.* (the always-on neurons, one dense FFN); M.output_bias (H,)
+
+    Neuron s adds w_s * act(gate_s·x + b) * (up_s·x + b) * down_s (act(up_s·x + b) * down_s when not
+    gated). Each head scores slot (i, j) as q1·K1[i] + q2·K2[j], its query's two halves against its
+    two sub-key tables, and keeps the top_k slots. The top (top_k + margin) rows and columns by
+    their half-scores hold those slots, so only their pairwise sums are formed: nothing of size S
+    per token. The S - num_neurons padding slots score -inf and are never chosen; no row or column
+    holds more than `margin` of them (see padding), which is what the search widens by. Weights:
+    softmax over each head's k scores, or unit (1 per distinct neuron, straight-through to the scores).
+    """
+
+    CHUNK = 2**22  # gathered row elements per chunk of tokens: bounds memory for any top_k
+
+    def __init__(self, peer: dict, hidden: int):
+        super().__init__()
+        self.peer = peer
+        n, d, heads = peer["num_sub_keys"], peer["key_dim"], peer["num_heads"]
+        self.n, self.heads, self.top_k, self.half = n, heads, peer["num_neurons_per_head"], d // 2
+        self.padding_count = n * n - peer["num_neurons"]
+        self.margin = -(-self.padding_count // n)  # 0, 1 or 2: padding slots in any row or column, at most
+        self.act_fn = ACT2FN[peer["hidden_act"]]
+        self.query = nn.Linear(hidden, heads * d, bias=False)
+        self.query_norm = nn.BatchNorm1d(heads * d) if peer["query_norm"] else None
+        self.sub_keys = nn.Parameter(torch.randn(heads, 2, n, self.half) / math.sqrt(self.half))
+        rows = lambda: nn.Parameter(torch.randn(n * n, hidden) / math.sqrt(hidden))  # noqa: E731
+        self.gate_rows = rows() if peer["gated"] else None
+        self.up_rows, self.down_rows = rows(), rows()
+        self.gate_bias = nn.Parameter(torch.zeros(n * n)) if peer["bias"] and peer["gated"] else None
+        self.up_bias = nn.Parameter(torch.zeros(n * n)) if peer["bias"] else None
+        shared = peer["num_shared_neurons"]
+        self.shared = MoeifyExpert(hidden, shared, peer["hidden_act"], peer["gated"], peer["bias"]) if shared else None
+        self.output_bias = nn.Parameter(torch.zeros(hidden)) if peer["output_bias"] else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        slots, scores = self.retrieve(x)
+        out = self.neuron_sum(x, slots.flatten(1), self.weights(slots, scores))
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if self.output_bias is not None:
+            out = out + self.output_bias
+        return out.reshape(shape)
+
+    def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's top_k slots for x (T, H): slots (T, heads, k) and their scores (T, heads, k) float32."""
+        # In float32 whatever the weights' dtype: rankings are sensitive to rounding, the tensors are
+        # small, and CPUs without bfloat16 units multiply float32 several times faster.
+        q = F.linear(x.float(), self.query.weight.float())
+        if self.query_norm is not None:
+            q = self.query_norm(q.to(self.query_norm.weight.dtype)).float()
+        q = q.view(len(x), self.heads, 2, self.half)
+        halves = torch.einsum("thpd,hpnd->thpn", q, self.sub_keys.float())  # (T, heads, 2, n)
+        best, index = halves.topk(min(self.top_k + self.margin, self.n), dim=-1)
+        rows, cols = index[..., 0, :, None], index[..., 1, None, :]
+        sums = best[..., 0, :, None] + best[..., 1, None, :]  # (T, heads, s, s)
+        sums = sums.masked_fill(self.padding(rows, cols), float("-inf"))
+        top, pos = sums.flatten(-2).topk(self.top_k, dim=-1)
+        return (rows * self.n + cols).flatten(-2).gather(-1, pos), top
+
+    def padding(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return is_padding(rows, cols, self.n, self.padding_count)
+
+    def weights(self, slots: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(T, heads * k) float32 mixing weights of the retrieved slots (T, heads, k)."""
+        if self.peer["scoring"] == "softmax":
+            return scores.softmax(dim=-1).flatten(1)
+        # exp(log p - log p) = 1 forward, d/dp = 1/p backward like MoeifyBlock's unit weights, and no
+        # 0/0 where a softmax over many scores underflows.
+        log_probs = scores.log_softmax(dim=-1).flatten(1)
+        weight = (log_probs - log_probs.detach()).exp()
+        if self.heads > 1:  # a neuron found by several heads counts once: the chosen set's partial sum
+            weight = weight * first_occurrence(slots.flatten(1))
+        return weight
+
+    def neuron_sum(self, x: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (T, H), slots and weight (T, m) -> (T, H): sum over m of weight * neuron(x), a chunk of tokens at a time."""
+        step = max(1, self.CHUNK // (slots.shape[1] * x.shape[1]))
+        parts = [self.chosen(x[a:a + step], slots[a:a + step], weight[a:a + step]) for a in range(0, len(x), step)]
+        return torch.cat(parts) if parts else x.new_zeros(0, x.shape[1])
+
+    def chosen(self, x: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (t, H), slots and weight (t, m) -> (t, H). Rows are gathered as embeddings, so gradients
+        reach only the rows a token used (dense gradient tensors, zero elsewhere)."""
+        def project(rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # (t, m)
+            out = torch.bmm(F.embedding(slots, rows), x.unsqueeze(-1)).squeeze(-1)
+            return out if bias is None else out + bias[slots]
+
+        up = project(self.up_rows, self.up_bias)
+        mid = self.act_fn(up) if self.gate_rows is None else self.act_fn(project(self.gate_rows, self.gate_bias)) * up
+        mid = mid * weight.to(mid.dtype)
+        return torch.bmm(mid.unsqueeze(1), F.embedding(slots, self.down_rows)).squeeze(1)
+
+
+def is_padding(rows: torch.Tensor, cols: torch.Tensor, n: int, count: int) -> torch.Tensor:
+    """Whether grid cells (rows, cols) are among the `count` padding slots of an n x n grid.
+
+    Padding cell t is (t mod n, (t + t div n) mod n): the diagonal, then the one just above it
+    (count < 2n - 1 when n is the smallest side that fits the neurons), so no row or column holds
+    more than two, and a search widened by that many per half stays exact.
+    """
+    diagonal = (rows == cols) & (rows < count)
+    return diagonal | ((cols == rows + 1) & (rows < count - n))
+
+
+def first_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """(T, m) float32: 1 where a value first appears in its row of index (T, m), 0 where it repeats."""
+    ordered, order = index.sort(dim=-1, stable=True)
+    first = torch.ones(ordered.shape, dtype=torch.float32, device=index.device)
+    first[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).float()
+    return torch.empty_like(first).scatter_(-1, order, first)
+
+
 def dense_class(base_config) -> type[PreTrainedModel]:
     """The family's own *ForCausalLM class for a base config."""
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
@@ -581,6 +701,11 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
             parent, _, leaf = path.rpartition(".")
             blocks.append(MoeifyBlock(config.moe, hidden))
             setattr(dense.get_submodule(parent), leaf, blocks[-1])
+        for layer in config.peer["peer_layers"] if config.peer else ():  # PEER layers: their own block
+            path = config.peer["mlp_path"].replace("{i}", str(layer))
+            check_ffn(dense, path)
+            parent, _, leaf = path.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, PeerBlock(config.peer, hidden))
         self.__dict__["moe_blocks"] = blocks  # a plain list (not registered twice); walking modules per call is slow
         self._adopt()
         self.post_init()

@@ -1,0 +1,371 @@
+"""PEER conversion: a dense FFN as a layer of single-neuron experts found by product keys.
+
+A dense FFN already is a set of single-neuron experts: neuron i adds act(g_i·x)·(u_i·x)·d_i to
+the output. `moeify peer` keeps every neuron as an expert, laid out on an n x n grid of slots,
+and adds what PEER needs to find a token's neurons cheaply: per head, a query projection and
+two tables of n sub-keys, so that slot (r, c) scores x·a_r + x·b_c, with a_r = W1ᵀ K1[r] and
+b_c = W2ᵀ K2[c] (see PeerBlock in the remote modeling code).
+
+Retrieval without training. Calibration (calibration.LayerStats, the statistics split keeps)
+gives each neuron its least-squares linear predictor w_i of the neuron's share of a token's
+contribution mass: the per-neuron router split would fit. A product-key scorer can only say
+w_i ≈ a_r(i) + b_c(i), so the neurons are placed on the grid to make that approximation good:
+an additive quantisation (row vectors plus column vectors) in the metric of the calibration
+inputs, where distance is score error on calibration tokens. The best row and column vectors
+for the placement are then factored into query projections and sub-keys; further heads fit
+what the previous ones missed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from moeify.calibration import LayerStats
+from moeify.errors import MoeifyError
+from moeify.spec import Format, Mode, Partition, Spec, SplitRouter
+from moeify.split import RIDGE
+from moeify.targets.remote_code.modeling_moeify import PeerBlock, is_padding
+from moeify.transforms import FFN, LazyExperts, Scoring, generator
+
+SWEEPS = 8  # placement refinements (each: rows within columns, then columns within rows)
+
+
+@dataclass(frozen=True)
+class PeerSpec(Spec):
+    """A PEER conversion in Spec's terms: each FFN split into single neurons (granularity = its width,
+    shared_experts of them always on), `topk` per retrieval head, plus the retrieval's own fields."""
+
+    mode: Mode = Mode.SPLIT
+    experts: int = 1
+    format: Format = Format.REMOTE  # PEER layers exist only in moeify's remote format
+    partition: Partition = Partition.CLUSTER  # neurons placed on the grid by clustering their predictors
+    split_router: SplitRouter = SplitRouter.FIT
+    heads: int = 1  # retrieval heads; a token uses the union of their top-k neurons
+    key_dim: int | None = None  # query size per head; None: 2 * min(n, hidden), an exact factoring
+    query_norm: bool = False  # BatchNorm on the queries (as in the PEER paper), identity at conversion
+    scoring: Scoring = Scoring.UNIT  # unit: the chosen neurons' partial sum of the FFN
+
+    def _validate(self) -> None:
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+            raise MoeifyError(f"--heads must be a whole number, at least 1 (got {self.heads!r})")
+        if self.format is not Format.REMOTE:
+            raise MoeifyError("PEER layers exist only in moeify's remote format; drop --format")
+        if self.key_dim is not None and (isinstance(self.key_dim, bool) or not isinstance(self.key_dim, int)
+                                         or self.key_dim < 2 or self.key_dim % 2):
+            raise MoeifyError(f"--key-dim must be an even whole number >= 2 (got {self.key_dim!r})")
+        if not 0 <= self.shared_experts < self.granularity:
+            raise MoeifyError(f"--shared-neurons ({self.shared_experts}) must leave some of the "
+                              f"{self.granularity} neurons routed")
+        if not 1 <= self.topk <= self.routed_experts:
+            raise MoeifyError(f"--topk must be between 1 and the {self.routed_experts} routed neurons, "
+                              f"or all (got {self.topk})")
+        super()._validate()
+
+    @property
+    def active_experts(self) -> int:
+        return min(self.heads * self.topk, self.routed_experts)
+
+    def needs_calibration(self) -> bool:
+        """Whether retrieval has anything to learn: fewer than all neurons chosen, or neurons to share."""
+        return self.topk < self.routed_experts or self.shared_experts > 0
+
+
+def grid_side(neurons: int) -> int:
+    """n, the smallest grid side with n² >= neurons (then fewer than 2n - 1 slots are padding)."""
+    return math.isqrt(neurons - 1) + 1
+
+
+def valid_slots(neurons: int) -> torch.Tensor:
+    """(neurons,) the slots of an n x n grid that are not padding, in increasing order."""
+    n = grid_side(neurons)
+    slots = torch.arange(n * n)
+    return slots[~is_padding(slots // n, slots % n, n, n * n - neurons)]
+
+
+# ---------------------------------------------------------------------------- the layer
+
+
+@dataclass(frozen=True)
+class PeerLayer:
+    """One FFN as a PEER layer, in the shapes PeerBlock holds (S = n² slots, H hidden, d key size).
+
+    neurons: the FFN with its neurons in slot order (up, gate (S, H); down (H, S); biases (S,)),
+    padding slots zero and no down bias (it is output_bias). query (heads * d, H); sub_keys
+    (heads, 2, n, d / 2); shared: the always-on neurons (no down bias); query_norm: BatchNorm
+    tensors by name, or None.
+    """
+
+    neurons: FFN
+    query: torch.Tensor
+    sub_keys: torch.Tensor
+    topk: int  # neurons each head retrieves
+    heads: int
+    shared: FFN | None = None
+    output_bias: torch.Tensor | None = None
+    query_norm: dict[str, torch.Tensor] | None = None
+
+    @property
+    def experts(self) -> Sequence[FFN]:
+        """Every slot as a one-neuron FFN: conversion counts a layer's inactive parameters per expert."""
+        return LazyExperts(self.neurons.intermediate_size, lambda s: self.neurons.neurons(torch.tensor([s])))
+
+    @property
+    def active(self) -> int:
+        return min(self.heads * self.topk, self.neurons.intermediate_size)
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    """What calibration decides for one FFN: shared neurons, where routed ones sit, and the retrieval."""
+
+    shared: torch.Tensor  # (S_shared,) neuron indices, always on
+    routed: torch.Tensor  # (N,) the other neurons
+    slots: torch.Tensor  # (N,) grid slot of each routed neuron
+    query: torch.Tensor  # (heads * d, H) float32
+    sub_keys: torch.Tensor  # (heads, 2, n, d / 2) float32
+    query_var: torch.Tensor | None  # (heads * d,) mean square of the queries on calibration text
+
+
+def peer_ffn(ffn: FFN, spec: PeerSpec, layer: int, plan: PeerPlan | None = None) -> PeerLayer:
+    """The transform: a dense FFN as a PEER layer (shapes only when ffn holds meta tensors).
+
+    plan: from calibration when spec.needs_calibration(); otherwise neurons keep their order
+    and the retrieval is random (seeded), which full retrieval makes irrelevant.
+    """
+    if plan is None or ffn.up.is_meta:
+        plan = default_plan(ffn, spec, layer)
+    slots_total = grid_side(len(plan.routed)) ** 2
+    neurons = replace(ffn.map(lambda role, t: _in_slots(t, role, plan, slots_total)), down_bias=None)
+    shared = None
+    if len(plan.shared):  # one dense FFN; its down bias (zero) exists when the family has biases
+        shared = ffn.neurons(plan.shared)
+        shared = replace(shared, down_bias=None if ffn.down_bias is None else torch.zeros_like(ffn.down_bias))
+    like = ffn.up
+    return PeerLayer(neurons=neurons, query=plan.query.to(like.dtype), sub_keys=plan.sub_keys.to(like.dtype),
+                     topk=spec.topk, heads=spec.heads, shared=shared, output_bias=ffn.down_bias,
+                     query_norm=_query_norm(plan, like) if spec.query_norm else None)
+
+
+def _in_slots(t: torch.Tensor, role: str, plan: PeerPlan, slots: int) -> torch.Tensor:
+    """One FFN tensor with its routed neurons moved to their slots (padding slots zero)."""
+    if role == "down_bias":
+        return t
+    if role == "down":
+        out = t.new_zeros(t.shape[0], slots)
+        if not t.is_meta:
+            out[:, plan.slots] = t[:, plan.routed]
+        return out
+    out = t.new_zeros(slots, *t.shape[1:])
+    if not t.is_meta:
+        out[plan.slots] = t[plan.routed]
+    return out
+
+
+def _query_norm(plan: PeerPlan, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BatchNorm tensors that make it the identity in eval mode (and close to it in training):
+    running statistics of the calibration queries, undone by the affine weight and bias."""
+    var = plan.query_var if plan.query_var is not None else torch.ones(len(plan.query))
+    if like.is_meta:
+        var = var.to("meta")
+    scale = (var + 1e-5).sqrt()  # BatchNorm1d's eps
+    return {"weight": scale.to(like.dtype), "bias": torch.zeros_like(scale, dtype=like.dtype),
+            "running_mean": torch.zeros_like(var, dtype=torch.float32), "running_var": var.float(),
+            "num_batches_tracked": torch.zeros((), dtype=torch.long, device=var.device)}
+
+
+def default_plan(ffn: FFN, spec: PeerSpec, layer: int) -> PeerPlan:
+    """No calibration: neurons in order on the valid slots, shared ones first, random (seeded) retrieval."""
+    S, I, H = spec.shared_experts, ffn.intermediate_size, ffn.hidden_size
+    n = grid_side(I - S)
+    d = key_dim(spec, n, H)
+    gen = generator(spec.seed, layer, "peer")
+    device = "meta" if ffn.up.is_meta else "cpu"
+    query = torch.randn(spec.heads * d, H, generator=gen) / math.sqrt(H)
+    sub_keys = torch.randn(spec.heads, 2, n, d // 2, generator=gen) / math.sqrt(d // 2)
+    return PeerPlan(shared=torch.arange(S), routed=torch.arange(S, I), slots=valid_slots(I - S),
+                    query=query.to(device), sub_keys=sub_keys.to(device), query_var=None)
+
+
+def key_dim(spec: PeerSpec, n: int, hidden: int) -> int:
+    """The query size per head: spec.key_dim, or twice the rank a row (or column) table can use."""
+    return spec.key_dim or 2 * min(n, hidden)
+
+
+# ---------------------------------------------------------------------------- calibrated retrieval
+
+
+def plan_layer(ffn: FFN, spec: PeerSpec, layer: int, stats: LayerStats) -> PeerPlan:
+    """Shared neurons, grid placement and retrieval of one FFN from its calibration statistics."""
+    I, S = ffn.intermediate_size, spec.shared_experts
+    order = stats.hot.argsort(descending=True, stable=True)  # most often strongly active first
+    shared, routed = order[:S].sort().values, order[S:].sort().values
+    predictors, whiten = neuron_predictors(stats)  # (H, I) each; z = whiten @ w: distance is score error
+    z = (whiten @ predictors[:, routed]).T.float()  # (N, H)
+    n = grid_side(len(routed))
+    slots = place(z, n, generator(spec.seed, layer, "peer"))
+    tables = head_tables(z, slots, n, spec.heads)  # per head: rows (n, H), cols (n, H), in z space
+    back = torch.linalg.inv(whiten).float()  # z space -> predictor space: a score is x · (back @ v)
+    d = key_dim(spec, n, ffn.hidden_size)
+    heads = [factor(rows @ back.T, cols @ back.T, d // 2) for rows, cols in tables]
+    query = torch.cat([torch.cat([w1, w2]) for w1, _, w2, _ in heads])  # (heads * d, H)
+    sub_keys = torch.stack([torch.stack([k1, k2]) for _, k1, _, k2 in heads])  # (heads, 2, n, d/2)
+    query_var = ((query.double() @ stats.xx) * query.double()).sum(1) / max(stats.tokens, 1)
+    return PeerPlan(shared=shared, routed=routed, slots=slots, query=query, sub_keys=sub_keys,
+                    query_var=query_var.float())
+
+
+def neuron_predictors(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each neuron's least-squares predictor of its share of the token's contribution mass, (H, I)
+    float64, and R (H, H) with RᵀR = XᵀX + ridge: ||R (w - v)|| is the error of scoring with v for w."""
+    H = stats.hidden
+    gram = stats.xx + RIDGE * stats.xx.diagonal().mean() * torch.eye(H, dtype=stats.xx.dtype)
+    upper = torch.linalg.cholesky(gram).T  # gram = upperᵀ upper
+    return torch.cholesky_solve(stats.xs, upper.T), upper
+
+
+def factor(rows: torch.Tensor, cols: torch.Tensor, half: int) -> tuple[torch.Tensor, ...]:
+    """Query halves and sub-keys that score row r as x·rows[r] and column c as x·cols[c].
+
+    rows, cols (n, H) -> W1 (half, H), K1 (n, half), W2 (half, H), K2 (n, half), with K1 W1 = rows
+    (best rank-`half` approximation when half < n), split evenly between keys and queries.
+    """
+    def one(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, vh = torch.linalg.svd(table, full_matrices=False)
+        r = min(half, len(s))
+        root = s[:r].sqrt()
+        w = torch.zeros(half, table.shape[1])
+        k = torch.zeros(table.shape[0], half)
+        w[:r], k[:, :r] = root[:, None] * vh[:r], u[:, :r] * root
+        return w, k
+
+    w1, k1 = one(rows)
+    w2, k2 = one(cols)
+    return w1, k1, w2, k2
+
+
+def head_tables(z: torch.Tensor, slots: torch.Tensor, n: int, heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row and column vectors (n, D) of each head: the first fits z, each next one what is left."""
+    rows, cols = slots // n, slots % n
+    left, tables = z, []
+    for _ in range(heads):
+        a, b = additive_fit(left, rows, cols, n)
+        tables.append((a, b))
+        left = left - a[rows] - b[cols]
+    return tables
+
+
+def additive_fit(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int, iters: int = 8):
+    """Least-squares a (n, D), b (n, D) with z_i ≈ a[rows_i] + b[cols_i] (alternating means)."""
+    per_row = torch.bincount(rows, minlength=n).clamp_min(1).unsqueeze(1).to(z.dtype)
+    per_col = torch.bincount(cols, minlength=n).clamp_min(1).unsqueeze(1).to(z.dtype)
+    b = z.new_zeros(n, z.shape[1])
+    for _ in range(iters):
+        a = z.new_zeros(n, z.shape[1]).index_add_(0, rows, z - b[cols]) / per_row
+        b = z.new_zeros(n, z.shape[1]).index_add_(0, cols, z - a[rows]) / per_col
+    return a, b
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def place(z: torch.Tensor, n: int, gen: torch.Generator, sweeps: int = SWEEPS) -> torch.Tensor:
+    """(N,) a distinct valid slot of the n x n grid for each of the N points z (N, D), chosen so that
+    z_i ≈ a[row] + b[column] holds well: k-means rows, then alternate matching each row's points to
+    its columns and each column's points to its rows against the current fit."""
+    N = len(z)
+    capacity = _line_capacity(n, N)
+    centroids = z[torch.randperm(N, generator=gen)[:n]]
+    for _ in range(4):  # a few balanced k-means steps give the rows
+        rows = assign(-torch.cdist(z, centroids), capacity)
+        centroids = torch.zeros_like(centroids).index_add_(0, rows, z) / capacity.clamp_min(1).unsqueeze(1)
+    residual = z - centroids[rows]
+    slots = _rematch(z, rows * n, centroids, residual[torch.randperm(N, generator=gen)[:n]], n, by_row=True)
+    for _ in range(sweeps):
+        a, b = additive_fit(z, slots // n, slots % n, n)
+        slots = _rematch(z, slots, a, b, n, by_row=False)
+        a, b = additive_fit(z, slots // n, slots % n, n)
+        slots = _rematch(z, slots, a, b, n, by_row=True)
+    return slots
+
+
+def _line_capacity(n: int, neurons: int) -> torch.Tensor:
+    """(n,) valid slots in each row (the same per column: padding lies on two diagonals)."""
+    slots = valid_slots(neurons)
+    return torch.bincount(slots // n, minlength=n)
+
+
+def _rematch(z: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor, n: int,
+             by_row: bool) -> torch.Tensor:
+    """Reassign each point within its line: by_row keeps rows and picks columns, else keeps columns.
+
+    A point in row r going to column c costs ||z - a_r - b_c||², so within a line the matching
+    maximises 2 z·v - ||v||² with v = a_r + b_c, over the line's valid cells.
+    """
+    line = slots // n if by_row else slots % n
+    out = slots.clone()
+    grid = torch.arange(n)
+    for k in range(n):
+        members = (line == k).nonzero().squeeze(1)
+        if not len(members):
+            continue
+        cells = k * n + grid if by_row else grid * n + k  # the line's cells, by the other coordinate
+        v = (a[k] + b) if by_row else (a + b[k])  # (n, D)
+        benefit = 2 * z[members] @ v.T - (v * v).sum(1)
+        valid = ~is_padding(cells // n, cells % n, n, n * n - len(z))
+        benefit[:, ~valid] = -torch.inf
+        out[members] = cells[assign(benefit, valid.long())]
+    return out
+
+
+def assign(benefit: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Greedy balanced assignment: (P,) a target for each of P points, target j taking at most capacity[j].
+
+    benefit (P, T). Each round every unplaced point proposes its best target with room left, and
+    each target accepts its best proposers up to its room (as partition.balanced_kmeans does, with
+    room per target). Needs capacity.sum() >= P.
+    """
+    P, T = benefit.shape
+    labels = torch.full((P,), -1, dtype=torch.long)
+    room = capacity.clone()
+    score = benefit.clone()
+    while (free := (labels < 0).nonzero().squeeze(1)).numel():
+        score[:, room == 0] = -torch.inf
+        best = score[free].max(dim=1)
+        order = best.values.argsort(descending=True)
+        order = order[best.indices[order].argsort(stable=True)]  # grouped by target, best first
+        target = best.indices[order]
+        counts = torch.bincount(target, minlength=T)
+        rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[target]
+        accepted = rank < room[target]
+        labels[free[order[accepted]]] = target[accepted]
+        room -= torch.bincount(target[accepted], minlength=T)
+    return labels
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def retrieval_recall(block: PeerBlock, x: torch.Tensor) -> tuple[int, int]:
+    """How much of the oracle's choice a PEER block retrieves for FFN inputs x (T, H): (found, wanted).
+
+    Per token the oracle takes as many routed neurons as the block retrieved (distinct, over all
+    heads), those with the largest contributions |act(g·x) (u·x)| ||d||; found counts the ones the
+    block retrieved too. Computes every neuron (T x n²): a measurement, not an inference path.
+    """
+    slots = block.retrieve(x)[0].flatten(1)
+    chosen = torch.zeros(len(x), block.n * block.n, dtype=torch.bool).scatter_(1, slots, True)
+    count = chosen.sum(1, keepdim=True)
+    up = x @ block.up_rows.T + (0 if block.up_bias is None else block.up_bias)
+    if block.gate_rows is None:
+        mid = block.act_fn(up)
+    else:
+        mid = block.act_fn(x @ block.gate_rows.T + (0 if block.gate_bias is None else block.gate_bias)) * up
+    contribution = mid.abs().float() * block.down_rows.float().norm(dim=1)  # padding slots: 0
+    ranked = contribution.topk(int(count.max()), dim=1).indices
+    oracle = torch.zeros_like(chosen).scatter_(1, ranked, torch.arange(ranked.shape[1]) < count)
+    return int((chosen & oracle).sum()), int(oracle.sum())
