@@ -22,7 +22,8 @@ from moeify.spec import Spec
 RECORD_KEYS = frozenset({"source", "moeify_version", "target", "moe_layer_indices", "total_params", "active_params",
                          "engines", "resolved"})
 # What some conversions add to moeify.json beside those: a merge's routing report, an expansion's facts.
-NOTE_KEYS = frozenset({"routing", "expansion"})
+# training: moeify train's records; train: a recipe's train section, read by moeify.commands.train.
+NOTE_KEYS = frozenset({"routing", "expansion", "training", "train"})
 # The recipes moeify ships, usable by name (`moeify apply mixtral SOURCE ...`).
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recipes/ at the repo root
 MAX_BYTES = 2**20  # a recipe is a few lines, a moeify.json about a kilobyte: 1 MiB is plenty

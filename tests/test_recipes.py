@@ -37,7 +37,7 @@ def source(tmp_path_factory) -> Path:
 
 def test_shipped_recipes_are_documented_and_valid():
     shipped = recipe.shipped()
-    assert set(shipped) == {"mixtral", "deepseekmoe", "qwen-moe", "switch", "split"}
+    assert set(shipped) == {"mixtral", "deepseekmoe", "qwen-moe", "switch", "split", "split-heal"}
     for name, path in shipped.items():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# "), name
@@ -138,7 +138,7 @@ def test_bad_override_and_missing_recipe(source, tmp_path, capsys):
     assert "is not FIELD=VALUE" in capsys.readouterr().err
     assert run_cli("apply", "no-such-recipe", source, "--output", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "neither a file nor a shipped recipe (deepseekmoe, mixtral, qwen-moe, split, switch)" in err
+    assert "neither a file nor a shipped recipe (deepseekmoe, mixtral, qwen-moe, split-heal, split, switch)" in err
     assert run_cli("apply", "mixtral", "--output", tmp_path / "o") == 2
     assert "names no source" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -446,3 +446,64 @@ def test_settings_refuse_bad_values_and_fill_the_job():
     healed = Settings(data="x.txt").for_job(Mode.SPLIT)
     assert (healed.train, healed.lr, healed.router_lr) == (Trainable.ROUTERS, 1e-3, 1e-3)
     assert Settings(data="x.txt", train="all").train is Trainable.ALL
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+RECIPE = """mode: split
+granularity: 4
+topk: 2
+partition: contiguous
+split_router: centroid
+train:
+  steps: 2
+  seq_len: 32
+  batch_size: 4
+  lr: 1e-3
+"""
+
+
+def test_a_recipe_converts_then_trains(models: dict[str, Path], tmp_path: Path):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    assert run_cli("apply", recipe, models["llama"], "--output", out, "--set", f"train.data={TEXT}",
+                   "--set", "train.train=moe") == 0
+    training = record_of(out)["training"][-1]
+    assert training["settings"]["train"] == "moe" and training["steps"] == 2 and training["teacher"] == "llama"
+    assert record_of(out)["mode"] == "split" and record_of(tmp_path / "out.converted")["mode"] == "split"
+    assert "training" not in record_of(tmp_path / "out.converted")
+    before, after = tensors_of(tmp_path / "out.converted"), tensors_of(out)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert run_cli("apply", out / "moeify.json", models["llama"], "--output", tmp_path / "replayed") == 0
+    assert "training" not in record_of(tmp_path / "replayed")  # the record of training is set aside
+
+
+@pytest.mark.parametrize("extra, needles", [
+    ([], ("names no data", "--set train.data=FILE")),
+    (["--set", "train.data=missing.txt"], ("train.data", "missing.txt", "does not exist")),
+    (["--set", f"train.data={TEXT}", "--set", "train.steps=many"], ("train.steps", "whole number")),
+    (["--set", f"train.data={TEXT}", "--set", "train.epochs=2"], ("unknown training field", "epochs")),
+    (["--set", f"train.data={TEXT}", "--set", "train.train=heads"], ("heads", "routers|experts|moe|all")),
+])
+def test_a_bad_train_section_is_refused_before_converting(models: dict[str, Path], tmp_path: Path, capsys,
+                                                          extra: list, needles: tuple):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text(RECIPE)
+    capsys.readouterr()
+    code = run_cli("apply", recipe, models["llama"], "--output", tmp_path / "out", *extra)
+    assert_one_line_error(capsys, code, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.yaml"]
+
+
+def test_the_shipped_split_heal_recipe_reads():
+    from moeify import recipe as recipes
+    from moeify.commands.train import recipe_section
+
+    data = recipes.read(recipes.find("split-heal"))
+    settings = recipe_section(data, {"train.data": str(TEXT)})
+    assert (settings.train, settings.distill, settings.lm, settings.max_tokens) == (Trainable.ROUTERS, 1.0, 0.0, 100000)
+    spec = recipes.spec_of(data)
+    assert (spec.mode.value, spec.granularity, spec.topk) == ("split", 8, 4)
+

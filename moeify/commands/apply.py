@@ -7,6 +7,7 @@ Examples:
     moeify apply recipes/switch.yaml ./my-llama --experts 16 --output my-llama-switch16
     moeify apply smollm2-8x135m/moeify.json --output replayed                  # replay, same source
     moeify apply recipes/split.yaml ./my-llama --set partition=cluster --output my-llama-split
+    moeify apply split-heal smollm2-135m --set train.data=notes.txt --output smollm2-split8-healed
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 from moeify import mergekit, source, ui
 from moeify import recipe as recipes
 from moeify.commands import options
+from moeify.commands import train as train_recipe
 from moeify.commands.options import OutputOpt, OverwriteOpt, optional
 from moeify.commands.upcycle import run
 from moeify.errors import MoeifyError
@@ -76,11 +78,13 @@ def apply(
         for note in notes:
             ui.say(f"note: {note}")
         data = fields | {"source": base}
+    training = train_recipe.recipe_section(data, overrides)  # checked before anything is converted
     spec = recipes.spec_of(data, overrides)
     source_name = source_ or data.get("source")
     if not source_name:
         raise MoeifyError("this recipe names no source; pass SOURCE after the recipe")
     _check_replay(data, source_name, explicit=source_ is not None)
+    final, output = output, train_recipe.converted(output, overwrite) if training else output
     if spec.mode is Mode.SPLIT:
         _split(source_name, output, spec, overwrite)
     elif spec.mode is Mode.MERGE:
@@ -94,6 +98,8 @@ def apply(
                noise=spec.noise, dtype=spec.dtype, seed=spec.seed, max_shard_size=spec.max_shard_size)
     else:
         run(source_name, output, spec, overwrite)
+    if training is not None:
+        train_recipe.after_conversion(output, final, training, source_name, overwrite)
 
 
 def _check_replay(data: dict, source_name: str, explicit: bool) -> None:

@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -161,3 +162,38 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
             ui.console.print(display.summary(outcome))
             if plot is not None:
                 ui.say(f"loss and perplexity curves written to {display.plot(plan.checkpoints.folder / LOG, plot)}")
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def recipe_section(data: dict, overrides: dict) -> Settings | None:
+    """Take a recipe's `train:` section and any --set train.FIELD=VALUE out of its conversion fields,
+    validated (data file included) before the conversion starts; None when the recipe only converts."""
+    from moeify.training.data import check_file
+
+    section = data.pop("train", None)
+    given = {key.split(".", 1)[1]: overrides.pop(key) for key in list(overrides) if key.startswith("train.")}
+    if section is None and not given:
+        return None
+    settings = Settings.from_recipe({} if section is None else section, given)
+    check_file(settings.data, "train.data")
+    if settings.eval_text is not None:
+        check_file(settings.eval_text, "train.eval_text")
+    return settings
+
+
+def converted(output: Path, overwrite: bool) -> Path:
+    """Where a recipe that trains writes its conversion: DIR.converted beside the trained DIR (kept, to
+    compare with `moeify verify`). DIR itself is checked now, not after a long conversion."""
+    from moeify.output import check_output
+
+    check_output(output.absolute(), overwrite)
+    return output.with_name(output.name + ".converted")
+
+
+def after_conversion(model: Path, output: Path, settings: Settings, source_name: str, overwrite: bool) -> None:
+    """Train a recipe's fresh conversion; the recipe's source is the teacher unless the section names one."""
+    teacher = settings.teacher or source_name
+    run(str(model), output, dataclasses.replace(settings, teacher=teacher), overwrite=overwrite)
+

@@ -28,8 +28,8 @@ class Corpus:
     held_out: torch.Tensor
 
 
-def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
-    """The documents of a .txt (the whole file) or .jsonl file ("text", or "messages" for chat)."""
+def check_file(path: str, what: str = "--data") -> Path:
+    """A .txt or .jsonl file that exists: checked before anything long runs."""
     file = Path(path).expanduser()
     if file.suffix not in SUFFIXES:
         raise MoeifyError(f"{what} {path} is not a .txt or .jsonl file; convert it to one of those")
@@ -37,6 +37,12 @@ def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
         raise MoeifyError(f"{what} {file} does not exist; check the path")
     if not file.is_file():
         raise MoeifyError(f"{what} {file} is not a file; pass a .txt or .jsonl file")
+    return file
+
+
+def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
+    """The documents of a .txt (the whole file) or .jsonl file ("text", or "messages" for chat)."""
+    file = check_file(path, what)
     try:
         raw = file.read_text(encoding="utf-8", errors="replace")
     except OSError as e:

@@ -134,6 +134,16 @@ class Settings:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
 
     @classmethod
+    def from_recipe(cls, section: object, overrides: dict[str, Any] | None = None) -> Settings:
+        """A recipe's `train:` section, with --set train.FIELD=VALUE on top, types checked for YAML."""
+        if not isinstance(section, dict):
+            raise MoeifyError("a recipe's train: section must be a mapping of training fields (like steps: 200)")
+        data = {**section, **(overrides or {})}
+        if "data" not in data:
+            raise MoeifyError("the recipe trains but names no data; pass --set train.data=FILE (.txt or .jsonl)")
+        return cls.from_dict({name: _typed(name, value) for name, value in data.items()})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -142,6 +152,36 @@ class Settings:
         if "data" not in data:
             raise MoeifyError("a training section needs `data:` (a .txt or .jsonl file)")
         return cls(**data)
+
+
+_INTS = {"seq_len", "batch_size", "grad_accum", "steps", "max_tokens", "warmup", "seed", "eval_every", "save_every",
+         "keep", "log_every"}
+_FLOATS = {"eval_fraction", "distill", "lm", "aux", "temperature", "lr", "router_lr", "weight_decay", "clip"}
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A YAML value as the field wants it; a wrong type is one line naming the field.
+
+    Floats may come as text: YAML 1.1 reads 1e-3 (no dot) as a string.
+    """
+    if value is None:
+        return None
+    if name in _INTS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MoeifyError(f"recipe field train.{name} must be a whole number (got {value!r})")
+    if name in _FLOATS:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise MoeifyError(f"recipe field train.{name} must be a number (got {value!r})") from None
+    if name == "freeze":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MoeifyError(f"recipe field train.freeze must be a pattern or a list of them (got {value!r})")
+    elif name in ("data", "eval_text", "teacher", *_ENUMS) and not isinstance(value, str):
+        raise MoeifyError(f"recipe field train.{name} must be text (got {value!r})")
+    return value
 
 
 _ENUMS = {"train": Trainable, "objective": Objective, "schedule": Schedule, "precision": Precision}
