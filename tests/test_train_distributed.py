@@ -43,13 +43,7 @@ def test_two_processes_reach_the_weights_of_one(upcycled: Path, tmp_path: Path):
     # MoE trainer), so it is off here: with it, 2 processes and 1 differ by more than rounding.
     options = (*SMALL, "--steps", 6, "--save-every", 6, "--lr", "3e-3", "--aux", 0, "--train", "moe",
                "--precision", "fp32")
-    launcher = Path(sys.executable).with_name("accelerate")
-    command = [str(launcher), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "moeify", "train", str(upcycled), "--data",
-               str(TEXT), "--output", str(tmp_path / "two"), *map(str, options)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch("ddp.yaml", upcycled, tmp_path / "two", *options)
     assert done.stderr.count("held-out perplexity") == 1  # only the main process prints
     training = json.loads((tmp_path / "two" / "moeify.json").read_text())["training"][-1]
     assert training["processes"] == 2 and training["steps"] == 6
@@ -73,6 +67,31 @@ def test_two_processes_reach_the_weights_of_one(upcycled: Path, tmp_path: Path):
     assert gaps.max() < 0.01 * 3e-3, gaps.max()
     assert (gaps > 1e-6).float().mean() < 1e-3, (gaps > 1e-6).float().mean()
     assert any(not torch.equal(one[n], t) for n, t in tensors_of(upcycled).items())  # it did train
+
+
+def launch(config: str, model: Path, output: Path, *options: object) -> subprocess.CompletedProcess:
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [str(launcher), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "-m", "moeify", "train",
+               str(model), "--data", str(TEXT), "--output", str(output), *map(str, options)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_fsdp_full_shard_on_cpu_equals_ddp(tmp_path: Path):
+    """The shipped FSDP config (FSDP 2, full shard, Mixtral's decoder layer and MoE block wrapped) runs
+    on 2 CPU processes and reaches DDP's weights exactly."""
+    llama = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
+    convert(llama, tmp_path / "mixtral", Spec(experts=4, topk=2, noise=0.02), source=str(llama))
+    options = (*SMALL, "--steps", 4, "--save-every", 2, "--aux", 0, "--precision", "fp32", "--teacher", llama)
+    launch("fsdp.yaml", tmp_path / "mixtral", tmp_path / "fsdp", *options)
+    launch("ddp.yaml", tmp_path / "mixtral", tmp_path / "ddp", *options)
+    fsdp, ddp = tensors_of(tmp_path / "fsdp"), tensors_of(tmp_path / "ddp")
+    assert set(fsdp) == set(tensors_of(tmp_path / "mixtral")) and all(torch.equal(fsdp[n], ddp[n]) for n in fsdp)
+    assert json.loads((tmp_path / "fsdp" / "moeify.json").read_text())["training"][-1]["processes"] == 2
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
