@@ -11,7 +11,7 @@
 3. The merge, both tools from ONE mergekit-moe YAML (base + 3 fine-tunes, gate_mode hidden, top-2,
    float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
    this venv's torch/transformers through a .pth) and `moeify apply config.yml --output OUT`, each in
-   a fresh process, alternating, median wall time and peak RSS (wait4's ru_maxrss).
+   a fresh process (posix_spawn), alternating, median wall time and peak RSS (wait4's ru_maxrss).
 4. Quality of both outputs: per domain, the share of held-out tokens (after the first of each line)
    whose top-1 expert is that domain's (averaged over layers), and held-out perplexity next to each
    source model's.
@@ -158,14 +158,20 @@ def config_yaml(base: Path, tunes: dict[str, Path], data: dict[str, tuple[str, s
     return "\n".join(lines) + "\n"
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one fresh process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
+def timed(command: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one fresh process.
+
+    posix_spawn, not fork: a forked child's peak RSS starts at this (large, after fine-tuning)
+    process's own, which would be counted against the tool.
+    """
+    with open(log, "wb") as out:
+        actions = [(os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
+        started = time.perf_counter()
+        pid = os.posix_spawn(command[0], command, os.environ, file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+        seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
     return seconds, usage.ru_maxrss / 1024
 
 
@@ -228,7 +234,7 @@ def main() -> None:
         for name, command in jobs.items():
             out = work / name.split()[0]
             shutil.rmtree(out, ignore_errors=True)  # outside the clock
-            results[name].append(timed(command(out)))
+            results[name].append(timed(command(out), work / f"{name.split()[0]}.log"))
             print(f"run {run + 1}: {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB")
     print(f"\n4 experts (SmolLM2-135M-Instruct + 3 fine-tunes of {args.steps} x {args.batch} x {args.seq} tokens), "
           f"hidden gates, top-2, "

@@ -13,6 +13,7 @@ expert's output on top (mergekit's residual_scale).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -213,6 +214,7 @@ def _same_vocabulary(folder: Path, name: str, base_folder: Path) -> None:
                           f"BASE's tokenizer")
 
 
+@functools.lru_cache(maxsize=8)  # BASE's is compared with every source's: read it once
 def _vocab(path: Path) -> dict | None:
     try:
         model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
