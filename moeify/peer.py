@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import torch
 
@@ -32,6 +33,13 @@ from moeify.targets.remote_code.modeling_moeify import PeerBlock, is_padding
 from moeify.transforms import FFN, LazyExperts, Scoring, generator
 
 SWEEPS = 8  # placement refinements (each: rows within columns, then columns within rows)
+
+
+class Retrieval(str, Enum):
+    """What each neuron's score vector is, before the grid approximates it."""
+
+    UP = "up"  # its up row, scaled to its typical contribution: |u·x| large means the neuron matters (gated)
+    FIT = "fit"  # least squares onto its share of each token's contribution mass (split's fitted router)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class PeerSpec(Spec):
     key_dim: int | None = None  # query size per head; None: 2 * min(n, hidden), an exact factoring
     query_norm: bool = False  # BatchNorm on the queries (as in the PEER paper), identity at conversion
     scoring: Scoring = Scoring.UNIT  # unit: the chosen neurons' partial sum of the FFN
+    retrieval: Retrieval = Retrieval.UP  # what the grid's scores approximate (calibrated conversions)
 
     def _validate(self) -> None:
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
@@ -107,6 +116,7 @@ class PeerLayer:
     shared: FFN | None = None
     output_bias: torch.Tensor | None = None
     query_norm: dict[str, torch.Tensor] | None = None
+    magnitude: bool = False  # retrieve by |score|: up rows of a gated FFN matter on either side of zero
 
     @property
     def experts(self) -> Sequence[FFN]:
@@ -147,7 +157,8 @@ def peer_ffn(ffn: FFN, spec: PeerSpec, layer: int, plan: PeerPlan | None = None)
     like = ffn.up
     return PeerLayer(neurons=neurons, query=plan.query.to(like.dtype), sub_keys=plan.sub_keys.to(like.dtype),
                      topk=spec.topk, heads=spec.heads, shared=shared, output_bias=ffn.down_bias,
-                     query_norm=_query_norm(plan, like) if spec.query_norm else None)
+                     query_norm=_query_norm(plan, like) if spec.query_norm else None,
+                     magnitude=spec.retrieval is Retrieval.UP and ffn.gate is not None)
 
 
 def _in_slots(t: torch.Tensor, role: str, plan: PeerPlan, slots: int) -> torch.Tensor:
@@ -203,7 +214,8 @@ def plan_layer(ffn: FFN, spec: PeerSpec, layer: int, stats: LayerStats) -> PeerP
     I, S = ffn.intermediate_size, spec.shared_experts
     order = stats.hot.argsort(descending=True, stable=True)  # most often strongly active first
     shared, routed = order[:S].sort().values, order[S:].sort().values
-    predictors, whiten = neuron_predictors(stats)  # (H, I) each; z = whiten @ w: distance is score error
+    predictors = up_predictors(ffn, stats) if spec.retrieval is Retrieval.UP else fitted_predictors(stats)
+    whiten = gram_root(stats)  # z = whiten @ w: distance between z's is score error on calibration tokens
     z = (whiten @ predictors[:, routed]).T.float()  # (N, H)
     n = grid_side(len(routed))
     slots = place(z, n, generator(spec.seed, layer, "peer"))
@@ -218,13 +230,28 @@ def plan_layer(ffn: FFN, spec: PeerSpec, layer: int, stats: LayerStats) -> PeerP
                     query_var=query_var.float())
 
 
-def neuron_predictors(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each neuron's least-squares predictor of its share of the token's contribution mass, (H, I)
-    float64, and R (H, H) with RᵀR = XᵀX + ridge: ||R (w - v)|| is the error of scoring with v for w."""
-    H = stats.hidden
-    gram = stats.xx + RIDGE * stats.xx.diagonal().mean() * torch.eye(H, dtype=stats.xx.dtype)
-    upper = torch.linalg.cholesky(gram).T  # gram = upperᵀ upper
-    return torch.cholesky_solve(stats.xs, upper.T), upper
+def gram_root(stats: LayerStats) -> torch.Tensor:
+    """R (H, H) float64 with RᵀR = XᵀX + ridge: ||R (w - v)|| is the error of scoring with v instead of w."""
+    gram = stats.xx + RIDGE * stats.xx.diagonal().mean() * torch.eye(stats.hidden, dtype=stats.xx.dtype)
+    return torch.linalg.cholesky(gram).T
+
+
+def fitted_predictors(stats: LayerStats) -> torch.Tensor:
+    """(H, I) float64: each neuron's least-squares predictor of its share of the token's contribution mass."""
+    root = gram_root(stats)
+    return torch.cholesky_solve(stats.xs, root.T)
+
+
+def up_predictors(ffn: FFN, stats: LayerStats) -> torch.Tensor:
+    """(H, I) float64: each neuron's up row times its mean contribution over its rms |u·x|.
+
+    |x·v| is then the neuron's usual contribution scaled by how far its up projection is from
+    zero for this token, which ranks a gated FFN's neurons nearly as well as the oracle does
+    (SmolLM2-135M at 50 %: ×1.22 perplexity unconstrained, ×1.91 for the least-squares fit).
+    """
+    up = ffn.up.double()
+    rms = ((up @ stats.xx) * up).sum(1).div(max(stats.tokens, 1)).clamp_min(1e-24).sqrt()
+    return (up * (stats.mass / max(stats.tokens, 1) / rms).unsqueeze(1)).T
 
 
 def factor(rows: torch.Tensor, cols: torch.Tensor, half: int) -> tuple[torch.Tensor, ...]:
@@ -259,13 +286,24 @@ def head_tables(z: torch.Tensor, slots: torch.Tensor, n: int, heads: int) -> lis
 
 
 def additive_fit(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int, iters: int = 8):
-    """Least-squares a (n, D), b (n, D) with z_i ≈ a[rows_i] + b[cols_i] (alternating means)."""
-    per_row = torch.bincount(rows, minlength=n).clamp_min(1).unsqueeze(1).to(z.dtype)
-    per_col = torch.bincount(cols, minlength=n).clamp_min(1).unsqueeze(1).to(z.dtype)
+    """Least-squares a (n, D), b (n, D) with z_i ≈ a[rows_i] + b[cols_i] (alternating means).
+
+    On n x n sums, not on the points: with M the grid's occupancy, a row's points sum to Z_r and
+    their column vectors to (M b)_r, so each step is a few (n, n) x (n, D) products.
+    """
+    occupied = torch.zeros(n, n, dtype=z.dtype)
+    occupied[rows, cols] = 1
+    row_sums = torch.zeros(n, len(z), dtype=z.dtype)
+    row_sums[rows, torch.arange(len(z))] = 1
+    col_sums = torch.zeros_like(row_sums)
+    col_sums[cols, torch.arange(len(z))] = 1
+    row_sums, col_sums = row_sums @ z, col_sums @ z  # (n, D): one-hot products, faster than index_add_
+    per_row = occupied.sum(1).clamp_min(1).unsqueeze(1)
+    per_col = occupied.sum(0).clamp_min(1).unsqueeze(1)
     b = z.new_zeros(n, z.shape[1])
     for _ in range(iters):
-        a = z.new_zeros(n, z.shape[1]).index_add_(0, rows, z - b[cols]) / per_row
-        b = z.new_zeros(n, z.shape[1]).index_add_(0, cols, z - a[rows]) / per_col
+        a = (row_sums - occupied @ b) / per_row
+        b = (col_sums - occupied.T @ a) / per_col
     return a, b
 
 
@@ -303,41 +341,39 @@ def _rematch(z: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Ten
     """Reassign each point within its line: by_row keeps rows and picks columns, else keeps columns.
 
     A point in row r going to column c costs ||z - a_r - b_c||², so within a line the matching
-    maximises 2 z·v - ||v||² with v = a_r + b_c, over the line's valid cells.
+    maximises 2 z·v - ||v||² with v = a_r + b_c, over the line's valid cells (all lines at once).
     """
-    line = slots // n if by_row else slots % n
-    out = slots.clone()
-    grid = torch.arange(n)
-    for k in range(n):
-        members = (line == k).nonzero().squeeze(1)
-        if not len(members):
-            continue
-        cells = k * n + grid if by_row else grid * n + k  # the line's cells, by the other coordinate
-        v = (a[k] + b) if by_row else (a + b[k])  # (n, D)
-        benefit = 2 * z[members] @ v.T - (v * v).sum(1)
-        valid = ~is_padding(cells // n, cells % n, n, n * n - len(z))
-        benefit[:, ~valid] = -torch.inf
-        out[members] = cells[assign(benefit, valid.long())]
-    return out
+    line = slots // n if by_row else slots % n  # (N,)
+    other = torch.arange(n)
+    cells = line[:, None] * n + other if by_row else other * n + line[:, None]  # (N, n) each point's line
+    rows, cols = cells // n, cells % n
+    v_norms = ((a[:, None, :] + b[None, :, :]) ** 2).sum(-1)  # (n, n): ||a_r + b_c||²
+    benefit = 2 * ((z @ a.T).gather(1, rows) + (z @ b.T).gather(1, cols)) - v_norms[rows, cols]
+    grid = torch.arange(n * n)
+    valid = ~is_padding(grid // n, grid % n, n, n * n - len(z))
+    return assign(benefit, valid.long(), cells)
 
 
-def assign(benefit: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+def assign(benefit: torch.Tensor, capacity: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy balanced assignment: (P,) a target for each of P points, target j taking at most capacity[j].
 
-    benefit (P, T). Each round every unplaced point proposes its best target with room left, and
-    each target accepts its best proposers up to its room (as partition.balanced_kmeans does, with
-    room per target). Needs capacity.sum() >= P.
+    benefit (P, C) of each point's C candidate targets, targets (P, C) their ids (default: 0..C-1
+    for every point). Each round every unplaced point proposes its best candidate with room left,
+    and each target accepts its best proposers up to its room (as partition.balanced_kmeans does,
+    with room per target). Every point must be able to find room.
     """
-    P, T = benefit.shape
+    P, C = benefit.shape
+    targets = torch.arange(C).expand(P, C) if targets is None else targets
+    T = len(capacity)
     labels = torch.full((P,), -1, dtype=torch.long)
     room = capacity.clone()
-    score = benefit.clone()
     while (free := (labels < 0).nonzero().squeeze(1)).numel():
-        score[:, room == 0] = -torch.inf
-        best = score[free].max(dim=1)
+        options = targets[free]
+        best = benefit[free].masked_fill(room[options] == 0, -torch.inf).max(dim=1)
+        target = options.gather(1, best.indices.unsqueeze(1)).squeeze(1)
         order = best.values.argsort(descending=True)
-        order = order[best.indices[order].argsort(stable=True)]  # grouped by target, best first
-        target = best.indices[order]
+        order = order[target[order].argsort(stable=True)]  # grouped by target, best first
+        target = target[order]
         counts = torch.bincount(target, minlength=T)
         rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[target]
         accepted = rank < room[target]

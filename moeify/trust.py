@@ -28,6 +28,7 @@ SHIPPED: dict[str, frozenset[str]] = {
         "faf5d154b5460e8beb9d35286801f2d16f9542233e26fe37821f314570ba6bd2",  # d7d9a04
         "6f91f61c788455fe2a9a781a335a86000d2cee1e059ff18fe1f53263b258f7e1",  # 9db558f
         "1ae499b905d06a5c356dea642237dd1ebf0804be4e9a61597c00476a349a1536",  # e438066
+        "8a86b9baa6f80329fb48febc282a9493179eccecdb9c398014ae6c0bef4cac49",  # 9cc6133
     }),
     "modeling_moeify.py": frozenset({
         "cf33139cbfa7c5a7d930acf5073b86972646f9c3aee2831dc6bfcf8d7de76972",  # f3a196a
@@ -43,6 +44,7 @@ SHIPPED: dict[str, frozenset[str]] = {
         "da8c785bbd693d0c5becae540d95c489cc431fb07476a77f0ed26680dee85725",  # 4bb6c8e
         "282dc64bcf4cfbb6e738ef5cd01261e540fa970d9b0d3bee2b9f4f07f3420931",  # e438066
         "2ea2ba1938dc07fa4c3e9a0cedc7f44aa212cc054aa055c3d53706ed7bc07bb8",  # 14eb630
+        "bd9ef2e65f84354ff3a0f587945d2c95e9f5ecc8fb6c1a229470a4d6a5352ca7",  # 9cc6133
     }),
 }
 

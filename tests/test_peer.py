@@ -92,9 +92,10 @@ def test_padding_slots_hold_nothing_and_neurons_sit_on_valid_slots(tmp_path: Pat
 # ---------------------------------------------------------------------------- the product-key search
 
 
+@pytest.mark.parametrize("magnitude", [False, True])
 @pytest.mark.parametrize("neurons", [49, 43, 50, 57, 64, 97])  # no padding, fewer than n, more than n
-def test_product_key_top_k_is_the_brute_force_top_k(neurons: int):
-    peer = block(neurons, heads=3, topk=7, key_dim=10, seed=neurons)
+def test_product_key_top_k_is_the_brute_force_top_k(neurons: int, magnitude: bool):
+    peer = block(neurons, heads=3, topk=7, key_dim=10, seed=neurons, magnitude=magnitude)
     n = peer.n
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(neurons))
     with torch.no_grad():
@@ -102,6 +103,7 @@ def test_product_key_top_k_is_the_brute_force_top_k(neurons: int):
         halves = torch.einsum("thpd,hpnd->thpn", peer.query(x).view(64, 3, 2, 5), peer.sub_keys)
         every = (halves[:, :, 0, :, None] + halves[:, :, 1, None, :]).flatten(-2)  # (T, heads, n²): all N scores
     grid = torch.arange(n * n)
+    every = every.abs() if magnitude else every  # magnitude: the largest |score|, both signs of the query
     every = every.masked_fill(is_padding(grid // n, grid % n, n, n * n - neurons), -math.inf)
     expected = every.topk(7, dim=-1)
     assert torch.equal(slots.sort(-1).values, expected.indices.sort(-1).values)

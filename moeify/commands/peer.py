@@ -21,7 +21,7 @@ from moeify.commands.options import DTypeOpt, LayersOpt, OutputOpt, OverwriteOpt
 from moeify.commands.split import CalibrationOpt, TokensOpt
 from moeify.errors import MoeifyError
 from moeify.output import claim
-from moeify.peer import PeerPlan, PeerSpec, peer_ffn, plan_layer
+from moeify.peer import PeerPlan, PeerSpec, Retrieval, peer_ffn, plan_layer
 from moeify.spec import DType, parse_layers
 from moeify.transforms import Scoring
 
@@ -30,6 +30,7 @@ TopkOpt = Annotated[str, typer.Option(help="Neurons each head retrieves per toke
 SharedNeuronsOpt = Annotated[int, typer.Option("--shared-neurons", help="Always-on neurons per layer (the most often active).")]
 KeyDimOpt = Annotated[int | None, typer.Option("--key-dim", help="Query size per head (even). Default: twice the grid side, capped at twice the hidden size.")]
 QueryNormOpt = Annotated[bool, typer.Option("--query-norm", help="BatchNorm on the queries, as in the PEER paper (identity at conversion).")]
+RetrievalOpt = Annotated[Retrieval, typer.Option(help="What retrieval approximates: up (each neuron's up row, scaled; by magnitude when gated) or fit (least squares onto its share of the contribution).")]
 ScoringOpt = Annotated[Scoring, typer.Option(help="unit: chosen neurons weigh 1 (a partial sum of the FFN); softmax: PEER's softmax over each head's scores.")]
 
 
@@ -42,6 +43,7 @@ def peer(
     key_dim: KeyDimOpt = None,
     query_norm: QueryNormOpt = False,
     scoring: ScoringOpt = Scoring.UNIT,
+    retrieval: RetrievalOpt = Retrieval.UP,
     calibration_: CalibrationOpt = None,
     calibration_tokens: TokensOpt = 6144,
     moe_layers: LayersOpt = "all",
@@ -67,6 +69,7 @@ def peer(
         neurons = adapter.read_ffn(Checkpoint(folder), layers[0], meta=True).intermediate_size
         spec = PeerSpec(granularity=neurons, topk=_topk(topk, neurons - shared_neurons), heads=heads,
                         shared_experts=shared_neurons, key_dim=key_dim, query_norm=query_norm, scoring=scoring,
+                        retrieval=retrieval,
                         calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
                         dtype=dtype, seed=seed, max_shard_size=max_shard_size)
         transform = _transform(folder, adapter, layers, spec)
@@ -97,7 +100,8 @@ def _transform(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec
 def _calibrate(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec) -> dict[int, PeerPlan]:
     """Each layer's shared neurons, placement and retrieval, from statistics on calibration text."""
     ckpt = Checkpoint(folder)
-    reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer, meta=True), spec, layer, stats)  # noqa: E731
+    reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
+                                             spec, layer, stats)
     with ui.count_progress("calibrating (tokens)") as report:
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
                                    coactivation=False, on_tokens=report, notify=ui.say, reduce=reduce)

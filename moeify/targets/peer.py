@@ -63,6 +63,7 @@ class Peer(Remote):
             "output_bias": peer.output_bias is not None,
             "scoring": spec.scoring.value,
             "query_norm": peer.query_norm is not None,
+            "magnitude": peer.magnitude,
         }
         out = MoeifyConfig(base_config=base, moe={"mlp_path": adapter.mlp, "moe_layers": []}, peer=section,
                            dtype=dtype_name(dtype))

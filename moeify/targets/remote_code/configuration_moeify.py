@@ -65,8 +65,9 @@ PEER_DEFAULTS: dict = {
     "output_bias": False,  # one (H,) bias added once to the block output (the FFN's down bias)
     "scoring": "softmax",  # "softmax" over each head's k scores, or "unit" (1 per distinct neuron)
     "query_norm": False,  # BatchNorm over the queries, as in the PEER paper
+    "magnitude": False,  # retrieve by |score| (both signs of a query) instead of by score
 }
-PEER_FLAGS = ("gated", "bias", "output_bias", "query_norm")
+PEER_FLAGS = ("gated", "bias", "output_bias", "query_norm", "magnitude")
 
 
 class MoeifyConfig(PretrainedConfig):

@@ -524,7 +524,8 @@ class PeerBlock(nn.Module):
 
     Neuron s adds w_s * act(gate_s·x + b) * (up_s·x + b) * down_s (act(up_s·x + b) * down_s when not
     gated). Each head scores slot (i, j) as q1·K1[i] + q2·K2[j], its query's two halves against its
-    two sub-key tables, and keeps the top_k slots. The top (top_k + margin) rows and columns by
+    two sub-key tables, and keeps the top_k slots (by |score| with `magnitude`: a neuron matters
+    when its input projection is far from zero on either side). The top (top_k + margin) rows and columns by
     their half-scores hold those slots, so only their pairwise sums are formed: nothing of size S
     per token. The S - num_neurons padding slots score -inf and are never chosen; no row or column
     holds more than `margin` of them (see padding), which is what the search widens by. Weights:
@@ -573,6 +574,18 @@ class PeerBlock(nn.Module):
             q = self.query_norm(q.to(self.query_norm.weight.dtype)).float()
         q = q.view(len(x), self.heads, 2, self.half)
         halves = torch.einsum("thpd,hpnd->thpn", q, self.sub_keys.float())  # (T, heads, 2, n)
+        slots, top = self.search(halves)
+        if not self.peer["magnitude"]:
+            return slots, top
+        # The top_k by |score|: those >= 0 are among the top_k of the scores, the others among the
+        # top_k of their negations; each side keeps its own sign, so no slot is counted twice.
+        negated_slots, negated = self.search(-halves)
+        scores = torch.cat([top.masked_fill(top < 0, -math.inf), negated.masked_fill(negated <= 0, -math.inf)], -1)
+        top, pos = scores.topk(self.top_k, dim=-1)
+        return torch.cat([slots, negated_slots], -1).gather(-1, pos), top
+
+    def search(self, halves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top_k slots (T, heads, k) and scores of half-scores (T, heads, 2, n): products of each half's best."""
         best, index = halves.topk(min(self.top_k + self.margin, self.n), dim=-1)
         rows, cols = index[..., 0, :, None], index[..., 1, None, :]
         sums = best[..., 0, :, None] + best[..., 1, None, :]  # (T, heads, s, s)
