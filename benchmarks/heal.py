@@ -9,7 +9,7 @@ Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. 
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
 paragraphs reflowed. Held-out text: benchmarks/data/heldout.txt (modern prose, disjoint from
 the training text). Each conversion is made once with the moeify CLI, then each job is one
-`python -m moeify train` run with a constant learning rate after 10 warmup steps, scored on the
+`python -m moeify train` run with a constant learning rate after warmup (10% of the steps), scored on the
 held-out text every --eval-every steps: the table reads the curve at each token budget, so one
 run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
 
@@ -87,8 +87,10 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
     moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
-           "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN, "--batch-size", BATCH, "--schedule", "constant",
-           "--warmup", 10, "--eval-every", eval_every, "--save-every", 0, "--log-every", 1, *JOBS[job],
+           "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN,
+           "--batch-size", BATCH, "--schedule", "constant",
+           "--warmup", max(1, tokens // (SEQ_LEN * BATCH) // 10), "--eval-every", eval_every, "--save-every", 0,
+           "--log-every", 1, *JOBS[job],
            log=work / f"{out.name}.log")
     record = json.loads((out / "moeify.json").read_text())["training"][-1]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ Examples:
     moeify train ./split --data train.txt --train moe --max-tokens 100000 --eval-text held.txt --output out
     moeify train ./split --data train.txt --freeze "*layers.0.*" --steps 500 --save-every 50 --output out
     moeify train ./split --data train.txt --output out --resume                      # after Ctrl-C
-    accelerate launch --num_processes 2 -m moeify train ./split --data train.txt --output out
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m moeify train ./split --data train.txt --output out
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m moeify train ./big --data d.jsonl --output o
 """
 
@@ -122,7 +122,7 @@ def train(
 
     moeify train ./smollm2-8x135m --data chat.jsonl --max-tokens 1000000 --output smollm2-8x135m-tuned
 
-    accelerate launch --num_processes 2 -m moeify train ./split --data train.txt --output healed
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m moeify train ./split --data train.txt --output healed
     """
     settings = Settings(data=data, eval_text=eval_text, eval_fraction=eval_fraction, seq_len=seq_len,
                         batch_size=batch_size, grad_accum=grad_accum, steps=steps, max_tokens=max_tokens,
