@@ -148,11 +148,10 @@ def upcycle(source: Path, output: Path, n: int, *more: object) -> list[object]:
 
 # ---------------------------------------------------------------------------- two runs, one output
 
-# Every child process imports torch and transformers (3-5 s each, ~20 s on a loaded machine):
-# these run with `-m slow`. tests/test_output.py covers the same cases in-process by default.
+# Every child process imports torch and transformers (3-5 s each): about a minute in all, worth it,
+# since only real processes and real signals show what a second run, kill -9 or Ctrl-C leave behind.
 
 
-@pytest.mark.slow
 def test_second_run_to_the_same_output_is_refused_naming_the_first(tmp_path: Path, source: Path, gated):
     output = tmp_path / "out"
     first = gated(tmp_path, "write", *upcycle(source, output, 4))
@@ -171,7 +170,6 @@ def test_second_run_to_the_same_output_is_refused_naming_the_first(tmp_path: Pat
 # ---------------------------------------------------------------------------- kill -9, then the next run
 
 
-@pytest.mark.slow
 def test_run_after_kill_9_mid_write_removes_the_staging_and_says_so(tmp_path: Path, source: Path, gated):
     output = tmp_path / "out"
     first = gated(tmp_path, "write", *upcycle(source, output, 4))
@@ -184,7 +182,6 @@ def test_run_after_kill_9_mid_write_removes_the_staging_and_says_so(tmp_path: Pa
     assert experts(output) == 2 and hidden(tmp_path) == []
 
 
-@pytest.mark.slow
 def test_run_after_kill_9_mid_swap_restores_the_old_output(tmp_path: Path, source: Path, gated):
     output = tmp_path / "out"
     assert run_cli(*upcycle(source, output, 2)) == 0
@@ -204,7 +201,6 @@ def test_run_after_kill_9_mid_swap_restores_the_old_output(tmp_path: Path, sourc
 # ---------------------------------------------------------------------------- Ctrl-C twice during the swap
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signums", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)])
 def test_two_interrupts_during_the_swap_leave_the_new_output_whole(tmp_path: Path, source: Path, gated, signums):
     output = tmp_path / "out"
@@ -221,7 +217,6 @@ def test_two_interrupts_during_the_swap_leave_the_new_output_whole(tmp_path: Pat
 # ---------------------------------------------------------------------------- something appears at the output
 
 
-@pytest.mark.slow
 def test_folder_created_at_the_output_during_the_run_is_kept(tmp_path: Path, source: Path, gated):
     output = tmp_path / "out"
     run = gated(tmp_path, "write", *upcycle(source, output, 4))
