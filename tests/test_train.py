@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,22 @@ def test_freeze_keeps_matching_tensors_bit_for_bit(models: dict[str, Path], tmp_
     assert frozen and all(same_bits(before[n], after[n]) for n in frozen)
     assert all(not torch.equal(before[n], after[n]) for n in set(before) - frozen)
     assert record_of(out)["training"][-1]["settings"]["freeze"] == ["layers.0.", "*embed*"]
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe", "remote"])
+def test_experts_frozen_by_expand_stay_bit_for_bit(models: dict[str, Path], tmp_path: Path, fmt: str):
+    """`moeify expand --freeze old` records the old experts in config.json; training keeps them, whole
+    modules (remote) or slices of fused 3-D tensors (native, with weight decay on)."""
+    grown, out = tmp_path / "grown", tmp_path / "trained"
+    assert run_cli("expand", models[fmt], "--add", 1, "--from", "copy:0", "--freeze", "old", "--output", grown) == 0
+    assert train(grown, out, "--train", "experts", "--steps", 3, "--lr", "3e-2", "--weight-decay", "0.1") == 0
+    before, after = tensors_of(grown), tensors_of(out)
+    old = {n for n in before if (m := re.search(r"\.experts\.(\d+)\.", n)) and int(m.group(1)) < 4}
+    layers = len({n.split(".experts.")[0] for n in old})
+    assert layers >= 2 and len(old) == layers * 4 * 3  # layers x old experts x projections
+    assert all(same_bits(before[n], after[n]) for n in old)
+    routers = [n for n in before if n.endswith((".gate.weight", "router.weight")) and "shared" not in n]
+    assert routers and all(not torch.equal(before[n], after[n]) for n in routers)
 
 
 def test_upcycle_defaults_continue_training_with_lm_and_aux(models: dict[str, Path], tmp_path: Path):

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from moeify.errors import MoeifyError
+from moeify.training import frozen as frozen_experts
 from moeify.training.settings import Trainable
 from moeify.verify import blocks
 
@@ -25,11 +26,14 @@ class Selection:
     trainable: dict[str, nn.Parameter]  # by name, in model order
     routers: frozenset[str]  # names of router parameters (their own learning rate)
     frozen: int  # parameters (elements) left frozen
+    undecayed: frozenset[str] = frozenset()  # trained without weight decay: they hold frozen experts' slices
 
 
 def select(model: nn.Module, train: Trainable, freeze: tuple[str, ...] = ()) -> Selection:
-    """Mark the chosen parameters trainable and every other one frozen."""
+    """Mark the chosen parameters trainable and every other one frozen, with the experts config.json
+    records as frozen (moeify expand --freeze old): see moeify.training.frozen."""
     named = dict(model.named_parameters())
+    experts = frozen_experts.find(model)
     routers = _names_in(model, named, lambda block: block.router)
     scope = {
         Trainable.ROUTERS: routers,
@@ -37,14 +41,14 @@ def select(model: nn.Module, train: Trainable, freeze: tuple[str, ...] = ()) -> 
         Trainable.MOE: _names_in(model, named, lambda block: block.module),
         Trainable.ALL: set(named),
     }[train]
-    chosen = scope - frozen_by(freeze, named)
+    chosen = scope - frozen_by(freeze, named) - experts.whole
     if not chosen:
         raise MoeifyError(f"--train {train.value} with these --freeze patterns leaves nothing to train")
     for name, parameter in named.items():
         parameter.requires_grad_(name in chosen)
     trainable = {name: p for name, p in named.items() if name in chosen}
     frozen = sum(p.numel() for name, p in named.items() if name not in chosen)
-    return Selection(trainable, frozenset(routers & chosen), frozen)
+    return Selection(trainable, frozenset(routers & chosen), frozen, experts.sliced & chosen)
 
 
 def _names_in(model: nn.Module, named: dict[str, nn.Parameter], part) -> set[str]:
@@ -71,10 +75,11 @@ def templates(named: dict[str, nn.Parameter]) -> str:
 
 
 def groups(selection: Selection, lr: float, router_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: routers at their own rate; no weight decay on norms and biases (1-D)."""
+    """AdamW parameter groups: routers at their own rate; no weight decay on norms and biases (1-D), nor
+    on fused expert tensors holding frozen experts (decay would move their frozen slices)."""
     out: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in selection.trainable.items():
-        key = (name in selection.routers, parameter.ndim < 2)
+        key = (name in selection.routers, parameter.ndim < 2 or name in selection.undecayed)
         out.setdefault(key, []).append(parameter)
     return [{"params": params, "lr": router_lr if router else lr, "weight_decay": 0.0 if flat else weight_decay}
             for (router, flat), params in out.items()]

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moeify.loading import load_model
-from moeify.training import display, export, record
+from moeify.training import display, export, frozen, record
 from moeify.training.checkpoints import Progress
 from moeify.training.data import Stream, order
 from moeify.training.evaluation import perplexity
@@ -127,6 +127,9 @@ class Trainer:
         set_seed(self.s.seed)
         student = load_model(plan.model_dir, plan.code)
         self.selection = select(student, self.s.train, self.s.freeze)
+        frozen.keep(student, frozen.find(student), accelerator.distributed_type.value)
+        if self.selection.undecayed:
+            self.notify("the fused expert tensors that hold frozen experts train without weight decay")
         # Experts run as separate modules (remote format) get no gradient on a process whose tokens
         # chose none of them: DDP must then not wait for them. Fused experts (native) always run.
         accelerator.ddp_handler.find_unused_parameters = _separate_experts(student)
