@@ -82,8 +82,9 @@ def launch(config: str, model: Path, output: Path, *options: object) -> subproce
 
 @pytest.mark.slow
 def test_fsdp_full_shard_on_cpu_equals_ddp(tmp_path: Path):
-    """The shipped FSDP config (FSDP 2, full shard, Mixtral's decoder layer and MoE block wrapped) runs
-    on 2 CPU processes and reaches DDP's weights exactly."""
+    """The shipped FSDP config runs on 2 CPU processes and reaches DDP's weights exactly. On CPU accelerate
+    1.15 turns the FSDP config into data parallel over gloo (it enables FSDP for GPU-like devices only),
+    so this checks the config's launch, not sharding: test_fsdp2_shards_the_teacher covers that."""
     llama = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
     convert(llama, tmp_path / "mixtral", Spec(experts=4, topk=2, noise=0.02), source=str(llama))
     options = (*SMALL, "--steps", 4, "--save-every", 2, "--aux", 0, "--precision", "fp32", "--teacher", llama)
@@ -92,6 +93,56 @@ def test_fsdp_full_shard_on_cpu_equals_ddp(tmp_path: Path):
     fsdp, ddp = tensors_of(tmp_path / "fsdp"), tensors_of(tmp_path / "ddp")
     assert set(fsdp) == set(tensors_of(tmp_path / "mixtral")) and all(torch.equal(fsdp[n], ddp[n]) for n in fsdp)
     assert json.loads((tmp_path / "fsdp" / "moeify.json").read_text())["training"][-1]["processes"] == 2
+
+
+TEACHER_CHILD = """
+import sys, torch
+from pathlib import Path
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from moeify.loading import code_of, load_model
+from moeify.training import teacher
+
+folder = Path(sys.argv[1])
+accelerator = Accelerator(cpu=True)
+# accelerate 1.15 enables FSDP only on GPU-like process groups; its FSDP 2 preparation itself runs on
+# gloo, so the state is switched to FSDP 2 by hand (the shipped config's settings: full shard, v2).
+accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+    transformer_cls_names_to_wrap=["MixtralDecoderLayer", "MixtralSparseMoeBlock"])
+accelerator.state.distributed_type = DistributedType.FSDP
+whole = load_model(folder, code_of(folder, False)).eval()
+ids = torch.randint(0, whole.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    expected = whole(input_ids=ids).logits
+    sharded = teacher.place(load_model(folder, code_of(folder, False)), accelerator)
+    share = teacher.share(sharded)  # before a forward pass: the root unit stays gathered after one
+    got = sharded(input_ids=ids).logits
+names = accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+print(f"rank {accelerator.process_index} share {share:.4f} equal {torch.equal(expected, got)} "
+      f"names {','.join(names)}")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_teacher(tmp_path: Path):
+    """Under FSDP 2 the teacher is sharded by accelerate's own preparation, its decoder layers (not the
+    student's classes the config names) each a unit: each of 2 real processes holds about half of it,
+    and its logits are the unsharded teacher's exactly."""
+    llama = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
+    child = tmp_path / "child.py"
+    child.write_text(TEACHER_CHILD)
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [str(launcher), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", str(child), str(llama)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sorted(line.split() for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [row[1] for row in rows] == ["0", "1"]
+    shares = [float(row[3]) for row in rows]
+    assert all(0.4 < share < 0.6 for share in shares) and abs(sum(shares) - 1) < 0.02, shares
+    assert all(row[5] == "True" for row in rows)  # sharded logits equal the whole teacher's
+    assert all(row[7] == "MixtralDecoderLayer,MixtralSparseMoeBlock" for row in rows)  # the student's, restored
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),

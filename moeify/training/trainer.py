@@ -4,8 +4,8 @@ accelerate prepares the model, optimizer, data loader and schedule; it accumulat
 casts under mixed precision, wraps the model for DDP, FSDP or DeepSpeed as launched, and saves
 and restores checkpoints. The loader is prepared with split_batches, so --batch-size counts
 sequences over all processes together and a run reaches the same weights on 1 or N processes.
-The teacher is placed on each process's device and run under the same autocast, unwrapped:
-it needs no gradients, and being outside accelerate's models it stays out of the checkpoints.
+The teacher is placed by the same engine (see moeify.training.teacher: a full copy per process,
+sharded under FSDP 2) and run under the same autocast; it stays out of the checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from moeify.loading import load_model
 from moeify.training import display, export, frozen, record
+from moeify.training import teacher as teachers
 from moeify.training.checkpoints import Progress
 from moeify.training.data import Stream, order
 from moeify.training.evaluation import perplexity
@@ -133,10 +134,10 @@ class Trainer:
         # Experts run as separate modules (remote format) get no gradient on a process whose tokens
         # chose none of them: DDP must then not wait for them. Fused experts (native) always run.
         accelerator.ddp_handler.find_unused_parameters = _separate_experts(student)
-        self.teacher = load_model(plan.teacher_dir, plan.teacher_code).to(accelerator.device) \
+        self.teacher = teachers.place(load_model(plan.teacher_dir, plan.teacher_code), accelerator) \
             if plan.teacher_dir else None
-        if self.teacher is not None:
-            self.teacher.requires_grad_(False)
+        if self.teacher is not None and (held := teachers.share(self.teacher)) < 1:
+            self.notify(f"teacher sharded by FSDP: the main process holds {held:.0%} of its parameters")
         optimizer = torch.optim.AdamW(groups(self.selection, self.s.lr, self.s.router_lr, self.s.weight_decay),
                                       lr=self.s.lr)
         micro_steps = plan.steps * self.s.grad_accum
@@ -155,7 +156,7 @@ class Trainer:
         return Loss(weights, RouterCoefficients.of(student.config), teacher)
 
     def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.acc.autocast():
+        with torch.no_grad(), self.acc.autocast():
             return self.teacher(input_ids=ids).logits
 
     # ------------------------------------------------------------------------ the run
