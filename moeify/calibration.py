@@ -2,16 +2,20 @@
 
 A split groups neurons that fire together, carves shared experts from neurons that fire
 often, and fits routers that predict which group matters for a token. All of it needs the
-FFN inputs of real text, so calibration runs the dense model once, in memory (the one place
-moeify holds a model; the conversion pass that writes the output still streams). Only running
-sums are kept per layer, never the activations themselves: memory is bounded by the model's
-shapes, whatever the token budget.
+FFN inputs of real text, so calibration runs the dense model over it one decoder layer at a
+time (moeify.layerwise), never holding the whole model. Only running sums are kept for the
+layer being read, never the activations themselves: memory is bounded by one layer's shapes
+and the tokens' hidden states. Without a text of the user's, a small mixed corpus shipped in
+the package is read (moeify/data/calibration): sampling text needs the whole model at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,9 @@ from moeify.transforms import FFN
 
 SEQUENCE = 512  # tokens per calibration sequence
 BATCH = 4  # sequences per forward pass
-SAMPLE_LENGTH = 128  # tokens per sequence sampled from the model when no text is given
-STATS_BUDGET = 2 * 2**30  # bytes of statistics held at once; more layers take more passes over the text
+TOP_UP = 128  # a text this many tokens short of the budget is topped up with the built-in corpus
+BUILTIN = ("prose", "dialogue", "code")  # moeify/data/calibration/*.txt, read in turn
+PASSAGE = 2000  # characters of each built-in part before the next part's turn
 HOT_SHARE = 0.1  # a neuron is "strongly active" on a token when it is in that token's top 10%
 
 
@@ -142,10 +147,50 @@ def _dataset_texts(name: str, chars: int | None) -> list[str]:
         raise MoeifyError(f"cannot read dataset {name!r} ({type(e).__name__}); pass a text or JSONL file instead") from None
 
 
+def builtin_texts(tokens: int | None = None) -> list[str]:
+    """moeify's own calibration corpus (moeify/data/calibration): prose, dialogue and code passages in turn.
+
+    Interleaved so that any prefix mixes the three; tokens bounds the characters read as read_texts does.
+    """
+    parts = [resources.files("moeify").joinpath(f"data/calibration/{name}.txt").read_text(encoding="utf-8")
+             for name in BUILTIN]
+    passages = [_passages(part) for part in parts]
+    mixed = [p for turn in zip_longest(*passages) for p in turn if p is not None]
+    chars = 16 * tokens if tokens is not None else None
+    texts, got = [], 0
+    for passage in mixed:
+        if chars is not None and got >= chars:
+            break
+        texts.append(passage)
+        got += len(passage)
+    return texts
+
+
+def _passages(text: str) -> list[str]:
+    """Consecutive paragraphs grouped into passages of about PASSAGE characters."""
+    passages, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= PASSAGE:
+            passages.append(current)
+            current = ""
+    return passages + ([current] if current.strip() else [])
+
+
+def token_ids(tokenizer, texts: list[str], budget: int) -> torch.Tensor:
+    """Texts tokenised end to end (joined by the end-of-text token), at most `budget` ids: (N,)."""
+    if not texts:
+        return torch.zeros(0, dtype=torch.long)
+    sep = tokenizer.eos_token or "\n\n"
+    return torch.tensor(tokenizer(sep.join(texts))["input_ids"][:budget], dtype=torch.long)
+
+
 def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor]:
     """Texts tokenised end to end and cut into batches of (B, SEQUENCE) ids, at most `budget` tokens."""
-    sep = tokenizer.eos_token or "\n\n"
-    ids = torch.tensor(tokenizer(sep.join(texts))["input_ids"][:budget])
+    return _batches(token_ids(tokenizer, texts, budget))
+
+
+def _batches(ids: torch.Tensor) -> list[torch.Tensor]:
     if len(ids) < 16:
         raise MoeifyError(f"calibration text has only {len(ids)} tokens; give at least a paragraph")
     full = len(ids) // SEQUENCE * SEQUENCE
@@ -153,36 +198,42 @@ def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor
     return batches + ([ids[full:][None]] if full < len(ids) else [])  # the rest as one shorter sequence
 
 
-def sampled_batches(model, tokenizer, budget: int, seed: int) -> list[torch.Tensor]:
-    """Text sampled from the model itself, for calibration without any data (works offline)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    # Short samples in a wide batch: generation time grows with length, not (much) with batch.
-    length = min(SAMPLE_LENGTH, budget)
-    rows = max(1, budget // length)
-    with torch.random.fork_rng():  # sampling must not disturb the caller's random state
-        torch.manual_seed(seed)
-        out = model.generate(torch.full((rows, 1), start), do_sample=True, top_p=0.95, max_new_tokens=length,
-                             min_new_tokens=length, pad_token_id=tokenizer.eos_token_id)
-    return list(out[:, 1:].split(BATCH))
+def calibration_batches(tokenizer, text: str | None, budget: int, notify: Callable[[str], None]) -> list[torch.Tensor]:
+    """The batches calibration reads: the user's text, topped up with the built-in corpus when short.
+
+    A short text is topped up because routers are fitted in H dimensions and need many more
+    tokens than that; the built-in corpus needs no model to make (sampling did: a whole model).
+    """
+    texts = read_texts(text, budget) if text is not None else builtin_texts(budget)
+    ids = token_ids(tokenizer, texts, budget)
+    missing = budget - len(ids)
+    if text is not None and missing >= TOP_UP:
+        notify(f"the calibration text gave {len(ids)} of {budget} tokens; "
+               f"the other {missing} come from moeify's built-in corpus")
+        ids = torch.cat([ids, token_ids(tokenizer, builtin_texts(missing), missing)])
+    return _batches(ids)
 
 
 # ---------------------------------------------------------------------------- statistics
 
 
 def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
-            coactivation: bool, on_tokens: Callable[[int, int], None] = lambda done, total: None,
+            coactivation: bool, on_progress: Callable[[int, int], None] = lambda done, total: None,
             notify: Callable[[str], None] = lambda line: None,
             reduce: Callable[[int, LayerStats], Any] = lambda layer, stats: stats) -> dict[int, Any]:
     """Run the dense model on calibration text and return reduce(layer, statistics) of each chosen FFN.
 
-    text: a file or datasets name; what it lacks of the token budget (all of it without a
-    text) is sampled from the model itself. Statistics are collected for as many layers at a
-    time as fit in STATS_BUDGET, then reduced (e.g. to a grouping and a router) and dropped, so
-    memory stays bounded for any depth and token count. on_tokens(done, total) reports progress.
+    text: a file or datasets name (None: the built-in corpus). The model runs one decoder layer
+    at a time (moeify.layerwise): each chosen layer's statistics are collected, reduced (e.g. to
+    a grouping and a router) and dropped before the next layer is read, so memory is one layer,
+    one layer's statistics and the tokens' hidden states, whatever the depth. Layers after the
+    last chosen one are never read. on_progress(done, total) counts layers. seed is unused since
+    calibration text is no longer sampled; kept so recorded specs replay.
     """
     from transformers.activations import ACT2FN
 
-    from moeify.loading import Code, load_model, tokenizer_in
+    from moeify.layerwise import LayerwiseModel
+    from moeify.loading import Code, tokenizer_in
 
     ckpt = Checkpoint(folder)
     # The family's own classes whatever an auto_map says: the output computes what the adapter
@@ -191,57 +242,37 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     if tokenizer is None:
         raise MoeifyError(f"calibration needs the source's tokenizer, which {folder} lacks or cannot load; "
                           f"copy its tokenizer files in")
-    texts = read_texts(text, budget) if text is not None else None
-    model = load_model(folder, Code.FAMILY)
-    batches = token_batches(tokenizer, texts, budget) if texts is not None else []
-    missing = budget - sum(b.numel() for b in batches)
-    if missing >= SAMPLE_LENGTH:  # a short text is topped up: routers are fitted in H dimensions
-        notify(f"sampling {missing} calibration tokens from the model"
-               + (f" (the text gave {budget - missing})" if texts is not None else ""))
-        batches += sampled_batches(model, tokenizer, missing, seed)
+    batches = calibration_batches(tokenizer, text, budget, notify)
+    runner = LayerwiseModel(folder, Code.FAMILY)
     act = ACT2FN[adapter.activation(ckpt.config)]
     hidden = int(ckpt.config[adapter.hidden_field])
-    sizes = {i: adapter.read_ffn(ckpt, i, meta=True).intermediate_size for i in layers}
+    states = runner.start(batches)
     results: dict[int, Any] = {}
-    chunks = _chunks(layers, lambda i: LayerStats.nbytes(hidden, sizes[i], coactivation))
-    for number, chunk in enumerate(chunks):
-        stats = {i: LayerStats(hidden, sizes[i], coactivation) for i in chunk}
-        _run(model, batches, stats, lambda layer: adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),
-             act, adapter, lambda done, total: on_tokens(done + number * total, total * len(chunks)))
-        results |= {i: reduce(i, stats.pop(i)) for i in chunk}  # statistics are dropped once reduced
+    last = max(layers)
+    for index in range(last + 1):
+        with runner.loaded(index) as layer:
+            if index in layers:
+                ffn = adapter.read_ffn(ckpt, index).map(lambda role, t: t.float())
+                stats = LayerStats(hidden, ffn.intermediate_size, coactivation)
+                with _recording(runner.model.get_submodule(adapter.mlp_path(index)), stats, ffn, act):
+                    runner.step(layer, index, states)
+                del ffn
+                results[index] = reduce(index, stats)  # statistics are dropped once reduced
+            else:
+                runner.step(layer, index, states)
+        on_progress(index + 1, last + 1)
     return results
 
 
-def _chunks(layers: list[int], nbytes: Callable[[int], int]) -> list[list[int]]:
-    """Layers in consecutive groups whose statistics fit in STATS_BUDGET (one pass over the text each)."""
-    chunks: list[list[int]] = [[]]
-    used = 0
-    for i in layers:
-        if chunks[-1] and used + nbytes(i) > STATS_BUDGET:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(i)
-        used += nbytes(i)
-    return chunks
+@contextmanager
+def _recording(mlp: torch.nn.Module, stats: LayerStats, ffn: FFN, act: Callable) -> Iterator[None]:
+    """Feed the FFN's inputs (and their neuron contributions) into stats while the layer runs."""
+    def record(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        stats.update(x, contributions(ffn, act, x))
 
-
-def _run(model, batches: list[torch.Tensor], stats: dict[int, LayerStats], read_ffn: Callable[[int], FFN],
-         act: Callable, adapter: Adapter, on_tokens: Callable[[int, int], None]) -> None:
-    """One pass over the calibration batches, feeding each chosen FFN's inputs into its statistics."""
-    def hook(layer: int):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            stats[layer].update(x, contributions(read_ffn(layer), act, x))  # re-read: the model's layout varies
-        return record
-
-    handles = [model.get_submodule(adapter.mlp_path(i)).register_forward_pre_hook(hook(i)) for i in stats]
-    total, done = sum(b.numel() for b in batches), 0
+    handle = mlp.register_forward_pre_hook(record)
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-                done += batch.numel()
-                on_tokens(done, total)
+        yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()

@@ -24,9 +24,27 @@ RIDGE = 1e-2  # least-squares routers: ridge relative to the mean input energy (
 
 
 def needs_calibration(spec: Spec) -> bool:
-    """Whether a dense split of this spec reads calibration statistics."""
+    """Whether a dense split of this spec reads calibration statistics.
+
+    Not when every piece is routed and active: no grouping or router can change what the model
+    computes then, so their weight-only counterparts stand in (see _uncalibrated).
+    """
+    if everything_active(spec):
+        return False
     return (spec.partition is Partition.ACTIVATION or spec.split_router is SplitRouter.FIT
             or spec.shared_experts > 0)
+
+
+def everything_active(spec: Spec) -> bool:
+    """Whether every piece runs for every token (none shared, top-k = G): the dense model exactly."""
+    return spec.shared_experts == 0 and spec.topk >= spec.granularity
+
+
+def _uncalibrated(spec: Spec) -> Spec:
+    """The spec with weight-only grouping and routers in place of the calibrated ones."""
+    partition = Partition.CLUSTER if spec.partition is Partition.ACTIVATION else spec.partition
+    router = SplitRouter.CENTROID if spec.split_router is SplitRouter.FIT else spec.split_router
+    return replace(spec, partition=partition, split_router=router)
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,8 @@ class LayerPlan:
 def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> LayerPlan:
     """Group the neurons and build the router; stats are needed when needs_calibration(spec)."""
     check_divisible(ffn.intermediate_size, spec.granularity)
+    if stats is None and everything_active(spec):
+        spec = _uncalibrated(spec)
     shared, groups = neuron_groups(ffn, spec, layer, stats)
     return LayerPlan(shared, groups, route(ffn, groups, spec, stats))
 

@@ -23,13 +23,17 @@ from torch import nn
 
 from moeify.checkpoint import _read_config
 from moeify.errors import MoeifyError
-from moeify.loading import Code, code_of, load_model, tokenizer_in
+from moeify.loading import Code, code_of, tokenizer_in
 from moeify.source import resolve
 
 DEFAULT_TOKENS = 512
 DEFAULT_CONTEXT = 2048  # when a config states no maximum position
 ROUTER_NAMES = ("gate", "router")  # last name component of a router module under a MoE block
-_LAYER = re.compile(r"layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # decoder layer lists: model.layers, transformer.h (gpt2)
+# What every conversion keeps, by the config fields that state it (gpt2 names its own).
+LINEAGE = {"hidden size": ("hidden_size", "n_embd"), "vocabulary size": ("vocab_size",),
+           "layer count": ("num_hidden_layers", "n_layer")}
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}  # native targets that hold several dense families
 
 Notify = Callable[[str], None]
 
@@ -102,6 +106,29 @@ def read_config(folder: Path) -> dict:
     return {**inner, **config} if isinstance(inner, dict) else config
 
 
+def check_lineage(source: dict, converted: dict) -> None:
+    """Refuse a pair that cannot be a model and its conversion: the shapes every conversion keeps differ.
+
+    Conversions keep the hidden size, the vocabulary and the layer count; the family stays too,
+    except that a native MoE format (Mixtral, Qwen-MoE) holds several dense families.
+    """
+    for label, names in LINEAGE.items():
+        a, b = (next((c[n] for n in names if c.get(n) is not None), None) for c in (source, converted))
+        if a is not None and b is not None and a != b:
+            raise MoeifyError(f"the converted model is not a conversion of the source: its {label} is {b}, "
+                              f"the source's {a}; pass SOURCE first, then the model converted from it")
+    a, b = family(source), family(converted)
+    if a != b and not {a, b} & MOE_FAMILIES:
+        raise MoeifyError(f"the converted model is not a conversion of the source: it is a {b} model, "
+                          f"the source a {a}; pass SOURCE first, then the model converted from it")
+
+
+def family(config: dict) -> str | None:
+    """The model type, of the wrapped base model for moeify's remote format."""
+    base = config.get("base_config")
+    return base.get("model_type") if isinstance(base, dict) else config.get("model_type")
+
+
 def routing_of(config: dict) -> Routing | None:
     """Expert counts from a config (Mixtral, Qwen2/3-MoE, moeify remote), None for a dense model."""
     moe = config.get("moe")
@@ -144,7 +171,7 @@ def shared_ids(text: str, tokens: int, source_dir: Path, converted_dir: Path,
 
 
 def context_of(*configs: dict) -> int:
-    sizes = [c.get("max_position_embeddings") or DEFAULT_CONTEXT for c in configs]
+    sizes = [c.get("max_position_embeddings") or c.get("n_positions") or DEFAULT_CONTEXT for c in configs]  # gpt2
     return int(min(sizes))
 
 
@@ -245,64 +272,77 @@ def shares(counts: dict[int, torch.Tensor]) -> dict[int, list[float]]:
 # ---------------------------------------------------------------------------- evaluation
 
 
+class _Side:
+    """One model of the comparison, run one decoder layer at a time (moeify.layerwise)."""
+
+    def __init__(self, folder: Path, name: str, code: Code | None):
+        from moeify.layerwise import LayerwiseModel
+
+        self.name = name
+        self.runner = LayerwiseModel(folder, code)
+        self.routing = routing_of(self.runner.config.to_dict())
+        found = blocks(self.runner.model) if self.routing else {}
+        if self.routing and not found:
+            raise MoeifyError(f"{name}'s config describes experts but verify found no router module in it; "
+                              f"it knows Mixtral, Qwen-MoE and moeify's remote format")
+        self.params = param_counts(self.runner.model, self.routing, found)  # counted on the meta device
+        self.moe_layers = set(found)
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def run(self, chunks: list[torch.Tensor]) -> list:
+        """Every chunk's hidden states through every layer, counting router selections on the way."""
+        states = self.runner.start([chunk[None] for chunk in chunks])
+        self.runner.run(states, hooks=self._counting)
+        return states
+
+    @contextmanager
+    def _counting(self, index: int, layer: nn.Module) -> Iterator[None]:
+        block = blocks(self.runner.model).get(index) if index in self.moe_layers else None
+        if block is None:
+            yield
+            return
+        with counting({index: block}, self.routing) as counts:
+            yield
+        self.counts |= counts
+
+    def stats(self, nll: float, predicted: int) -> ModelStats:
+        total, active = self.params
+        return ModelStats(self.name, math.exp(nll / predicted), total, active, self.routing, shares(self.counts))
+
+
 @dataclass
-class _Pass:
-    """One model's run over the chunks."""
+class _Tally:
+    """Running sums over the chunks: each model's NLL, and the logit differences between them."""
 
-    nll: float = 0.0  # summed negative log-likelihood of every next token
+    nll: list[float] = field(default_factory=lambda: [0.0, 0.0])  # source, converted
     predicted: int = 0  # next tokens predicted
-    counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    max: float = 0.0
+    abs_sum: float = 0.0
+    values: int = 0
+    agree: int = 0  # positions where both models predict the same next token
+    positions: int = 0
 
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll / self.predicted)
-
-
-def run(model: nn.Module, chunks: list[torch.Tensor], routing: Routing | None, found: dict[int, Block],
-        each: Callable[[int, torch.Tensor], None]) -> _Pass:
-    """Feed every chunk, call each(i, logits (T, V)) and add up NLL and router selections."""
-    result = _Pass()
-    with torch.no_grad(), counting(found, routing or Routing(1, 1)) as counts:
-        for i, chunk in enumerate(chunks):
-            logits = model(chunk[None]).logits[0].float()
-            result.nll += nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum").item()
-            result.predicted += chunk.numel() - 1
-            each(i, logits)
-    result.counts = counts
-    return result
-
-
-def evaluate(folder: Path, name: str, chunks: list[torch.Tensor],
-             each: Callable[[int, torch.Tensor], None], code: Code | None = None) -> ModelStats:
-    """Load one model (built by `code`, see moeify.loading), run it over the chunks, and let it go."""
-    model = load_model(folder, code)
-    routing = routing_of(model.config.to_dict())
-    found = blocks(model) if routing else {}
-    if routing and not found:
-        raise MoeifyError(f"{name}'s config describes experts but verify found no router module in it; "
-                          f"it knows Mixtral, Qwen-MoE and moeify's remote format")
-    done = run(model, chunks, routing, found, each)
-    total, active = param_counts(model, routing, found)
-    return ModelStats(name, done.perplexity, total, active, routing, shares(done.counts))
-
-
-class _Diff:
-    """Running logit differences against the source's saved logits."""
-
-    def __init__(self, reference: list[torch.Tensor]):
-        self.reference = reference
-        self.max = self.abs_sum = 0.0
-        self.values = self.agree = self.positions = 0
-
-    def __call__(self, i: int, logits: torch.Tensor) -> None:
-        ref = self.reference[i]
+    def add(self, chunk: torch.Tensor, ref: torch.Tensor, logits: torch.Tensor) -> None:
+        """chunk (T,) ids; ref and logits (T, V) float32: the source's and the converted model's."""
+        for i, out in enumerate((ref, logits)):
+            self.nll[i] += nn.functional.cross_entropy(out[:-1], chunk[1:], reduction="sum").item()
+        self.predicted += chunk.numel() - 1
         diff = (logits - ref).abs()
         self.max = max(self.max, diff.max().item())
         self.abs_sum += diff.double().sum().item()
         self.values += diff.numel()
         self.agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-        self.positions += logits.shape[0]
-        self.reference[i] = None  # compared: free it
+        self.positions += len(logits)
+
+
+def compare(sides: tuple[_Side, _Side], chunks: list[torch.Tensor]) -> tuple[_Tally, ModelStats, ModelStats]:
+    """Both models over the chunks (two hidden-state caches), then both heads chunk by chunk."""
+    states = [side.run(chunks) for side in sides]
+    tally = _Tally()
+    with sides[0].runner.head() as before, sides[1].runner.head() as after:
+        for chunk, a, b in zip(chunks, *states):
+            tally.add(chunk, before(a)[0], after(b)[0])
+    return tally, *(side.stats(nll, tally.predicted) for side, nll in zip(sides, tally.nll))
 
 
 def verify(source: str, converted: str, text: str, tokens: int = DEFAULT_TOKENS,
@@ -317,16 +357,16 @@ def verify(source: str, converted: str, text: str, tokens: int = DEFAULT_TOKENS,
     source_dir, converted_dir = resolve(source, notify), resolve(converted, notify)
     codes = code_of(source_dir, trust_remote_code), code_of(converted_dir, trust_remote_code)
     configs = read_config(source_dir), read_config(converted_dir)
+    check_lineage(*configs)
     ids = shared_ids(text, tokens, source_dir, converted_dir, configs, codes)
+    if ids.numel() < tokens:
+        notify(f"the text gives {ids.numel()} tokens, fewer than --tokens {tokens}: verifying on {ids.numel()}")
     chunks = chunked(ids, context_of(*configs))
-    saved: list[torch.Tensor] = []
-    notify(f"running {source} on {ids.numel()} tokens")
-    before = evaluate(source_dir, source, chunks, lambda i, logits: saved.append(logits), codes[0])
-    diff = _Diff(saved)
-    notify(f"running {converted} on {ids.numel()} tokens")
-    after = evaluate(converted_dir, converted, chunks, diff, codes[1])
-    return Report(before, after, tokens=ids.numel(), chunks=len(chunks), max_logit_diff=diff.max,
-                  mean_logit_diff=diff.abs_sum / diff.values, top1_agreement=diff.agree / diff.positions)
+    sides = _Side(source_dir, source, codes[0]), _Side(converted_dir, converted, codes[1])
+    notify(f"running {source} and {converted} on {ids.numel()} tokens, one layer at a time")
+    tally, before, after = compare(sides, chunks)
+    return Report(before, after, tokens=ids.numel(), chunks=len(chunks), max_logit_diff=tally.max,
+                  mean_logit_diff=tally.abs_sum / tally.values, top1_agreement=tally.agree / tally.positions)
 
 
 # ---------------------------------------------------------------------------- plot

@@ -113,10 +113,44 @@ def _match(rows: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.cdist(reference, rows).argmin(1)
 
 
-def test_split_without_calibration_text_samples_it_from_the_model(llama, tmp_path, capsys):
+def test_split_without_calibration_text_reads_the_built_in_corpus(llama, tmp_path, capsys):
     run("split", llama, "--output", tmp_path / "out", "--granularity", 4, "--topk", 2, "--calibration-tokens", 256)
-    assert "sampling 256 calibration tokens from the model" in capsys.readouterr().err
+    assert "sampl" not in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["moe"]["num_experts_per_tok"] == 2
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration.builtin_texts(256)))
+    default, from_file = (calibration.collect(llama, _llama_adapter(), [1], text, 256, 0, coactivation=False)[1]
+                          for text in (None, str(corpus)))
+    assert default.tokens == 256 and torch.equal(default.xs, from_file.xs)
+
+
+def test_built_in_corpus_mixes_prose_dialogue_and_code():
+    texts = calibration.builtin_texts(400)  # 6400 characters: the first passage of each part, then more
+    assert 6400 <= sum(map(len, texts)) < 6400 + 2 * calibration.PASSAGE + 2000
+    assert "Emma" in texts[0] and texts[1].startswith('"') and texts[2].startswith("# textwrap.py")
+
+
+def test_a_short_text_is_topped_up_from_the_built_in_corpus(llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a sentence or two of calibration text. " * 3)
+    notes = []
+    stats = calibration.collect(llama, _llama_adapter(), [0], str(short), 600, 0, coactivation=False,
+                                notify=notes.append)
+    assert stats[0].tokens == 600
+    assert notes == ["the calibration text gave 132 of 600 tokens; the other 468 come from moeify's built-in corpus"]
+
+
+def test_split_with_every_piece_active_skips_calibration(llama, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(calibration, "collect", refuse)
+    out = tmp_path / "all"
+    run("split", llama, "--output", out, "--granularity", 4)  # no --topk: all 4 active
+    assert json.loads((out / "config.json").read_text())["moe"]["num_experts_per_tok"] == 4
+    assert (logits(out, TOKENS, trust_remote_code=True) - logits(llama, TOKENS)).abs().max() < 1e-5
+    with pytest.raises(AssertionError, match="calibration ran"):  # one routed piece fewer: calibration is needed
+        run_cli("split", llama, "--output", tmp_path / "top3", "--granularity", 4, "--topk", 3)
 
 
 def test_split_help_runs():
@@ -237,18 +271,17 @@ def test_calibration_uses_the_file_and_never_more_than_the_budget(llama):
     assert stats[0].cc.shape == (96, 96)
 
 
-def test_statistics_beyond_the_memory_budget_take_more_passes_with_the_same_result(llama, monkeypatch):
-    one_pass = calibration.collect(llama, _llama_adapter(), [0, 1, 2], str(CALIBRATION), 300, 0, coactivation=True)
-    monkeypatch.setattr(calibration, "STATS_BUDGET", 1)  # every layer alone: three passes
-    passes = []
-    three = calibration.collect(llama, _llama_adapter(), [0, 1, 2], str(CALIBRATION), 300, 0, coactivation=True,
-                                on_tokens=lambda done, total: passes.append((done, total)),
-                                reduce=lambda layer, stats: (layer, stats))
-    assert passes[-1] == (900, 900)
-    for layer in range(3):
-        assert three[layer][0] == layer
-        assert torch.allclose(three[layer][1].cc, one_pass[layer].cc)
-        assert torch.allclose(three[layer][1].xs, one_pass[layer].xs)
+def test_layers_after_the_last_chosen_one_are_never_read(llama, monkeypatch):
+    from moeify import layerwise
+
+    loaded, progress = [], []
+    original = layerwise.LayerwiseModel.loaded
+    monkeypatch.setattr(layerwise.LayerwiseModel, "loaded", lambda self, i: (loaded.append(i), original(self, i))[1])
+    stats = calibration.collect(llama, _llama_adapter(), [0, 1], str(CALIBRATION), 300, 0, coactivation=True,
+                                on_progress=lambda done, total: progress.append((done, total)),
+                                reduce=lambda layer, stats: (layer, stats.tokens))
+    assert stats == {0: (0, 300), 1: (1, 300)}
+    assert loaded == [0, 1] and progress == [(1, 2), (2, 2)]  # layer 2 of 3 is not needed
 
 
 def _llama_adapter():

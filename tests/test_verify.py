@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from moeify import cli, verify as checks
+from moeify import cli
+from moeify import verify as checks
 from moeify.conversion import convert
 from moeify.errors import MoeifyError
+from moeify.loading import load_model
 from moeify.spec import Format, Spec
 from tests.fixtures import make_tiny
 
@@ -111,7 +114,7 @@ def test_chunks_follow_the_context(source, upcycled):
 def test_load_counts_what_mixtral_routed(source, upcycled):
     """The hooks' counts equal the top-k of the router logits Mixtral itself reports."""
     ids = checks.token_ids(checks.load_text(None), AutoTokenizer.from_pretrained(source), 100)
-    model = checks.load_model(upcycled)
+    model = load_model(upcycled)
     routing = checks.routing_of(model.config.to_dict())
     with torch.no_grad(), checks.counting(checks.blocks(model), routing) as counts:
         router_logits = model(ids[None], output_router_logits=True).router_logits
@@ -179,8 +182,8 @@ def test_mismatched_vocab_is_one_error_line(source, tmp_path, capsys):
     code, out, err = run_cli(capsys, source, other)
     assert code == 2
     lines = err.strip().splitlines()
-    assert lines == ["error: vocab sizes differ (source 211, converted 250); verify needs models that share a "
-                     "tokenizer"]
+    assert lines == [("error: the converted model is not a conversion of the source: its vocabulary size is 250, "
+                      "the source's 211; pass SOURCE first, then the model converted from it")]
 
 
 def test_different_tokenizers_are_refused(source, tmp_path):
@@ -217,3 +220,95 @@ def test_plot_without_experts_is_refused(source, tmp_path):
     assert report.ppl_ratio == 1.0 and report.max_logit_diff == 0.0
     with pytest.raises(MoeifyError, match="no expert load to plot"):
         checks.plot(report, tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------------------- layer by layer
+
+
+def whole_model(source: Path, converted: Path, tokens: int) -> dict:
+    """The reference: both models whole in memory, logits of the same chunks compared directly."""
+    ids = checks.token_ids(checks.load_text(None), AutoTokenizer.from_pretrained(source), tokens)
+    models = [load_model(folder) for folder in (source, converted)]
+    context = checks.context_of(*(m.config.to_dict() for m in models))
+    nll, diffs, agree = [0.0, 0.0], [], 0
+    with torch.no_grad():
+        for chunk in checks.chunked(ids, context):
+            a, b = (m(chunk[None]).logits[0].float() for m in models)
+            for i, out in enumerate((a, b)):
+                nll[i] += torch.nn.functional.cross_entropy(out[:-1], chunk[1:], reduction="sum").item()
+            diffs.append((b - a).abs().flatten())
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    predicted = ids.numel() - len(checks.chunked(ids, context))
+    diff = torch.cat(diffs)
+    return {"ppl": [math.exp(n / predicted) for n in nll], "max": diff.max().item(), "mean": diff.mean().item(),
+            "agreement": agree / ids.numel()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_layer_by_layer_equals_the_whole_models(family, tmp_path):
+    dense = with_tokenizer(make_tiny(family, tmp_path / family))
+    noisy = tmp_path / "noisy"
+    convert(dense, noisy, Spec(experts=4, topk=2, noise=0.3), source=str(dense))
+    tokens = 150 if family != "gpt2" else 100  # gpt2's context is 64: two chunks
+    report = checks.verify(str(dense), str(noisy), checks.load_text(None), tokens=tokens)
+    expected = whole_model(dense, noisy, tokens)
+    assert report.max_logit_diff > 0.01  # damaged: the figures below mean something
+    assert [report.source.perplexity, report.converted.perplexity] == pytest.approx(expected["ppl"], rel=1e-5)
+    assert report.max_logit_diff == pytest.approx(expected["max"], rel=1e-4)
+    assert report.mean_logit_diff == pytest.approx(expected["mean"], rel=1e-4)
+    assert report.top1_agreement == expected["agreement"]
+
+
+def test_one_layer_at_a_time(source, upcycled, monkeypatch):
+    """While verify runs, at most one decoder layer of each model holds real weights."""
+    from moeify import layerwise
+
+    seen = []
+    step = layerwise.LayerwiseModel.step
+
+    def watched(layer, index, states):
+        for runner in runners:
+            real = [i for i, module in enumerate(runner.layers) if any(not p.is_meta for p in module.parameters())]
+            seen.append(real)
+        return step(layer, index, states)
+
+    runners = []
+    init = layerwise.LayerwiseModel.__init__
+    monkeypatch.setattr(layerwise.LayerwiseModel, "__init__",
+                        lambda self, *a, **k: (init(self, *a, **k), runners.append(self))[0])
+    monkeypatch.setattr(layerwise.LayerwiseModel, "step", staticmethod(watched))
+    checks.verify(str(source), str(upcycled), checks.load_text(None), tokens=64)
+    assert len(runners) == 2 and len(seen) == 2 * 2 * 3  # 2 models x 3 layers, both models looked at each time
+    assert all(len(real) <= 1 for real in seen) and sum(map(len, seen)) == 6
+    assert all(p.is_meta for runner in runners for p in runner.model.parameters())  # all dropped at the end
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": 32, "head_dim": 8}, "its hidden size is 32, the source's 64"),
+    ({"num_hidden_layers": 2}, "its layer count is 2, the source's 3"),
+])
+def test_a_model_of_another_lineage_is_refused(source, tmp_path, capsys, change, message):
+    other = with_tokenizer(make_tiny("llama", tmp_path / "other", **change))
+    code, out, err = run_cli(capsys, source, other)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [(f"error: the converted model is not a conversion of the source: {message}; "
+                                         f"pass SOURCE first, then the model converted from it")]
+
+
+def test_another_family_is_refused_but_a_native_moe_is_not(tmp_path):
+    qwen2 = make_tiny("qwen2", tmp_path / "qwen2", hidden_size=64, num_hidden_layers=3)
+    with pytest.raises(MoeifyError, match="it is a qwen2 model, the source a llama"):
+        checks.check_lineage(checks.read_config(make_tiny("llama", tmp_path / "llama")), checks.read_config(qwen2))
+    checks.check_lineage({"model_type": "qwen2", "hidden_size": 8}, {"model_type": "mixtral", "hidden_size": 8})
+    checks.check_lineage({"model_type": "gpt2", "n_embd": 8},
+                         {"model_type": "moeify", "hidden_size": 8, "base_config": {"model_type": "gpt2"}})
+
+
+def test_a_short_text_is_said_and_logs_stay_quiet(source, upcycled, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("A few words only, far fewer than asked for.")
+    code, out, err = run_cli(capsys, source, upcycled, "--text", text, "--tokens", 500)
+    assert code == 0, err
+    assert out.count("verify on") == 1  # the table's title
+    assert "fewer than --tokens 500: verifying on" in err
+    assert "Loading weights" not in err and "attention mask" not in err

@@ -102,6 +102,6 @@ def _calibrate(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec
     ckpt = Checkpoint(folder)
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
                                              spec, layer, stats)
-    with ui.count_progress("calibrating (tokens)") as report:
+    with ui.count_progress("calibrating (layers)") as report:
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
-                                   coactivation=False, on_tokens=report, notify=ui.say, reduce=reduce)
+                                   coactivation=False, on_progress=report, notify=ui.say, reduce=reduce)

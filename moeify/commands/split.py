@@ -37,8 +37,8 @@ PartitionOpt = Annotated[Partition, typer.Option(help="How neurons are grouped i
 RouterOpt = Annotated[SplitRouter, typer.Option("--router-init", help="How routers are built for the pieces.")]
 CalibrationOpt = Annotated[str | None, typer.Option("--calibration",
     help="Calibration text: a .txt or .jsonl ({\"text\": ...}) file, or a datasets name. "
-         "Default: text sampled from the source model.")]
-TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens; what the text lacks is sampled from the model.")]
+         "Default: moeify's built-in mix of English prose, dialogue and Python code.")]
+TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens; what the text lacks comes from the built-in mix.")]
 
 
 def split(
@@ -134,7 +134,7 @@ def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int
     ckpt = Checkpoint(folder)
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
                                              spec, layer, stats)
-    with ui.count_progress("calibrating (tokens)") as report:
+    with ui.count_progress("calibrating (layers)") as report:
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
                                    coactivation=spec.partition is Partition.ACTIVATION,
-                                   on_tokens=report, notify=ui.say, reduce=reduce)
+                                   on_progress=report, notify=ui.say, reduce=reduce)
