@@ -190,16 +190,17 @@ def token_batches(tokenizer, texts: list[str], budget: int) -> list[torch.Tensor
     return _batches(token_ids(tokenizer, texts, budget))
 
 
-def _batches(ids: torch.Tensor) -> list[torch.Tensor]:
+def _batches(ids: torch.Tensor, sequence: int = SEQUENCE) -> list[torch.Tensor]:
     if len(ids) < 16:
         raise MoeifyError(f"calibration text has only {len(ids)} tokens; give at least a paragraph")
-    full = len(ids) // SEQUENCE * SEQUENCE
-    batches = list(ids[:full].reshape(-1, SEQUENCE).split(BATCH)) if full else []
+    full = len(ids) // sequence * sequence
+    batches = list(ids[:full].reshape(-1, sequence).split(BATCH)) if full else []
     return batches + ([ids[full:][None]] if full < len(ids) else [])  # the rest as one shorter sequence
 
 
-def calibration_batches(tokenizer, text: str | None, budget: int, notify: Callable[[str], None]) -> list[torch.Tensor]:
-    """The batches calibration reads: the user's text, topped up with the built-in corpus when short.
+def calibration_batches(tokenizer, text: str | None, budget: int, notify: Callable[[str], None],
+                        sequence: int = SEQUENCE) -> list[torch.Tensor]:
+    """The batches (B, sequence) calibration reads: the user's text, topped up with the built-in corpus when short.
 
     A short text is topped up because routers are fitted in H dimensions and need many more
     tokens than that; the built-in corpus needs no model to make (sampling did: a whole model).
@@ -211,7 +212,13 @@ def calibration_batches(tokenizer, text: str | None, budget: int, notify: Callab
         notify(f"the calibration text gave {len(ids)} of {budget} tokens; "
                f"the other {missing} come from moeify's built-in corpus")
         ids = torch.cat([ids, token_ids(tokenizer, builtin_texts(missing), missing)])
-    return _batches(ids)
+    return _batches(ids, sequence)
+
+
+def sequence_length(config: dict) -> int:
+    """SEQUENCE, or the model's context when shorter (gpt2 names it n_positions)."""
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    return min(SEQUENCE, int(context)) if context else SEQUENCE
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -242,7 +249,7 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     if tokenizer is None:
         raise MoeifyError(f"calibration needs the source's tokenizer, which {folder} lacks or cannot load; "
                           f"copy its tokenizer files in")
-    batches = calibration_batches(tokenizer, text, budget, notify)
+    batches = calibration_batches(tokenizer, text, budget, notify, sequence_length(ckpt.config))
     runner = LayerwiseModel(folder, Code.FAMILY)
     act = ACT2FN[adapter.activation(ckpt.config)]
     hidden = int(ckpt.config[adapter.hidden_field])
