@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig
-
-from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
-from moeify.transforms import FFN
+
+if TYPE_CHECKING:  # torch and transformers load only when tensors are read: `moeify inspect` stays instant
+    from moeify.checkpoint import Checkpoint
+    from moeify.transforms import FFN
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class Adapter:
 
     def read_ffn(self, ckpt: Checkpoint, layer: int, meta: bool = False) -> FFN:
         """One layer's FFN in nn.Linear layout; with meta=True, shapes only."""
+        import torch
+
+        from moeify.transforms import FFN
+
         load = ckpt.meta if meta else ckpt.read
         tensors = {role: load(name) for role, name in self.ffn_names(layer).items()}
         if self.transposed:
@@ -88,6 +92,8 @@ class Adapter:
         """The transformers ACT2FN key; a config that omits it means the family's default."""
         if config.get(self.activation_field):
             return config[self.activation_field]
+        from transformers import AutoConfig
+
         return getattr(AutoConfig.for_model(self.model_type), self.activation_field)
 
     @property

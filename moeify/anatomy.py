@@ -9,6 +9,7 @@ FFN's shape (gated or not, biases) comes from the family's adapter, as in a conv
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -149,17 +150,25 @@ class Anatomy:
 
 
 class _Fields:
-    """Config fields by any of their names, with transformers' defaults when it knows the family."""
+    """Config fields by any of their names, with transformers' defaults when it knows the family.
+
+    config.json's own values come first; transformers (~1 s to import) is asked only for a field the
+    file lacks under every name, so a complete config is read without it.
+    """
 
     def __init__(self, config: dict):
         self.raw = config
-        self.normalised = _normalised(config)
+
+    @functools.cached_property
+    def normalised(self) -> Any:
+        return _normalised(self.raw)
 
     def get(self, *names: str, default: Any = None) -> Any:
         for name in names:
+            if self.raw.get(name) is not None:
+                return self.raw[name]
+        for name in names:
             value = getattr(self.normalised, name, None) if self.normalised is not None else None
-            if value is None:
-                value = self.raw.get(name)
             if value is not None:
                 return value
         return default

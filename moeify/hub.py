@@ -17,7 +17,6 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from moeify import card
-from moeify.checkpoint import INDEX_FILE, read_header
 from moeify.errors import MoeifyError, MoeifyFailure
 
 # What every moeify output holds besides its weights.
@@ -110,6 +109,8 @@ def complete_output(folder: Path) -> Upload:
     Checks what a reader would trip on: config, card, moeify.json, every shard the index names
     (with a readable header), the remote code config.json points at.
     """
+    from moeify.checkpoint import read_header  # torch: imported only when a push runs
+
     folder = Path(folder)
     if not folder.is_dir():
         raise MoeifyError(f"{folder} is not a folder; pass the output folder of a moeify conversion")
@@ -128,6 +129,8 @@ def complete_output(folder: Path) -> Upload:
 
 
 def _shards(folder: Path) -> list[Path]:
+    from moeify.checkpoint import INDEX_FILE
+
     index = folder / INDEX_FILE
     if index.is_file():
         try:

@@ -21,25 +21,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 
 import torch
 
 from moeify.calibration import LayerStats
 from moeify.errors import MoeifyError
-from moeify.spec import Format, Mode, Partition, Spec, SplitRouter
+from moeify.spec import Format, Mode, Partition, Retrieval, Spec, SplitRouter
 from moeify.split import RIDGE
 from moeify.targets.remote_code.modeling_moeify import PeerBlock, is_padding
 from moeify.transforms import FFN, LazyExperts, Scoring, generator
 
 SWEEPS = 8  # placement refinements (each: rows within columns, then columns within rows)
-
-
-class Retrieval(str, Enum):
-    """What each neuron's score vector is, before the grid approximates it."""
-
-    UP = "up"  # its up row, scaled to its typical contribution: |u·x| large means the neuron matters (gated)
-    FIT = "fit"  # least squares onto its share of each token's contribution mass (split's fitted router)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-from moeify.checkpoint import parse_size
 from moeify.errors import MoeifyError
 
 # Upper bounds: generous for real use, and low enough that no spec makes a conversion allocate or
@@ -79,6 +78,18 @@ class DType(str, Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class Scoring(str, Enum):
+    SOFTMAX = "softmax"  # softmax over router logits, top-k, renormalised over the top-k
+    UNIT = "unit"  # each selected expert weighs 1: all pieces of a split selected = the dense FFN
+
+
+class Retrieval(str, Enum):
+    """What each PEER neuron's score vector is, before the grid approximates it."""
+
+    UP = "up"  # its up row, scaled to its typical contribution: |u·x| large means the neuron matters (gated)
+    FIT = "fit"  # least squares onto its share of each token's contribution mass (split's fitted router)
 
 
 class Engine(str, Enum):
@@ -244,6 +255,8 @@ def _check_number(name: str, value: Any, high: float | None, whole: bool) -> Non
 
 
 def _check_shard_size(text: str) -> None:
+    from moeify.checkpoint import parse_size  # checkpoint needs torch; `moeify --help` must not
+
     try:
         size = parse_size(text)
     except OverflowError:  # more digits than a float holds: over any bound

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 import torch
 
 from moeify.errors import MoeifyError
-from moeify.spec import RouterInit, Spec
+from moeify.spec import RouterInit, Scoring, Spec  # noqa: F401 (Scoring lives in spec, light for the CLI)
 
 
 @dataclass(frozen=True)
@@ -78,11 +77,6 @@ class LazyExperts(Sequence):
         if self._last is None or self._last[0] != j:
             self._last = (j, self._make(j))
         return self._last[1]
-
-
-class Scoring(str, Enum):
-    SOFTMAX = "softmax"  # softmax over router logits, top-k, renormalised over the top-k
-    UNIT = "unit"  # each selected expert weighs 1: all pieces of a split selected = the dense FFN
 
 
 @dataclass(frozen=True)

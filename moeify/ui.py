@@ -12,9 +12,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from typing import TYPE_CHECKING
+
 from moeify import engines
 from moeify.card import human
-from moeify.conversion import Result
+
+if TYPE_CHECKING:
+    from moeify.conversion import Result  # torch: only a conversion makes a Result
 
 console = Console(stderr=True, highlight=False)  # progress and messages
 results = Console(highlight=False)  # tables a person may pipe or redirect: `moeify models | grep qwen`
@@ -26,7 +30,13 @@ def show(table: Table) -> None:
 
 
 def say(line: str) -> None:
+    """A message or note: on stderr, with progress."""
     console.print(line, markup=False, soft_wrap=True)
+
+
+def result(line: str) -> None:
+    """A line of results (a measurement, a report) on stdout, beside the tables."""
+    results.print(line, markup=False, soft_wrap=True)
 
 
 @contextmanager

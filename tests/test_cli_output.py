@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from moeify import cli
+from tests.fixtures import run_cli
+from tests.test_train import models, train  # noqa: F401  (module-scoped fixture)
 from tests.test_verify import source, trained, upcycled  # noqa: F401  (module-scoped fixtures)
 
-COMMANDS = ["upcycle", "split", "merge", "expand", "models", "inspect", "apply", "push", "verify", "train"]
+COMMANDS = [c.name or c.callback.__name__ for c in cli.app.registered_commands]  # every command, as wired
 
 
 def test_results_on_stdout_and_usage_error_is_one_line():
@@ -22,18 +25,41 @@ def test_results_on_stdout_and_usage_error_is_one_line():
     assert wrong.stderr.strip().splitlines() == ["error: No such option: --bogus (see `moeify --help`)"]
 
 
+def test_every_command_is_walked():
+    assert set(COMMANDS) >= {"upcycle", "split", "merge", "peer", "expand", "models", "inspect", "apply", "push",
+                              "verify", "train"}
+
+
+def help_of(*command: str) -> str:
+    result = CliRunner().invoke(cli.app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    return result.output
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_help_has_examples(command):
-    result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0
-    assert "Example" in result.output and f"moeify {command} " in result.output
+    shown = help_of(command)
+    examples = shown.split("Examples:" if "Examples:" in shown else "Example:", 1)[1]
+    assert f"moeify {command} " in examples
 
 
-@pytest.mark.parametrize("command", ["upcycle", "split", "inspect", "verify"])
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=lambda c: " ".join(c) or "moeify")
 def test_flags_are_shown_without_bool(command):
-    result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
-    # Typer's own --help option still shows <bool>; it has no public setting for it
-    assert [line for line in result.output.splitlines() if "<bool>" in line and "--help" not in line] == []
+    assert [line for line in help_of(*command).splitlines() if "<bool>" in line] == []
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=lambda c: " ".join(c) or "moeify")
+def test_usage_line_is_clean(command):
+    usage = next(line for line in help_of(*command).splitlines() if "Usage:" in line)
+    assert not any(mark in usage for mark in ("{", "}", "[[", "]]")), usage
+
+
+def test_usage_lines_name_arguments_plainly():
+    usages = {c: next(line.strip() for line in help_of(c).splitlines() if "Usage:" in line) for c in COMMANDS}
+    assert usages["split"] == "Usage: moeify split [OPTIONS] SOURCE"
+    assert usages["apply"] == "Usage: moeify apply [OPTIONS] RECIPE [SOURCE]"
+    assert usages["verify"] == "Usage: moeify verify [OPTIONS] SOURCE CONVERTED"
+    assert usages["models"] == "Usage: moeify models [OPTIONS]"
 
 
 def test_version(capsys):
@@ -49,3 +75,58 @@ def test_verify_json_without_threshold_has_no_verdict(source, upcycled, capsys):
     assert exit_.value.code == 0
     data = json.loads(capsys.readouterr().out)
     assert "passed" not in data and "max_ppl_ratio" not in data and data["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- results on stdout, for every command
+
+
+def run(capsys, *args: object) -> tuple[str, str]:
+    """stdout and stderr of `moeify ARGS`, which must succeed."""
+    capsys.readouterr()
+    assert run_cli(*args) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch) -> Path:
+    """Outputs named relative to tmp_path: a summary's title (the output path) then fits on one line."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def assert_summary_on_stdout(out: str, err: str, output: str) -> None:
+    assert output in out and "parameters" in out  # the summary table
+    assert output not in err and "parameters" not in err
+
+
+def test_peer_summary_on_stdout(tiny_llama: Path, here: Path, capsys):
+    out, err = run(capsys, "peer", tiny_llama, "--output", "peer")
+    assert_summary_on_stdout(out, err, "peer")
+
+
+def test_merge_summary_and_routing_on_stdout(tiny_llama: Path, here: Path, capsys):
+    out, err = run(capsys, "merge", tiny_llama, "--expert", tiny_llama, "--expert", tiny_llama,
+                   "--output", "merged")
+    assert_summary_on_stdout(out, err, "merged")
+
+
+def test_expand_summary_and_step_zero_on_stdout(tiny_llama: Path, here: Path, capsys):
+    run(capsys, "upcycle", tiny_llama, "--experts", 2, "--format", "remote", "--output", "moe")
+    out, err = run(capsys, "expand", "moe", "--add", 1, "--from", "copy:0", "--output", "grown")
+    assert_summary_on_stdout(out, err, "grown")
+    assert "step 0: exact by construction" in out and "step 0" not in err
+
+
+def test_push_dry_run_table_on_stdout(tiny_llama: Path, here: Path, capsys):
+    run(capsys, "upcycle", tiny_llama, "--experts", 2, "--output", "moe")
+    out, err = run(capsys, "push", "moe", "--repo-id", "me/moe", "--dry-run")
+    assert "would upload to me/moe" in out and "moeify.json" in out and err == ""
+
+
+def test_train_summary_on_stdout(models, here: Path, capsys):  # noqa: F811
+    capsys.readouterr()
+    assert train(models["remote"], "trained", "--steps", 1) == 0
+    captured = capsys.readouterr()
+    assert "trained" in captured.out and "held-out perplexity" in captured.out
+    assert "held-out perplexity" not in captured.err

@@ -135,7 +135,7 @@ def test_dry_run_lists_files_and_makes_no_call(folder, monkeypatch, capsys):
     card = (folder / "README.md").read_text()
     assert run_cli("push", folder, "--repo-id", "me/tiny-moe", "--dry-run") == 0
     assert fake.calls == []
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out  # the dry run's table is a result
     for name in ("config.json", "README.md", "moeify.json", "model.safetensors.index.json", "model-00001-of-"):
         assert name in out
     assert "total" in out and "dry run" in out

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from moeify import mergekit, source, ui
+from moeify import source, ui
 from moeify import recipe as recipes
 from moeify.commands import options
 from moeify.commands import train as train_recipe
@@ -67,6 +67,8 @@ def apply(
 
     moeify apply smollm2-8x135m/moeify.json --output replayed
     """
+    from moeify import mergekit  # torch, through merge: imported when a recipe runs, not for --help
+
     given = dict(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,
                  moe_layers=moe_layers, format=format_, dtype=dtype, router_init=router_init,
                  router_std=router_std, noise=noise, drop_ratio=drop_ratio, seed=seed,

@@ -14,10 +14,9 @@ from typing import Annotated
 
 import typer
 
-from moeify import conversion, source, ui
+from moeify import source, ui
 from moeify.commands.options import DTypeOpt, NoiseOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt
 from moeify.errors import MoeifyError
-from moeify.expand import BUSIEST, COPY, measured, prepare
 from moeify.output import claim
 from moeify.spec import DType
 
@@ -35,7 +34,7 @@ def expand(
     moe: MoeArg,
     output: OutputOpt,
     add: AddOpt,
-    from_: FromOpt = BUSIEST,
+    from_: FromOpt = "copy:busiest",  # moeify.expand.BUSIEST, written out: `expand --help` imports no torch
     freeze: FreezeOpt = None,
     noise: NoiseOpt = 0.0,
     dtype: DTypeOpt = DType.AUTO,
@@ -63,6 +62,9 @@ def expand(
 def run(name: str, output: Path, overwrite: bool, add: int, expand_from: str | None, freeze_old: bool,
         **options) -> None:
     """Resolve the MoE (and a dense --from model), convert, print the summary and how exact it is."""
+    from moeify import conversion
+    from moeify.expand import BUSIEST, COPY, measured, prepare
+
     expand_from = expand_from or BUSIEST
     names = [name] + ([expand_from] if not expand_from.startswith(COPY) else [])
     with claim(output, overwrite, protect=names, notify=ui.say) as out:  # before any download, held to the end
@@ -73,8 +75,8 @@ def run(name: str, output: Path, overwrite: bool, add: int, expand_from: str | N
             result = conversion.convert(folders[name], out, growth.spec, source=name, transform=growth.transform,
                                         adapter=growth.reader, notes={"expansion": growth.notes},
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.console.print(ui.summary(result))
+    ui.show(ui.summary(result))
     diff = measured(folders[name], Path(output))
     claim_ = "exact by construction (selection bias)" if growth.notes["exact_at_init"] else "not guaranteed"
     said = "not measured (no tokenizer)" if diff is None else f"max |logit difference| {diff:.3g}"
-    ui.say(f"step 0: {claim_}; against {name} on the built-in text: {said}")
+    ui.result(f"step 0: {claim_}; against {name} on the built-in text: {said}")

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from moeify import anatomy, hub, ui
+from moeify import anatomy, ui
 from moeify.anatomy import Anatomy, Plan
 from moeify.card import human
 from moeify.commands.options import (
@@ -52,6 +52,8 @@ def inspect(
 
     moeify inspect ./my-llama --granularity 4 --shared-experts 1 --moe-layers skip-first:1
     """
+    from moeify import hub  # huggingface_hub: a third of a second, paid when a config is read, not for --help
+
     config, folder = hub.source_config(source_, notify=ui.say)
     model = anatomy.describe(config)
     given = dict(experts=experts, topk=topk, granularity=granularity, shared_experts=shared_experts,

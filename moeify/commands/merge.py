@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from moeify import conversion, source, ui
+from moeify import source, ui
 from moeify.commands.options import (
     DTypeOpt,
     EngineOpt,
@@ -30,7 +30,6 @@ from moeify.commands.options import (
     TopkOpt,
 )
 from moeify.errors import MoeifyError
-from moeify.merge import ExpertSource, apply_prompt_file, merge_spec, parse_expert, prepare, sources_of
 from moeify.output import claim
 from moeify.spec import DType, Engine, Format, Gate, Spec
 
@@ -78,6 +77,8 @@ def merge(
 
     moeify merge ./base --expert ./a --expert ./b --shared ./base --prompts prompts.yaml --output out
     """
+    from moeify.merge import ExpertSource, apply_prompt_file, merge_spec, parse_expert  # torch: when it runs
+
     experts = [parse_expert(text) for text in expert]
     if prompts is not None:
         experts = apply_prompt_file(experts, prompts)
@@ -91,6 +92,9 @@ def merge(
 
 def run(base: str, output: Path, spec: Spec, overwrite: bool) -> None:
     """Resolve BASE and every source, learn the gates, convert, and print the summary and routing report."""
+    from moeify import conversion
+    from moeify.merge import prepare, sources_of
+
     experts, shared = sources_of(spec)
     if not experts:
         raise MoeifyError("a merge needs --expert SOURCE for each routed expert")
@@ -104,6 +108,6 @@ def run(base: str, output: Path, spec: Spec, overwrite: bool) -> None:
             result = conversion.convert(folders[base], out, spec, source=base, transform=merge_.transform,
                                         adapter=merge_.reader, notes={"routing": merge_.routing} if merge_.routing
                                         else None, overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.console.print(ui.summary(result))
-    for line in merge_.lines:
-        ui.say(line)
+    ui.show(ui.summary(result))
+    for line in merge_.lines:  # the routing report
+        ui.result(line)

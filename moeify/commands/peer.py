@@ -10,20 +10,20 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moeify import calibration, conversion, source, ui
+from moeify import source, ui
 from moeify.adapters import Adapter, adapter_for
-from moeify.checkpoint import Checkpoint
 from moeify.commands.options import DTypeOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SourceArg
 from moeify.commands.split import CalibrationOpt, TokensOpt
 from moeify.errors import MoeifyError
 from moeify.output import claim
-from moeify.peer import PeerPlan, PeerSpec, Retrieval, peer_ffn, plan_layer
-from moeify.spec import DType, parse_layers
-from moeify.transforms import Scoring
+from moeify.spec import DType, Retrieval, Scoring, parse_layers
+
+if TYPE_CHECKING:
+    from moeify.peer import PeerPlan, PeerSpec
 
 HeadsOpt = Annotated[int, typer.Option(help="Retrieval heads; a token uses the union of their top-k neurons.")]
 TopkOpt = Annotated[str, typer.Option(help="Neurons each head retrieves per token, or all (exact: the dense FFN).")]
@@ -57,7 +57,19 @@ def peer(
     With --topk all (the default) every neuron is retrieved with weight 1: the dense model exactly.
     With fewer, retrieval is fitted on calibration text without training, to find the neurons a
     token really uses; measure the result with `moeify verify`.
+
+    Examples:
+
+    moeify peer smollm2-135m --output smollm2-peer   # --topk all: the dense model exactly
+
+    moeify peer smollm2-135m --topk 768 --calibration notes.txt --output smollm2-peer-half
+
+    moeify peer smollm2-135m --heads 4 --topk 128 --shared-neurons 192 --output smollm2-peer-4h
     """
+    from moeify import calibration, conversion  # torch and transformers: when a conversion runs, not for --help
+    from moeify.checkpoint import Checkpoint
+    from moeify.peer import PeerSpec
+
     with claim(output, overwrite, protect=[source_], notify=ui.say) as out:  # before any download, held to the end
         if calibration_ is not None:
             calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
@@ -76,7 +88,7 @@ def peer(
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_, transform=transform,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.console.print(ui.summary(result))
+    ui.show(ui.summary(result))
 
 
 def _topk(text: str, routed: int) -> int:
@@ -91,6 +103,8 @@ def _topk(text: str, routed: int) -> int:
 
 def _transform(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec):
     """peer_ffn bound to each layer's calibrated plan (collected now, when retrieval has anything to learn)."""
+    from moeify.peer import peer_ffn
+
     if not spec.needs_calibration():
         return peer_ffn
     plans = _calibrate(folder, adapter, layers, spec)
@@ -99,6 +113,10 @@ def _transform(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec
 
 def _calibrate(folder: Path, adapter: Adapter, layers: list[int], spec: PeerSpec) -> dict[int, PeerPlan]:
     """Each layer's shared neurons, placement and retrieval, from statistics on calibration text."""
+    from moeify import calibration
+    from moeify.checkpoint import Checkpoint
+    from moeify.peer import plan_layer
+
     ckpt = Checkpoint(folder)
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
                                              spec, layer, stats)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeify import hub, ui
+from moeify import ui
 from moeify.card import human
 
 FolderArg = Annotated[Path, typer.Argument(metavar="DIR", help="The output folder of a moeify conversion.")]
@@ -45,6 +45,8 @@ def push(
 
     moeify push smollm2-8x135m --repo-id me/smollm2-8x135m --private --revision v1
     """
+    from moeify import hub  # huggingface_hub: imported when a push runs, not for --help
+
     hub.check_repo_id(repo_id)  # first, dry run included: nothing is read before the id is known good
     if dry_run:
         upload = hub.complete_output(folder)
@@ -53,7 +55,7 @@ def push(
         for name, size in upload.files:
             table.add_row(name, human(size, "B"))
         table.add_row("total", human(upload.total, "B"))
-        ui.console.print(table)
+        ui.show(table)
         return
     url = hub.push(folder, repo_id, private=private, revision=revision, message=message, notify=ui.say)
     ui.say(f"pushed {folder} to {url}")

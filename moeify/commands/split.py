@@ -13,22 +13,22 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moeify import calibration, conversion, source, ui
+from moeify import source, ui
 from moeify.adapters import adapter_for
-from moeify.checkpoint import Checkpoint
 from moeify.output import claim
 from moeify.commands.options import (
     DTypeOpt, EngineOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )
 from moeify.errors import MoeifyError
-from moeify.moe_source import MoESource, field_of, moe_source_for
 from moeify.spec import DType, Engine, Format, Mode, Partition, Spec, SplitRouter
-from moeify.split import LayerPlan, needs_calibration, plan_layer, split_ffn, split_moe
-from moeify.transforms import check_divisible
+
+if TYPE_CHECKING:  # torch and transformers load when a split runs, not for `moeify split --help`
+    from moeify.moe_source import MoESource
+    from moeify.split import LayerPlan
 
 GranularityOpt = Annotated[int, typer.Option(help="Pieces per FFN (or per expert of a MoE source).")]
 TopkOpt = Annotated[int | None, typer.Option(
@@ -73,6 +73,10 @@ def split(
 
     moeify split ./my-mixtral --granularity 2 --output mixtral-16e   # native Mixtral, exact
     """
+    from moeify import calibration, conversion
+    from moeify.checkpoint import Checkpoint
+    from moeify.moe_source import moe_source_for
+
     with claim(output, overwrite, protect=[source_], notify=ui.say) as out:  # before any download, held to the end
         if calibration_ is not None:
             calibration.read_texts(calibration_, calibration_tokens)  # a missing or empty file fails before anything is loaded
@@ -96,6 +100,8 @@ def split(
 
 
 def _moe_transform(moe: MoESource, spec: Spec):
+    from moeify.split import split_moe
+
     if spec.shared_experts:
         raise MoeifyError("--shared-experts carves neurons of dense FFNs; a MoE source keeps its own experts")
     if moe.native and spec.format is Format.REMOTE:
@@ -107,6 +113,9 @@ def _moe_transform(moe: MoESource, spec: Spec):
 
 def _moe_layers(moe: MoESource, config: dict, requested: str, granularity: int) -> str:
     """--moe-layers for a MoE source: every MoE layer of the source (the others are dense and pass through)."""
+    from moeify.moe_source import field_of
+    from moeify.transforms import check_divisible
+
     if requested != "all":
         raise MoeifyError("a MoE source is split in every one of its MoE layers; drop --moe-layers")
     width = field_of(config, moe.width_field)
@@ -120,6 +129,10 @@ def _moe_layers(moe: MoESource, config: dict, requested: str, granularity: int) 
 
 def _dense_transform(folder: Path, config: dict, spec: Spec):
     """split_ffn bound to calibration statistics of every MoE layer (collected now when needed)."""
+    from moeify.checkpoint import Checkpoint
+    from moeify.split import needs_calibration, split_ffn
+    from moeify.transforms import check_divisible
+
     adapter = adapter_for(config)
     layers = spec.layers(adapter.num_layers(config))
     check_divisible(adapter.read_ffn(Checkpoint(folder), layers[0], meta=True).intermediate_size, spec.granularity)
@@ -131,6 +144,10 @@ def _dense_transform(folder: Path, config: dict, spec: Spec):
 
 def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int, LayerPlan]:
     """Each layer's grouping and router, from statistics on calibration text (dropped once used)."""
+    from moeify import calibration
+    from moeify.checkpoint import Checkpoint
+    from moeify.split import plan_layer
+
     ckpt = Checkpoint(folder)
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer).map(lambda role, t: t.float()),  # noqa: E731
                                              spec, layer, stats)

@@ -159,7 +159,7 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
                 + (f"continue from {latest} with --resume" if latest else "no checkpoint had been saved yet"))
             raise typer.Exit(130) from None
         if accelerator.is_main_process:
-            ui.console.print(display.summary(outcome))
+            ui.show(display.summary(outcome))
             if plot is not None:
                 ui.say(f"loss and perplexity curves written to {display.plot(plan.checkpoints.folder / LOG, plot)}")
 

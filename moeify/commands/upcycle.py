@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeify import conversion, source, ui
+from moeify import source, ui
 from moeify.commands.options import (
     DropOpt, DTypeOpt, EngineOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, NoiseOpt, OutputOpt, OverwriteOpt,
     RouterInitOpt, RouterStdOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg, TopkOpt,
 )
 from moeify.output import claim
 from moeify.spec import DType, Engine, Format, RouterInit, Spec
-from moeify.transforms import upcycle as upcycle_layer
 
 
 def upcycle(
@@ -60,12 +59,18 @@ def upcycle(
     run(source_, output, spec, overwrite)
 
 
-def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=upcycle_layer) -> None:
-    """Resolve, convert with a progress bar, and print the summary: shared by every converting command."""
+def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=None) -> None:
+    """Resolve, convert with a progress bar, and print the summary: shared by every converting command.
+
+    transform: one layer's FFN to its MoE layer; default: copies (upcycling).
+    """
+    from moeify import conversion  # torch and transformers: loaded when a conversion runs, not for --help
+    from moeify.transforms import upcycle
+
     with claim(output, overwrite, protect=[source_name], notify=ui.say) as out:  # before any download, held to the end
         folder = source.resolve(source_name, notify=ui.say)
         out.protect(folder)  # a Hub id or .gguf is a folder in a cache only now
         with ui.byte_progress("writing") as (set_total, advance):
-            result = conversion.convert(folder, out, spec, source=source_name, transform=transform,
+            result = conversion.convert(folder, out, spec, source=source_name, transform=transform or upcycle,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
     ui.show(ui.summary(result))

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from moeify import ui, verify as checks
+from moeify import ui
 from moeify.card import human
 from moeify.commands.options import SourceArg
+
+if TYPE_CHECKING:  # torch and transformers load when verify runs, not for `moeify verify --help`
+    from moeify import verify as checks
 
 ConvertedArg = Annotated[str, typer.Argument(metavar="CONVERTED", help="The converted model: any form SOURCE takes.")]
 TextOpt = Annotated[Path | None, typer.Option("--text", help="Plain-text file to read (default: built-in English).")]
@@ -41,7 +44,7 @@ def verify(
     source_: SourceArg,
     converted: ConvertedArg,
     text: TextOpt = None,
-    tokens: TokensOpt = checks.DEFAULT_TOKENS,
+    tokens: TokensOpt = 512,  # moeify.verify.DEFAULT_TOKENS, written out so that --help needs no torch
     max_ppl_ratio: MaxRatioOpt = None,
     plot: PlotOpt = None,
     json_: JsonOpt = False,
@@ -60,6 +63,8 @@ def verify(
 
     moeify verify ./my-llama ./my-llama-4e --plot load.png --json > report.json
     """
+    from moeify import verify as checks
+
     report = checks.verify(source_, converted, checks.load_text(text, tokens), tokens, notify=ui.say,
                            trust_remote_code=trust_remote_code)
     if plot is not None:

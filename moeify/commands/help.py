@@ -1,0 +1,59 @@
+"""How moeify's help reads: `moeify split [OPTIONS] SOURCE`, and flags without a `<bool>` type.
+
+Typer writes required arguments as `{SOURCE}`, optional ones as `[SOURCE]` around any metavar
+(`[[SOURCE]]`), and a `<bool>` type after every flag. These classes, given to Typer as `cls=`,
+keep its layout and change only those pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer.core
+
+
+def _quiet_flags(params: list[Any]) -> None:
+    """A flag takes no value, so its help shows no type."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
+def _argument(param: Any) -> str:
+    """SOURCE when required, [SOURCE] when not, a trailing ... when it repeats."""
+    name = (param.metavar or param.name.upper()).strip("[]{}")
+    name = name if param.required else f"[{name}]"
+    return name + ("..." if param.nargs != 1 else "")
+
+
+class _Help:
+    """The usage line and help option shared by commands and the top-level group."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        options = [self.options_metavar] if self.options_metavar else []
+        return options + [_argument(p) for p in arguments] + self._after_arguments()
+
+    def _after_arguments(self) -> list[str]:
+        return []
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _quiet_flags([option])
+        return option
+
+
+class Command(_Help, typer.core.TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _quiet_flags(self.params)
+
+
+class Group(_Help, typer.core.TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _quiet_flags(self.params)
+
+    def _after_arguments(self) -> list[str]:
+        return [self.subcommand_metavar]
