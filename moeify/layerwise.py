@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,8 @@ class LayerwiseModel:
         self.ckpt = Checkpoint(self.folder)
         self.path, self.layers = _decoder_layers(self.model)
         self.mapping = get_model_conversion_mapping(self.model)
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        self.tied = head is None or head.weight is embeddings.weight  # known now: dropping weights unties them
         self.layer_names = _names_by_layer(self.ckpt.names(), self.path.rpartition(".")[2], len(self.layers))
         self.outer_names = sorted(set(self.ckpt.names()) - {n for names in self.layer_names for n in names})
 
@@ -103,7 +105,7 @@ class LayerwiseModel:
     def start(self, batches: list[torch.Tensor]) -> list[Batch]:
         """Embed every batch of ids (B, T) and record what each layer is called with."""
         states = [Batch(ids, calls={}) for ids in batches]
-        with self._outer(), torch.no_grad():
+        with self._outer(head=False), torch.no_grad():
             for state in states:
                 with self._standing_in(_Catcher, state):
                     try:
@@ -134,10 +136,10 @@ class LayerwiseModel:
                 args, kwargs = state.calls[index]
                 state.hidden = layer(state.hidden, *args, **kwargs)
 
-    def run(self, states: list[Batch], last: int | None = None, hooks=None) -> None:
-        """Layers 0..last (all by default) over every batch; hooks(index, layer) is a context around each."""
-        for index in range(len(self.layers) if last is None else last + 1):
-            with self.loaded(index) as layer, (hooks(index, layer) if hooks else _nothing()):
+    def run(self, states: list[Batch], hooks: Callable[[int, nn.Module], AbstractContextManager] | None = None) -> None:
+        """Every layer over every batch, in order; hooks(index, layer) is a context around each layer's run."""
+        for index in range(len(self.layers)):
+            with self.loaded(index) as layer, (hooks(index, layer) if hooks else nullcontext()):
                 self.step(layer, index, states)
 
     @contextmanager
@@ -154,9 +156,13 @@ class LayerwiseModel:
     # ------------------------------------------------------------------------ weights
 
     @contextmanager
-    def _outer(self) -> Iterator[None]:
-        """The weights outside the decoder layers (embeddings, final norm, head) loaded, then dropped."""
-        self._load(self.outer_names, None)
+    def _outer(self, head: bool = True) -> Iterator[None]:
+        """The weights outside the decoder layers (embeddings, final norm, head) loaded, then dropped.
+
+        head=False leaves an untied output head out: the first phase stops before it (a 7B's is 0.5 GB).
+        """
+        skip = () if head or self.tied else tuple(f"{n}." for n in self._head_names())
+        self._load([n for n in self.outer_names if not n.startswith(skip)], None, skip)
         try:
             yield
         finally:
@@ -167,8 +173,14 @@ class LayerwiseModel:
             for name in outer:
                 set_module_tensor_to_device(self.model, name, "meta")
 
-    def _load(self, names: list[str], prefix: str | None) -> None:
-        """Read these checkpoint tensors into the model; every parameter under prefix must get one."""
+    def _head_names(self) -> list[str]:
+        """Module names of the output head (lm_head; a checkpoint may name it without the model's prefix)."""
+        head = self.model.get_output_embeddings()
+        return [n for n, m in self.model.named_modules() if m is head]
+
+    def _load(self, names: list[str], prefix: str | None, skip: tuple[str, ...] = ()) -> None:
+        """Read these checkpoint tensors into the model; every parameter under prefix (outside the
+        layers and `skip` when None) must get one."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -179,7 +191,7 @@ class LayerwiseModel:
             if prefix is None:
                 self.model.tie_weights()
         empty = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p.is_meta
-                 and (n.startswith(prefix) if prefix else not n.startswith(self.path + "."))]
+                 and (n.startswith(prefix) if prefix else not n.startswith((self.path + ".", *skip)))]
         if empty:
             raise MoeifyError(f"{self.folder} lacks {len(empty)} weight(s) its config needs (e.g. {empty[0]}); "
                               f"the checkpoint is incomplete or mis-named")
@@ -256,8 +268,3 @@ def _quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

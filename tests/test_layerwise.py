@@ -120,3 +120,17 @@ def test_split_outputs_are_the_same_from_both_paths(tmp_path, monkeypatch):
     assert run_cli("split", llama, "--output", tmp_path / "whole", *options) == 0
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("layerwise", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_first_phase_reads_no_untied_head(tmp_path, monkeypatch):
+    folder = make_tiny("mistral", tmp_path / "mistral")  # untied: lm_head is a tensor of its own
+    read = []
+    original = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name: (read.append(name), original(self, name))[1])
+    runner = LayerwiseModel(folder)
+    states = runner.start([TOKENS])
+    assert "lm_head.weight" not in read and "model.embed_tokens.weight" in read
+    assert all(p.is_meta for p in runner.model.parameters())  # embeddings dropped again
+    runner.run(states)
+    with runner.head() as head:
+        assert "lm_head.weight" in read and head(states[0]).shape == (3, 40, 211)
