@@ -129,6 +129,11 @@ def adapter_for(config: dict) -> Adapter:
     """The adapter of a source config, or an error naming the supported families."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in ADAPTERS:
+        from moeify.moe_source import MOE_SOURCES  # only on this error path: it imports transformers
+
+        if model_type in MOE_SOURCES:  # the next step, not a dead end
+            raise MoeifyError(f"this {model_type} checkpoint is already a MoE: `moeify split` cuts its experts "
+                              f"finer, `moeify expand` adds experts")
         supported = ", ".join(sorted(ADAPTERS))
         raise MoeifyError(f"architecture {model_type!r} is not supported; supported families: {supported}")
     adapter = ADAPTERS[model_type]

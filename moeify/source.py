@@ -165,6 +165,15 @@ def unreachable(repo: str, what: str = "") -> MoeifyError:
 _resolved: dict[str, Path] = {}  # one resolution per source and run: a replay check and the conversion agree
 
 
+def bin_only(folder: Path) -> MoeifyError:
+    """A folder of PyTorch .bin weights: the one-line conversion to safetensors."""
+    copy = f"{folder.name}-safetensors"
+    return MoeifyError(f"{folder} holds PyTorch .bin weights only and moeify reads safetensors; convert it once with "
+                       f"python -c \"from transformers import AutoModelForCausalLM as M; "
+                       f"M.from_pretrained('{folder}').save_pretrained('{copy}')\", copy the tokenizer files "
+                       f"into {copy}, and pass {copy}")
+
+
 def resolve(source: str, notify: Notify = lambda line: None) -> Path:
     """A local folder holding config.json and safetensors weights for `source`."""
     if source not in _resolved:
@@ -183,6 +192,8 @@ def _resolve(source: str, notify: Notify) -> Path:
             raise MoeifyError(f"source {path} is neither a model folder nor a .gguf file")
         if not any(path.iterdir()):
             raise MoeifyError(f"source folder {path} is empty; point at a folder with config.json and weights")
+        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+            raise bin_only(path)
         return path
     if looks_like_path(source):
         raise no_such_folder(source)

@@ -329,3 +329,34 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, tiny_llama: Path, signu
     else:
         assert not output.exists()
 
+
+
+# ---------------------------------------------------------------------------- errors that name the next step
+
+
+def test_upcycling_a_moe_says_split_or_expand(tmp_path: Path, tiny_llama: Path, capsys):
+    moe = tmp_path / "mixtral"
+    assert run_cli("upcycle", tiny_llama, "--experts", 2, "--format", "native", "--output", moe) == 0
+    assert json.loads((moe / "config.json").read_text())["model_type"] == "mixtral"
+    capsys.readouterr()
+    output = tmp_path / "out"
+    code = run_cli("upcycle", moe, "--experts", 4, "--output", output)
+    assert_one_line_error(capsys, code, "mixtral checkpoint is already a MoE", "`moeify split`", "`moeify expand`")
+    assert not output.exists() and not leftovers(output)
+
+
+def test_a_bin_only_folder_says_how_to_convert(tmp_path: Path, tiny_llama: Path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-llama"
+    folder.mkdir()
+    shutil.copy(tiny_llama / "config.json", folder)
+    torch.save(load_file(tiny_llama / "model.safetensors"), folder / "pytorch_model.bin")
+    capsys.readouterr()
+    output = tmp_path / "out"
+    code = run_cli("upcycle", folder, "--output", output)
+    line = assert_one_line_error(capsys, code, ".bin weights only", "save_pretrained('bin-llama-safetensors')",
+                                 "pass bin-llama-safetensors")
+    assert f"from_pretrained('{folder}')" in line
+    assert not output.exists() and not leftovers(output)
