@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from moeify import __version__, card, engines
 from moeify import source as sources
 from moeify.adapters import Adapter, adapter_for
 from moeify.checkpoint import Checkpoint, PlannedTensor, write_shards
-from moeify.output import staged_output
 from moeify.moe_source import MoESource
+from moeify.output import staged_output
 from moeify.spec import DType, Spec
 from moeify.targets import choose
 from moeify.targets.base import Target, dtype_name
@@ -162,9 +163,13 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes,
-                    engines=verdicts, resolved=sources.provenance(source_dir))
-    with staged_output(output, overwrite, protect=[source_dir]) as staging:
+                    engines=verdicts)
+    # The source's sha256 (seconds per GB) is taken while the shards are written: hashing and
+    # writing wait on different things, and the writer's bytes go to disk in its own thread too.
+    with staged_output(output, overwrite, protect=[source_dir]) as staging, ThreadPoolExecutor(1) as pool:
+        resolved = pool.submit(sources.provenance, source_dir)
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
+        result.resolved = resolved.result()
         config.save_pretrained(staging)
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)

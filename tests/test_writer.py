@@ -7,14 +7,23 @@ was taken with the writer as it was before it was made faster (commit bbef1b9).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeify import checkpoint
+from moeify.checkpoint import BLOCK, PlannedTensor, write_shards
+from moeify.errors import MoeifyError
 from tests.fixtures import make_tiny, run_cli
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 CASES = [  # conversions covering clones, casts, shards, noise, fine experts, remote packing
     ("upcycle", "--experts", "4", "--topk", "2"),
@@ -61,11 +70,88 @@ def weights_digest(folder: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+# How the shards are written: O_DIRECT (where the filesystem has it) or through the page cache, in
+# 64 MiB chunks (every file here fits in one) or in chunks of three blocks (tensors straddle chunks).
+WRITERS = {"direct": (True, None), "direct-small-chunks": (True, 3 * BLOCK), "buffered-small-chunks": (False, 3 * BLOCK)}
+
+
+@pytest.fixture(params=list(WRITERS))
+def writer(request, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Set the writer up as named; yield the open() flags of every shard it opens."""
+    direct, chunk = WRITERS[request.param]
+    monkeypatch.setattr(checkpoint, "DIRECT", direct and checkpoint.DIRECT)
+    if chunk:
+        monkeypatch.setattr(checkpoint, "CHUNK", chunk)
+    flags, real_open = [], os.open
+
+    def recording_open(path, flag, *args):
+        if str(path).endswith(".safetensors"):
+            flags.append(flag)
+        return real_open(path, flag, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", recording_open)
+    return flags
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: " ".join(case[1:]))
-def test_output_bytes_are_pinned(tmp_path: Path, case: tuple[str, ...], dtype: torch.dtype):
+def test_output_bytes_are_pinned(tmp_path: Path, case: tuple[str, ...], dtype: torch.dtype, writer: list[int]):
     source = fixed_llama(tmp_path / "src", dtype)
     out = tmp_path / "out"
     assert run_cli(*case, source, "--output", out) == 0
     assert weights_digest(out) == PINNED[(str(dtype).removeprefix("torch."), CASES.index(case))]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # nothing staged left beside it
+    assert writer and all(bool(flag & O_DIRECT) is checkpoint.DIRECT for flag in writer)
+
+
+def plan_of(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:
+    return [PlannedTensor(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+
+
+def straddling_tensors() -> dict[str, torch.Tensor]:
+    """Tensors of odd sizes, some the same object many times (as upcycled experts are)."""
+    gen = torch.Generator().manual_seed(4)
+    expert = torch.randn(37, 29, generator=gen)
+    tensors = {f"e{j}": expert for j in range(6)}
+    return tensors | {"odd": torch.randn(1001, generator=gen).to(torch.bfloat16), "e6": expert.T, "none": torch.empty(0)}
+
+
+@pytest.mark.skipif(not checkpoint.DIRECT, reason="the platform has no O_DIRECT")
+def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL): the same bytes go buffered."""
+    tensors = straddling_tensors()
+    (tmp_path / "expected").mkdir()
+    write_shards(plan_of(tensors), tmp_path / "expected", "1GB")
+    monkeypatch.setattr(checkpoint, "CHUNK", 2 * BLOCK)
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", pwrite)
+    (tmp_path / "got").mkdir()
+    write_shards(plan_of(tensors), tmp_path / "got", "1GB")
+    assert refused == [0]  # refused once, then never asked again
+    assert weights_digest(tmp_path / "got") == weights_digest(tmp_path / "expected")
+    got = load_file(tmp_path / "got" / "model.safetensors")
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+
+
+def test_a_failing_tensor_stops_the_writer_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A tensor that cannot be produced ends the write: the error goes up, no write thread or descriptor is left."""
+    monkeypatch.setattr(checkpoint, "CHUNK", 2 * BLOCK)
+    tensors = straddling_tensors()
+    plan = plan_of(tensors)
+
+    def unreadable() -> torch.Tensor:
+        raise MoeifyError("the source vanished")
+
+    plan.insert(5, PlannedTensor("bad", (3,), torch.float32, unreadable))
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(MoeifyError, match="vanished"):
+        write_shards(plan, tmp_path, "1GB")
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert not [t for t in threading.enumerate() if t.name.startswith("moeify-writer")]
