@@ -72,6 +72,12 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the lat
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the loss terms and held-out "
                                              "perplexity over steps.")]
 LogEveryOpt = Annotated[int, typer.Option("--log-every", help="Steps between lines of train_log.jsonl.")]
+LoraRankOpt = Annotated[int | None, typer.Option("--lora-rank", help="Train LoRA adapters of this rank on the "
+                                                 "experts instead of their weights (needs moeify[train]).")]
+LoraAlphaOpt = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale: updates are alpha/rank "
+                                                    "* BA (default: the rank).")]
+MergeLoraOpt = Annotated[bool, typer.Option("--merge-lora/--no-merge-lora", help="Merge the adapters into the "
+                                            "written weights, or keep them in DIR/adapter.")]
 
 
 def train(
@@ -108,6 +114,9 @@ def train(
     resume: ResumeOpt = False,
     log_every: LogEveryOpt = 1,
     plot: PlotOpt = None,
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    merge_lora: MergeLoraOpt = True,
     trust_remote_code: TrustOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -130,7 +139,7 @@ def train(
                         aux=aux, temperature=temperature, teacher=teacher, lr=lr, router_lr=router_lr,
                         weight_decay=weight_decay, warmup=warmup, schedule=schedule, clip=clip, seed=seed,
                         precision=precision, eval_every=eval_every, save_every=save_every, keep=keep_checkpoints,
-                        log_every=log_every)
+                        log_every=log_every, lora_rank=lora_rank, lora_alpha=lora_alpha, merge_lora=merge_lora)
     run(model, output, settings, overwrite=overwrite, checkpoint_dir=checkpoint_dir, resume=resume,
         trust_remote_code=trust_remote_code, plot=plot)
 

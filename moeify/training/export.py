@@ -21,6 +21,7 @@ from moeify import card
 from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyFailure
 from moeify.output import staged_output
+from moeify.training import lora
 from moeify.training.checkpoints import LOG
 
 RECORD = "moeify.json"
@@ -29,8 +30,9 @@ NOT_COPIED = {"model.safetensors.index.json", card.CARD, RECORD, LOG}
 
 
 def write(model: nn.Module, state: dict[str, torch.Tensor], source: Path, output: Path, overwrite: bool,
-          entry: dict, section: str, log: Path | None) -> None:
-    """The trained model into output, in the format of the model folder `source`."""
+          entry: dict, section: str, log: Path | None, adapter: Path | None = None) -> None:
+    """The trained model into output, in the format of the model folder `source`; `adapter`, a LoRA
+    adapter folder (--no-merge-lora), moves into output/adapter."""
     before = Checkpoint(source)
     record = json.loads((source / RECORD).read_text())
     with staged_output(output, overwrite) as staging:
@@ -47,6 +49,8 @@ def write(model: nn.Module, state: dict[str, torch.Tensor], source: Path, output
             f.write("\n" + section)
         if log is not None and log.is_file():
             shutil.copy2(log, staging / LOG)
+        if adapter is not None:
+            shutil.move(adapter, staging / lora.ADAPTER)
 
 
 def cast(state: dict[str, torch.Tensor], before: Checkpoint) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
 from moeify.output import check_output
 from moeify.spec import Mode
-from moeify.training import data
+from moeify.training import data, lora
 from moeify.training.checkpoints import Checkpoints
 from moeify.training.settings import Objective, Settings
 from moeify.verify import read_config, routing_of
@@ -64,6 +64,8 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     if settings.objective is Objective.LOCAL and processes > 1:
         raise MoeifyError("--objective local trains in one process (it calls the MoE blocks directly, past "
                           "the data-parallel wrapper); launch it without accelerate or use --objective global")
+    if settings.lora_rank is not None:
+        lora.require_peft()
     if settings.batch_size % processes:
         raise MoeifyError(f"--batch-size {settings.batch_size} must divide evenly over the {processes} processes")
     tokenizer = tokenizer_in(model_dir, code)

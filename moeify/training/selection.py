@@ -15,6 +15,7 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.training import frozen as frozen_experts
+from moeify.training import lora
 from moeify.training.settings import Trainable
 from moeify.verify import blocks
 
@@ -41,7 +42,11 @@ def select(model: nn.Module, train: Trainable, freeze: tuple[str, ...] = ()) -> 
         Trainable.MOE: _names_in(model, named, lambda block: block.module),
         Trainable.ALL: set(named),
     }[train]
-    chosen = scope - frozen_by(freeze, named) - experts.whole
+    kept = frozen_by(freeze, named)
+    chosen = scope - kept - experts.whole
+    adapters = {name for name in named if lora.is_adapter(name)}
+    if adapters:  # LoRA: the adapters train in place of the expert weights they adapt
+        chosen = (chosen - lora.adapted(model)) | (adapters - kept)
     if not chosen:
         raise MoeifyError(f"--train {train.value} with these --freeze patterns leaves nothing to train")
     for name, parameter in named.items():

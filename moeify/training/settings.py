@@ -87,9 +87,12 @@ class Settings:
     save_every: int = 100  # steps between checkpoints (0: none)
     keep: int = 2  # checkpoints kept
     log_every: int = 1  # steps between lines of train_log.jsonl
+    lora_rank: int | None = None  # LoRA adapters of this rank train instead of the expert weights; None: off
+    lora_alpha: float | None = None  # LoRA scale numerator (the update is alpha / rank * B A); None: the rank
+    merge_lora: bool = True  # adapters merged into the written weights; False: written beside, in DIR/adapter
 
     # Fields that only say how the run is watched or saved: a resumed run may change them.
-    RUNTIME = frozenset({"eval_every", "save_every", "keep", "log_every"})
+    RUNTIME = frozenset({"eval_every", "save_every", "keep", "log_every", "merge_lora"})
 
     def __post_init__(self) -> None:
         for f in fields(self):  # strings from YAML or the command line become enums once, here
@@ -102,7 +105,8 @@ class Settings:
 
     def _validate(self) -> None:
         _at_least(1, seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                  steps=self.steps, max_tokens=self.max_tokens, keep=self.keep, log_every=self.log_every)
+                  steps=self.steps, max_tokens=self.max_tokens, keep=self.keep, log_every=self.log_every,
+                  lora_rank=self.lora_rank)
         _at_least(0, eval_every=self.eval_every, save_every=self.save_every, warmup=self.warmup,
                   distill=self.distill, lm=self.lm, aux=self.aux, clip=self.clip, weight_decay=self.weight_decay)
         if not 0 <= self.eval_fraction < 1:
@@ -113,6 +117,10 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise MoeifyError(f"--{name.replace('_', '-')} must be positive (got {value})")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise MoeifyError(f"--lora-alpha must be positive (got {self.lora_alpha})")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise MoeifyError("--lora-alpha scales LoRA adapters; give --lora-rank too")
         if self.distill == 0 and self.lm == 0 and self.aux == 0:
             raise MoeifyError("every loss weight is 0 (--distill, --lm, --aux); give at least one a weight")
 
@@ -155,8 +163,9 @@ class Settings:
 
 
 _INTS = {"seq_len", "batch_size", "grad_accum", "steps", "max_tokens", "warmup", "seed", "eval_every", "save_every",
-         "keep", "log_every"}
-_FLOATS = {"eval_fraction", "distill", "lm", "aux", "temperature", "lr", "router_lr", "weight_decay", "clip"}
+         "keep", "log_every", "lora_rank"}
+_FLOATS = {"eval_fraction", "distill", "lm", "aux", "temperature", "lr", "router_lr", "weight_decay", "clip",
+           "lora_alpha"}
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -175,6 +184,8 @@ def _typed(name: str, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise MoeifyError(f"recipe field train.{name} must be a number (got {value!r})") from None
+    if name == "merge_lora" and not isinstance(value, bool):
+        raise MoeifyError(f"recipe field train.merge_lora must be true or false (got {value!r})")
     if name == "freeze":
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

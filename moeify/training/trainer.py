@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from moeify.loading import load_model
-from moeify.training import display, export, frozen, record
+from moeify.errors import MoeifyError
+from moeify.training import display, export, frozen, lora, record
 from moeify.training import teacher as teachers
 from moeify.training.checkpoints import Progress
 from moeify.training.data import Stream, order
@@ -126,7 +127,7 @@ class Trainer:
         self.plan, self.acc, self.s = plan, accelerator, plan.settings
         self.notify = notify if accelerator.is_main_process else (lambda line: None)
         set_seed(self.s.seed)
-        student = load_model(plan.model_dir, plan.code)
+        student = self._student(accelerator.distributed_type.value)
         self.selection = select(student, self.s.train, self.s.freeze)
         frozen.keep(student, frozen.find(student), accelerator.distributed_type.value)
         if self.selection.undecayed:
@@ -147,6 +148,19 @@ class Trainer:
             student, optimizer, loader, _schedule(optimizer, self.s, plan.steps))
         self.loss = self._objective(student)
         self.progress = Progress()
+
+    def _student(self, distributed: str) -> torch.nn.Module:
+        """The model to train; with --lora-rank, wrapped by peft with adapters on its experts."""
+        student = load_model(self.plan.model_dir, self.plan.code)
+        if self.s.lora_rank is None:
+            return student
+        if distributed in ("FSDP", "DEEPSPEED"):
+            raise MoeifyError(f"--lora-rank runs on one process or DDP; {distributed} would have to gather the "
+                              f"experts to merge the adapters; launch with recipes/accelerate/ddp.yaml")
+        if frozen.find(student):
+            raise MoeifyError("--lora-rank would adapt the experts config.json keeps frozen (frozen_experts); "
+                              "train this model without --lora-rank")
+        return lora.wrap(student, self.s.lora_rank, self.s.lora_alpha)
 
     def _objective(self, student: torch.nn.Module):
         if self.s.objective is Objective.LOCAL:  # the student's blocks are called directly: one process
@@ -269,11 +283,16 @@ class Trainer:
 
     def _export(self, outcome: Outcome) -> None:
         state = self.acc.get_state_dict(self.model)  # gathered from the shards under FSDP and ZeRO-3
+        model, adapter = self.acc.unwrap_model(self.model), None
+        if self.s.lora_rank is not None and self.acc.is_main_process:
+            adapter = None if self.s.merge_lora else self.plan.checkpoints.folder / ".adapter"
+            model = lora.unwrap(model, self.s.merge_lora, adapter)
+            state = model.state_dict()
         if self.acc.is_main_process:
-            export.write(self.acc.unwrap_model(self.model), state, self.plan.model_dir, self.plan.output,
+            export.write(model, state, self.plan.model_dir, self.plan.output,
                          overwrite=self.plan.overwrite, entry=record.entry(self.plan, outcome, self.acc.num_processes),
                          section=record.section(self.plan, outcome),
-                         log=self.plan.checkpoints.folder / export.LOG)
+                         log=self.plan.checkpoints.folder / export.LOG, adapter=adapter)
         self.acc.wait_for_everyone()
 
 
