@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -130,3 +132,28 @@ def test_train_summary_on_stdout(models, here: Path, capsys):  # noqa: F811
     captured = capsys.readouterr()
     assert "trained" in captured.out and "held-out perplexity" in captured.out
     assert "held-out perplexity" not in captured.err
+
+
+# ---------------------------------------------------------------------------- verify's expert-load table at 80 columns
+
+
+@pytest.mark.parametrize("experts", [8, 16])
+def test_verify_load_table_fits_80_columns(source, tmp_path: Path, experts: int):  # noqa: F811
+    """A real `moeify verify` in a child process at COLUMNS=80: no line is wider, and no table row wraps
+    (each MoE layer is one line). Beyond 8 experts each layer is summarised: median, busiest, idlest."""
+    from moeify.conversion import convert
+    from moeify.spec import Spec
+
+    moe = tmp_path / f"moe{experts}"
+    convert(source, moe, Spec(experts=experts, topk=2, noise=0.05), source=str(source))
+    shown = subprocess.run(["moeify", "verify", str(source), str(moe), "--tokens", "64"], capture_output=True,
+                           text=True, timeout=600, env=os.environ | {"COLUMNS": "80"})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    layers = json.loads((moe / "config.json").read_text())["num_hidden_layers"]
+    rows = [line for line in lines if re.match(r"^│? *\d+ +│.*%", line)]  # one line per MoE layer
+    assert len(rows) == layers
+    if experts > 8:
+        header = next(line for line in lines if "median" in line)
+        assert all(word in header for word in ("min", "max", "busiest", "idlest", "peak"))

@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -37,7 +38,7 @@ TrustOpt = Annotated[bool, typer.Option(
     help="Run Python a model folder ships (config.json auto_map). Off: such folders are refused, "
          "except moeify's own outputs, whose code moeify checks and runs from its own package.")]
 
-WIDE = 16  # beyond this many experts the load table summarises each layer instead of listing experts
+WIDE = 8  # beyond this many experts the load table summarises each layer: a row of experts fits 80 columns
 
 
 def verify(
@@ -107,17 +108,28 @@ def _routing(stats: checks.ModelStats) -> str:
 
 
 def load_table(stats: checks.ModelStats) -> Table:
-    """Share of top-k selections per expert, one row per MoE layer."""
+    """Share of top-k selections per expert, one row per MoE layer; beyond WIDE experts, a summary per layer.
+
+    peak: the busiest expert's share over the uniform share (1: perfectly balanced). Fits 80 columns.
+    """
     experts = stats.routing.experts
-    title = f"expert load of {stats.name} (share of selections; uniform = {1 / experts:.1%})"
+    title = f"expert load of {stats.name} (share of selections; uniform = {1 / experts:.1%}; peak = busiest/uniform)"
     if experts <= WIDE:
-        table = Table("layer", *[str(j) for j in range(experts)], "max/mean", title=title, title_justify="left")
+        table = Table("layer", *[str(j) for j in range(experts)], "peak", title=title, title_justify="left",
+                      show_edge=False)  # 8 experts of up to 100.0% each still fit 80 columns
         for layer, share in stats.load.items():
             table.add_row(str(layer), *[f"{s:.1%}" for s in share], f"{max(share) * experts:.2f}")
         return table
-    table = Table("layer", "min", "max", "idle experts", "max/mean", title=title + "; --json or --plot for each expert",
-                  title_justify="left")
+    table = Table("layer", "min", "median", "max", "busiest", "idlest", "idle", "peak",
+                  title=title + "; --json or --plot for each expert", title_justify="left")
     for layer, share in stats.load.items():
-        table.add_row(str(layer), f"{min(share):.1%}", f"{max(share):.1%}", str(sum(s == 0 for s in share)),
+        order = sorted(range(experts), key=lambda j: (-share[j], j))
+        table.add_row(str(layer), f"{min(share):.1%}", f"{statistics.median(share):.1%}", f"{max(share):.1%}",
+                      _experts(order[:2]), _experts(order[:-3:-1]), str(sum(s == 0 for s in share)),
                       f"{max(share) * experts:.2f}")
     return table
+
+
+def _experts(ids: list[int]) -> str:
+    """Two expert ids, the most (or least) used first: "12,3"."""
+    return ",".join(map(str, ids))
