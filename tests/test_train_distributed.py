@@ -135,7 +135,7 @@ def test_fsdp2_shards_the_teacher(tmp_path: Path):
     command = [str(launcher), "launch", "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
                "--main_process_port", str(free_port()), "--mixed_precision", "no", str(child), str(llama)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = sorted(line.split() for line in done.stdout.splitlines() if line.startswith("rank "))
     assert [row[1] for row in rows] == ["0", "1"]

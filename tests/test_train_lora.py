@@ -1,5 +1,6 @@
 """`moeify train --lora-rank`: peft adapters on the routed experts of every format, merged into the
 written checkpoint or kept beside it; without peft, one line saying how to get it."""
+# ruff: noqa: F811 (the tests take test_train's `models` fixture, imported by name, as a parameter)
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_lora_changes_only_the_experts_and_loads_in_its_format(models: dict[str,
     experts = {n for n in before if EXPERT.search(n)}
     assert experts and all(not torch.equal(before[n], after[n]) for n in experts)  # the merged adapters
     assert all(same_bits(before[n], after[n]) for n in set(before) - experts)
-    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=fmt == "remote",
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=fmt == "remote",
                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     settings = record_of(tmp_path / "out")["training"][-1]["settings"]

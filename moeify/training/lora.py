@@ -41,7 +41,7 @@ def require_peft() -> None:
 def targets(model: nn.Module) -> Targets:
     """The routed experts' weights in every MoE block, as peft names them."""
     modules, parameters = [], []
-    for name, block in blocks(model).items():
+    for block in blocks(model).values():
         experts = block.experts
         prefix = _name_of(model, experts)
         if isinstance(experts, nn.ModuleList):

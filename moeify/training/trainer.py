@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from moeify.loading import load_model
 from moeify.errors import MoeifyError
+from moeify.loading import load_model
 from moeify.training import display, export, frozen, lora, record
 from moeify.training import teacher as teachers
 from moeify.training.checkpoints import Progress
