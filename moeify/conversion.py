@@ -55,6 +55,8 @@ class Result:
     seconds: float = 0.0
     engines: list[engines.Verdict] = field(default_factory=list)  # which engines compute it exactly
     resolved: dict = field(default_factory=dict)  # what the source resolved to: source.provenance
+    changes: list[str] = field(default_factory=list)  # why the output computes other than the source; []: exact
+    narrowed: str = ""  # "bfloat16 -> float16" when --dtype rounds the source's weights
 
 
 class _LayerCache:
@@ -164,6 +166,8 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes,
                     engines=verdicts)
+    result.narrowed = narrowing(_source_dtype(ckpt), out_dtype)
+    result.changes = changes(spec, result.narrowed)
     # The source's sha256 (seconds per GB) is taken while the shards are written: hashing and
     # writing wait on different things, and the writer's bytes go to disk in its own thread too.
     with staged_output(output, overwrite, protect=[source_dir]) as staging, ThreadPoolExecutor(1) as pool:
@@ -177,6 +181,28 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
         card.write(staging, result, ckpt.config, ckpt.folder)
         (staging / "moeify.json").write_text(json.dumps(record(result) | (notes or {}), indent=2) + "\n")
     return result
+
+
+def narrowing(source: torch.dtype, output: torch.dtype) -> str:
+    """'bfloat16 -> float16' when some source value has no equal in the output dtype (precision or range), else ''."""
+    if source == output or not (source.is_floating_point and output.is_floating_point):
+        return ""
+    wide, narrow = torch.finfo(output), torch.finfo(source)
+    if wide.eps <= narrow.eps and wide.max >= narrow.max and wide.smallest_normal <= narrow.smallest_normal:
+        return ""  # a widening (bfloat16 or float16 -> float32) changes no value
+    return f"{dtype_name(source)} -> {dtype_name(output)}"
+
+
+def changes(spec: Spec, narrowed: str) -> list[str]:
+    """What makes the output compute something other than the source: the summary says it instead of 'exact'."""
+    found = []
+    if spec.noise:
+        found.append(f"--noise {spec.noise:g} perturbs every expert copy")
+    if spec.drop_ratio:
+        found.append(f"--drop-ratio {spec.drop_ratio:g} re-initialises {spec.drop_ratio:.0%} of each expert's neurons")
+    if narrowed:
+        found.append(f"--dtype rounds the weights ({narrowed})")
+    return found
 
 
 def record(result: Result) -> dict:

@@ -60,10 +60,23 @@ def count_progress(description: str) -> Iterator:
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
+def conclude(result: Result) -> None:
+    """The end of a conversion: a note when --dtype rounded the weights, then the summary."""
+    if result.narrowed:
+        source, output = result.narrowed.split(" -> ")
+        say(f"note: --dtype {output} narrows the source's {source} weights (they round to {output}'s precision and "
+            f"range): the output is close to the source, not equal; --dtype auto keeps them exactly")
+    show(summary(result))
+
+
 def summary(result: Result) -> Table:
     spec = result.spec
     table = Table(title=f"{result.output}", show_header=False, title_justify="left")
-    table.add_row("format", f"{result.target} — {result.reason}")
+    # The target's reason may say the format holds the conversion exactly; lossy options make that untrue.
+    reason = result.reason if not result.changes or "exactly" not in result.reason else result.reason.split(":")[0]
+    table.add_row("format", f"{result.target} — {reason}")
+    if result.changes:
+        table.add_row("not exact", "; ".join(result.changes))
     table.add_row("engines", engines.line(result.engines))
     table.add_row("layers", f"{len(result.moe_layers)} MoE of {result.num_layers}")
     table.add_row("experts", f"{spec.routed_experts} routed, top-{spec.active_experts}, {spec.shared_experts} shared")

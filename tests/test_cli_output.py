@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeify import cli
-from tests.fixtures import run_cli
+from tests.fixtures import make_tiny, run_cli
 from tests.test_train import models, train  # noqa: F401  (module-scoped fixture)
 from tests.test_verify import source, trained, upcycled  # noqa: F401  (module-scoped fixtures)
 
@@ -157,3 +157,40 @@ def test_verify_load_table_fits_80_columns(source, tmp_path: Path, experts: int)
     if experts > 8:
         header = next(line for line in lines if "median" in line)
         assert all(word in header for word in ("min", "max", "busiest", "idlest", "peak"))
+
+
+# ---------------------------------------------------------------------------- the summary's exactness claim
+
+
+EXACT = "holds this conversion exactly"
+
+
+@pytest.mark.parametrize("options, change", [
+    (["--noise", "0.01"], "--noise 0.01 perturbs every expert copy"),
+    (["--drop-ratio", "0.5"], "--drop-ratio 0.5 re-initialises 50% of each expert's neurons"),
+])
+def test_lossy_options_are_not_called_exact(tiny_llama: Path, here: Path, capsys, options, change):
+    out, err = run(capsys, "upcycle", tiny_llama, "--experts", 2, *options, "--output", "moe")
+    assert EXACT not in out and "not exact" in out and change in " ".join(out.split())
+    assert "note:" not in err
+
+
+def test_exact_conversion_says_so(tiny_llama: Path, here: Path, capsys):
+    out, err = run(capsys, "upcycle", tiny_llama, "--experts", 2, "--output", "moe")
+    assert EXACT in out and "not exact" not in out and "note:" not in err
+
+
+@pytest.mark.parametrize("dtype, narrowed", [("float16", True), ("float32", False), ("bfloat16", False)])
+def test_dtype_narrowing_is_said(tmp_path: Path, here: Path, capsys, dtype: str, narrowed: bool):
+    import torch
+
+    source = make_tiny("llama", tmp_path / "bf16-llama", dtype=torch.bfloat16)
+    out, err = run(capsys, "upcycle", source, "--experts", 2, "--dtype", dtype, "--output", "moe")
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    if narrowed:
+        assert notes == ["note: --dtype float16 narrows the source's bfloat16 weights (they round to float16's "
+                         "precision and range): the output is close to the source, not equal; --dtype auto keeps "
+                         "them exactly"]
+        assert EXACT not in out and "bfloat16 -> float16" in out
+    else:  # a widening or the same dtype changes no value
+        assert notes == [] and EXACT in out

@@ -75,7 +75,7 @@ def run(name: str, output: Path, overwrite: bool, add: int, expand_from: str | N
             result = conversion.convert(folders[name], out, growth.spec, source=name, transform=growth.transform,
                                         adapter=growth.reader, notes={"expansion": growth.notes},
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.show(ui.summary(result))
+    ui.conclude(result)
     diff = measured(folders[name], Path(output))
     claim_ = "exact by construction (selection bias)" if growth.notes["exact_at_init"] else "not guaranteed"
     said = "not measured (no tokenizer)" if diff is None else f"max |logit difference| {diff:.3g}"

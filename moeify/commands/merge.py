@@ -108,6 +108,6 @@ def run(base: str, output: Path, spec: Spec, overwrite: bool) -> None:
             result = conversion.convert(folders[base], out, spec, source=base, transform=merge_.transform,
                                         adapter=merge_.reader, notes={"routing": merge_.routing} if merge_.routing
                                         else None, overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.show(ui.summary(result))
+    ui.conclude(result)
     for line in merge_.lines:  # the routing report
         ui.result(line)

@@ -88,7 +88,7 @@ def peer(
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_, transform=transform,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.show(ui.summary(result))
+    ui.conclude(result)
 
 
 def _topk(text: str, routed: int) -> int:

@@ -96,7 +96,7 @@ def split(
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_, transform=transform, adapter=moe,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.show(ui.summary(result))
+    ui.conclude(result)
 
 
 def _moe_transform(moe: MoESource, spec: Spec):

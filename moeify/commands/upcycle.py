@@ -73,4 +73,4 @@ def run(source_name: str, output: Path, spec: Spec, overwrite: bool, transform=N
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folder, out, spec, source=source_name, transform=transform or upcycle,
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
-    ui.show(ui.summary(result))
+    ui.conclude(result)
