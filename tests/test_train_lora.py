@@ -5,6 +5,7 @@ written checkpoint or kept beside it; without peft, one line saying how to get i
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,3 +88,16 @@ def test_lora_alpha_without_a_rank_is_one_line(models: dict[str, Path], tmp_path
     code = train(models["mixtral"], tmp_path / "out", "--lora-alpha", 8)
     assert_one_line_error(capsys, code, "--lora-alpha", "--lora-rank")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_run_resumes_to_the_same_weights(models: dict[str, Path], tmp_path: Path):
+    """Checkpoints hold the adapters (and their optimizer state): resuming from step 2 reaches the
+    weights of the uninterrupted run."""
+    options = ("--save-every", 2, "--steps", 4)
+    assert lora_run(models, "mixtral", tmp_path / "out", *options) == 0
+    whole = tensors_of(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out.checkpoints" / "step-00000004")
+    assert lora_run(models, "mixtral", tmp_path / "out", *options, "--resume") == 0
+    resumed = tensors_of(tmp_path / "out")
+    assert set(whole) == set(resumed) and all(same_bits(whole[n], resumed[n]) for n in whole)
