@@ -21,6 +21,7 @@ from moeify.commands.train import train
 from moeify.commands.upcycle import upcycle
 from moeify.commands.verify import verify
 from moeify.errors import MoeifyError
+from moeify.recipe import SHIPPED
 
 app = typer.Typer(
     name="moeify",
@@ -59,7 +60,8 @@ app.command(cls=Command, epilog="Aliases: see `moeify models`.")(peer)
 app.command(cls=Command)(expand)
 app.command(cls=Command)(models)
 app.command(cls=Command, epilog="Aliases: see `moeify models`.")(inspect)
-app.command(cls=Command, epilog="Shipped recipes: see `moeify apply --help`'s RECIPE.")(apply)
+app.command(cls=Command, epilog=f"Shipped recipes ({SHIPPED}) work by name or as recipes/NAME.yaml "
+                                 "from any directory.")(apply)
 app.command(cls=Command)(push)
 app.command(cls=Command)(verify)
 app.command(cls=Command, epilog="Multi-process: accelerate launch [--config_file F] -m moeify train ...")(train)

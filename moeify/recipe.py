@@ -46,14 +46,17 @@ def shipped() -> dict[str, Path]:
 
 
 def find(name: str) -> Path:
-    """A recipe file by path, or by the name of a shipped recipe."""
+    """A recipe file by path, or a shipped recipe by name (`split`) or by its path in the repo
+    (`recipes/split.yaml`), which then works from any directory."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
     if name in shipped():
         return shipped()[name]
+    if path.parent in (Path("recipes"), Path(".")) and path.suffix == ".yaml" and path.stem in shipped():
+        return shipped()[path.stem]
     known = ", ".join(shipped()) or "none found"
-    raise MoeifyError(f"recipe {name!r} is neither a file nor a shipped recipe ({known})")
+    raise MoeifyError(f"recipe {name!r} is neither a file nor a shipped recipe ({known}; they are in {SHIPPED})")
 
 
 def read(path: Path) -> dict[str, Any]:

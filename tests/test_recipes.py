@@ -138,7 +138,8 @@ def test_bad_override_and_missing_recipe(source, tmp_path, capsys):
     assert "is not FIELD=VALUE" in capsys.readouterr().err
     assert run_cli("apply", "no-such-recipe", source, "--output", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "neither a file nor a shipped recipe (deepseekmoe, mixtral, qwen-moe, split-heal, split, switch)" in err
+    assert "neither a file nor a shipped recipe (deepseekmoe, mixtral, qwen-moe, split-heal, split, switch;" in err
+    assert f"they are in {recipe.SHIPPED})" in err  # where to look
     assert run_cli("apply", "mixtral", "--output", tmp_path / "o") == 2
     assert "names no source" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -147,3 +148,25 @@ def test_bad_override_and_missing_recipe(source, tmp_path, capsys):
 def test_spec_of_reads_a_split_recipe():
     spec = recipe.load(recipe.find("split"))
     assert spec.mode is Mode.SPLIT and spec.granularity == 8 and spec.topk == 4
+
+
+@pytest.mark.parametrize("name", ["switch", "recipes/switch.yaml", "switch.yaml"])
+def test_shipped_recipes_work_from_any_directory(name, source, tmp_path, monkeypatch):
+    """By name or by its path in the repo, from a directory that holds no recipes/ folder."""
+    monkeypatch.chdir(tmp_path)
+    assert not Path("recipes").exists()
+    assert run_cli("apply", name, source, "--output", "out") == 0
+    assert recipe.spec_of(json.loads(Path("out/moeify.json").read_text())).topk == 1
+
+
+@pytest.mark.parametrize("engine", ["any", "transformers"])
+def test_switch_output_has_no_zero_width_shared_expert(engine, source, tmp_path, recwarn):
+    """Qwen2-MoE without shared experts gets one zero neuron, never a zero-wide shared expert, which made
+    transformers warn about zero-element tensors on every load."""
+    output = tmp_path / "switch"
+    assert run_cli("apply", "switch", source, "--set", f"engine={engine}", "--output", output) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == 1
+    recwarn.clear()
+    AutoModelForCausalLM.from_pretrained(output)
+    assert not [w for w in recwarn if "zero-element" in str(w.message)]

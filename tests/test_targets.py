@@ -146,7 +146,7 @@ def test_qwen2_source_keeps_its_qkv_biases(tmp_path):
     source = make_tiny("qwen2", tmp_path / "qwen2")
     convert(source, tmp_path / "out", Spec(experts=4, topk=1, engine="transformers"), source="qwen2")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["qkv_bias"] is True and config["shared_expert_intermediate_size"] == 0
+    assert config["qkv_bias"] is True and config["shared_expert_intermediate_size"] == 1  # one zero neuron
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(tensors["model.layers.0.self_attn.q_proj.bias"],
                        load_file(source / "model.safetensors")["model.layers.0.self_attn.q_proj.bias"])

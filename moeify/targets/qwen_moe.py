@@ -182,7 +182,9 @@ def construction_for(config: dict, spec: Spec) -> Construction:
     return Construction(
         explicit_head=tied and not engines.all_honour(engine, arch, "tied_embeddings"),
         gate_at_zero=engines.all_honour(engine, arch, "shared_gate_at_zero"),
-        null_shared_width=0 if spec.shared_experts or engines.all_honour(engine, arch, "shared_width_zero") else 1,
+        # Without shared experts, one zero neuron (adds exactly 0) in every engine: llama.cpp needs a shared
+        # expert, and a zero-wide one makes transformers warn about zero-element tensors on every load.
+        null_shared_width=0 if spec.shared_experts else 1,
         zero_qkv_bias=config.get("model_type") != "qwen2" and not engines.all_honour(engine, arch, "qkv_bias_optional"),
         # Without renormalisation only uniform routing sums the top-k weights to a constant (k/E);
         # with granularity, ties among equal router rows need not pick whole groups.
