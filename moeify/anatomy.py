@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -85,11 +86,24 @@ class Block:
     shared_experts: int = 0
     shared_width: int = 0  # intermediate size of one shared expert
     shared: int = 0  # every shared expert together
-    router: int = 0  # router rows and any shared-expert gate
+    router: int = 0  # router rows and any shared-expert gate; PEER: query projections and sub-keys
+    # PEER (product-key retrieval): each routed expert is one neuron on an n x n grid of `experts`
+    # slots, of which `neurons` hold one; `heads` retrieval heads find topk of them together.
+    heads: int = 0  # 0: an ordinary router
+    neurons: int = 0
 
     @property
     def moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def peer(self) -> bool:
+        return self.heads > 0
+
+    @property
+    def neuron_share(self) -> float:
+        """PEER: share of the FFN's neurons a token uses, shared neurons counted."""
+        return (self.topk + self.shared_experts) / (self.neurons + self.shared_experts)
 
     @property
     def total(self) -> int:
@@ -339,7 +353,43 @@ def _remote(config: dict) -> Anatomy:
         if i in layers else b
         for i, b in enumerate(dense.blocks)
     )
+    peer = config.get("peer")
+    if isinstance(peer, dict):
+        blocks = _with_peer(blocks, peer, dense)
     return dataclasses.replace(dense, kind=Kind.REMOTE, blocks=blocks)
+
+
+PEER_FIELDS = {"gated", "bias", "num_neurons", "num_sub_keys", "num_heads", "key_dim", "num_shared_neurons",
+               "query_norm", "output_bias", "num_neurons_per_head", "peer_layers"}
+
+
+def _with_peer(blocks: tuple[Block, ...], peer: dict, dense: Anatomy) -> tuple[Block, ...]:
+    """The layers of a remote config's `peer` section as PEER blocks (see PeerBlock in the modeling code).
+
+    Stored: n² neuron slots (padding included), per head a query projection (d, H) and two sub-key
+    tables (n, d/2), the shared neurons, the output bias. A token uses its shared neurons, the
+    distinct neurons its heads retrieve (at most heads x top-k), and every query and sub-key
+    (both halves are scored in full: the O(√N) routing cost).
+    """
+    if not PEER_FIELDS <= peer.keys():  # moeify writes them all; the remote code (transformers) fills the rest
+        from moeify.targets.remote_code.configuration_moeify import PEER_DEFAULTS
+
+        peer = {**PEER_DEFAULTS, **peer}
+    gated, bias = bool(peer["gated"]), bool(peer["bias"])
+    neurons = int(peer["num_neurons"] or dense.dense_width)
+    n = int(peer["num_sub_keys"] or math.isqrt(neurons - 1) + 1)
+    heads, d, shared = int(peer["num_heads"]), int(peer["key_dim"]), int(peer["num_shared_neurons"])
+    # One neuron: gate and up rows (their biases) and a down column; the down bias is output_bias.
+    neuron = ffn_params(dense.hidden, 1, gated, bias) - (dense.hidden if bias else 0)
+    query = heads * d * dense.hidden + (2 * heads * d if peer["query_norm"] else 0)
+    extra = ffn_params(dense.hidden, shared, gated, bias) if shared else 0  # with a (zero) down bias
+    extra += dense.hidden if peer["output_bias"] else 0
+    layer = Block(0, experts=n * n, topk=min(heads * int(peer["num_neurons_per_head"]), neurons),
+                  expert=neuron, expert_width=1, shared_experts=shared, shared_width=1 if shared else 0,
+                  shared=extra, router=query + heads * n * d, heads=heads, neurons=neurons)
+    chosen = set(peer["peer_layers"] or [])
+    return tuple(dataclasses.replace(layer, attention=b.attention) if i in chosen else b
+                 for i, b in enumerate(blocks))
 
 
 # ---------------------------------------------------------------------------- planning a conversion

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -397,3 +397,38 @@ def retrieval_recall(block: PeerBlock, x: torch.Tensor) -> tuple[int, int]:
     ranked = contribution.topk(int(count.max()), dim=1).indices
     oracle = torch.zeros_like(chosen).scatter_(1, ranked, torch.arange(ranked.shape[1]) < count)
     return int((chosen & oracle).sum()), int(oracle.sum())
+
+
+@dataclass
+class RecallTally:
+    """Retrieval recall of a PEER model's layers over the tokens it reads (what `moeify verify` reports)."""
+
+    found: dict[int, int] = field(default_factory=dict)  # layer -> oracle neurons retrieved
+    wanted: dict[int, int] = field(default_factory=dict)  # layer -> neurons retrieved (distinct per token)
+    tokens: dict[int, int] = field(default_factory=dict)
+
+    def add(self, layer: int, block: PeerBlock, hidden: torch.Tensor) -> None:
+        """One pass of block over hidden (..., H)."""
+        x = hidden.reshape(-1, hidden.shape[-1])
+        found, wanted = retrieval_recall(block, x)
+        for counts, value in ((self.found, found), (self.wanted, wanted), (self.tokens, len(x))):
+            counts[layer] = counts.get(layer, 0) + value
+
+    def report(self, block: PeerBlock) -> dict:
+        """Recall overall and per layer, and the share of neurons a token uses (shared ones counted).
+
+        block: any of the model's PEER blocks (they share one shape).
+        """
+        shared = block.peer["num_shared_neurons"]
+        routed = sum(self.wanted.values()) / max(sum(self.tokens.values()), 1)
+        return {"recall": sum(self.found.values()) / max(sum(self.wanted.values()), 1),
+                "layer_recall": {i: self.found[i] / max(self.wanted[i], 1) for i in sorted(self.found)},
+                "neurons_per_token": routed + shared,
+                "neuron_share": (routed + shared) / (block.peer["num_neurons"] + shared)}
+
+
+def unretrieved_params(block: PeerBlock) -> int:
+    """Parameters of the slots a token's retrieval leaves out (padding included): total minus these is active."""
+    rows = (block.gate_rows, block.up_rows, block.down_rows, block.gate_bias, block.up_bias)
+    per_slot = sum(t.numel() for t in rows if t is not None) // block.n ** 2
+    return (block.n ** 2 - min(block.heads * block.top_k, block.peer["num_neurons"])) * per_slot

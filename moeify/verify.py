@@ -24,6 +24,7 @@ from torch import nn
 from moeify.checkpoint import _read_config
 from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
+from moeify.peer import RecallTally, unretrieved_params
 from moeify.source import resolve
 
 DEFAULT_TOKENS = 512
@@ -57,6 +58,7 @@ class ModelStats:
     active_params: int  # total minus the routed experts a token does not use
     routing: Routing | None = None
     load: dict[int, list[float]] = field(default_factory=dict)  # MoE layer -> share of selections per expert
+    retrieval: dict | None = None  # PEER layers: recall against the oracle, neurons per token (RecallTally.report)
 
 
 @dataclass
@@ -133,6 +135,8 @@ def routing_of(config: dict) -> Routing | None:
     """Expert counts from a config (Mixtral, Qwen2/3-MoE, moeify remote), None for a dense model."""
     moe = config.get("moe")
     if isinstance(moe, dict):  # moeify's remote format
+        if not moe.get("moe_layers"):  # PEER layers only (see peer_blocks): no router
+            return None
         return Routing(int(moe["num_experts"]), int(moe["num_experts_per_tok"]), int(moe.get("num_shared_experts", 0)))
     experts = config.get("num_local_experts") or config.get("num_experts")  # Mixtral | Qwen-MoE
     if not experts or experts < 2 or not config.get("num_experts_per_tok"):
@@ -204,6 +208,16 @@ def blocks(model: nn.Module) -> dict[int, Block]:
         if isinstance(getattr(parent, "experts", None), nn.Module):
             found[int(layer.group(1))] = Block(parent, module, parent.experts)
     return dict(sorted(found.items()))
+
+
+def peer_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """PEER blocks by layer index (the remote code's PeerBlock, from whichever copy of the code loaded it)."""
+    found = {}
+    for name, module in model.named_modules():
+        layer = _LAYER.search(name + ".")
+        if type(module).__name__ == "PeerBlock" and layer:
+            found[int(layer.group(1))] = module
+    return found
 
 
 def param_counts(model: nn.Module, routing: Routing | None, found: dict[int, Block]) -> tuple[int, int]:
@@ -286,6 +300,11 @@ class _Side:
             raise MoeifyError(f"{name}'s config describes experts but verify found no router module in it; "
                               f"it knows Mixtral, Qwen-MoE and moeify's remote format")
         self.params = param_counts(self.runner.model, self.routing, found)  # counted on the meta device
+        self.peer = peer_blocks(self.runner.model)
+        if self.peer:
+            total, active = self.params
+            self.params = total, active - sum(unretrieved_params(block) for block in self.peer.values())
+        self.recall = RecallTally()
         self.moe_layers = set(found)
         self.counts: dict[int, torch.Tensor] = {}
 
@@ -297,6 +316,10 @@ class _Side:
 
     @contextmanager
     def _counting(self, index: int, layer: nn.Module) -> Iterator[None]:
+        if index in self.peer:
+            with self._recalling(index):
+                yield
+            return
         block = blocks(self.runner.model).get(index) if index in self.moe_layers else None
         if block is None:
             yield
@@ -305,9 +328,23 @@ class _Side:
             yield
         self.counts |= counts
 
+    @contextmanager
+    def _recalling(self, index: int) -> Iterator[None]:
+        """Score the PEER block's retrieval against the oracle on every input it sees."""
+        def record(module, args, kwargs):
+            self.recall.add(index, module, args[0] if args else next(iter(kwargs.values())))
+
+        handle = peer_blocks(self.runner.model)[index].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def stats(self, nll: float, predicted: int) -> ModelStats:
         total, active = self.params
-        return ModelStats(self.name, math.exp(nll / predicted), total, active, self.routing, shares(self.counts))
+        retrieval = self.recall.report(next(iter(self.peer.values()))) if self.peer else None
+        return ModelStats(self.name, math.exp(nll / predicted), total, active, self.routing, shares(self.counts),
+                          retrieval)
 
 
 @dataclass

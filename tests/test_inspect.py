@@ -228,3 +228,34 @@ def test_conversion_needs_follow_dtype_not_expert_count():
     assert fp32.dtype == "float32" and fp32.disk == 2 * small.disk and fp32.peak_memory > small.peak_memory
     unstated = upcycled({k: v for k, v in MISTRAL_7B.items() if k != "torch_dtype"}, Spec())
     assert unstated.dtype == "float32"  # config.json does not say: assume the larger size
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gated without biases; ungated with biases
+def test_peer_output_counts_every_stored_tensor_and_the_retrieved_neurons(family, tmp_path, capsys):
+    """A PEER checkpoint: total is every stored parameter; a token uses its shared neurons, the
+    heads x top-k it retrieves, and every query and sub-key; the other neuron slots are inactive."""
+    from tests.test_split import CALIBRATION, add_char_tokenizer
+
+    source = add_char_tokenizer(make_tiny(family, tmp_path / family))
+    out = tmp_path / "peer"
+    assert run_cli("peer", source, "--heads", "2", "--topk", "4", "--shared-neurons", "2", "--query-norm",
+                   "--calibration", CALIBRATION, "--calibration-tokens", "512", "--output", out) == 0
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert report["total_params"] == sum(p.numel() for p in model.parameters())
+    blocks = [m for m in model.modules() if type(m).__name__ == "PeerBlock"]
+    neurons = blocks[0].peer["num_neurons"]
+    inactive = 0
+    for block in blocks:
+        slot = sum(t.shape[1] if t.dim() == 2 else 1 for t in
+                   (block.gate_rows, block.up_rows, block.down_rows, block.gate_bias, block.up_bias) if t is not None)
+        inactive += (block.n ** 2 - 8) * slot
+    assert report["active_params"] == report["total_params"] - inactive
+    [group] = report["layers"]
+    assert {k: group[k] for k in ("peer", "neurons", "heads", "active_neurons", "shared_neurons", "neuron_share")} == {
+        "peer": True, "neurons": neurons, "heads": 2, "active_neurons": 8, "shared_neurons": 2,
+        "neuron_share": round(10 / (neurons + 2), 4)}
+    assert run_cli("inspect", out) == 0
+    assert f"PEER: {neurons} neurons" in capsys.readouterr().out

@@ -265,3 +265,38 @@ def test_a_family_without_a_known_ffn_layout_is_refused(tmp_path: Path, capsys):
     line = refused(capsys, "peer", source, "--output", out)
     assert "mamba" in line and "llama" in line  # what is wrong, and what is supported
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- inspect and verify
+
+
+def test_verify_reports_retrieval_recall_and_neurons_per_token(tmp_path: Path, capsys):
+    """verify's PEER figures are retrieval_recall on the very FFN inputs the model sees, and its active
+    parameters those inspect computes from config.json alone."""
+    from transformers import AutoTokenizer
+
+    from moeify.anatomy import describe
+
+    source = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
+    out = tmp_path / "peer"
+    assert run_cli("peer", source, "--heads", "2", "--topk", "4", "--shared-neurons", "2", "--calibration",
+                   CALIBRATION, "--calibration-tokens", "512", "--output", out) == 0
+    capsys.readouterr()
+    assert run_cli("verify", source, out, "--text", HELDOUT, "--tokens", "128", "--json") == 0
+    report = json.loads(capsys.readouterr().out)["converted"]
+    model = load(out)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(source)(HELDOUT.read_text())["input_ids"][:128]])
+    seen = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0][0]))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    counts = {i: retrieval_recall(model.model.layers[i].mlp, x) for i, x in seen.items()}
+    assert report["retrieval"]["layer_recall"] == pytest.approx({str(i): f / w for i, (f, w) in counts.items()})
+    routed = sum(w for _, w in counts.values()) / (128 * len(counts))
+    assert 4 < routed <= 8  # two heads of top-4: the union of their choices
+    assert report["retrieval"]["neurons_per_token"] == pytest.approx(routed + 2)
+    assert report["retrieval"]["neuron_share"] == pytest.approx((routed + 2) / 96)
+    assert report["active_params"] == describe(json.loads((out / "config.json").read_text())).active

@@ -11,6 +11,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -97,7 +98,11 @@ def _anatomy(model: Anatomy) -> dict[str, Any]:
 
 def _group(indices: list[int], block: anatomy.Block) -> dict[str, Any]:
     group: dict[str, Any] = {"layers": indices, "moe": block.moe}
-    if block.moe:
+    if block.peer:
+        group |= {"peer": True, "neurons": block.neurons, "grid_side": math.isqrt(block.experts),
+                  "heads": block.heads, "active_neurons": block.topk, "shared_neurons": block.shared_experts,
+                  "neuron_share": round(block.neuron_share, 4)}
+    elif block.moe:
         group |= {"experts": block.experts, "topk": block.topk, "shared_experts": block.shared_experts,
                   "expert_intermediate_size": block.expert_width, "shared_intermediate_size": block.shared_width}
     return group | {"params_per_layer": block.total, "active_per_layer": block.active}
@@ -140,6 +145,11 @@ def _span(indices: list[int]) -> str:
 def _describe(group: dict[str, Any]) -> str:
     if not group["moe"]:
         return "dense FFN"
+    if group.get("peer"):
+        shared = f" + {group['shared_neurons']} shared" if group["shared_neurons"] else ""
+        side = group["grid_side"]
+        return (f"PEER: {group['neurons']} neurons on a {side}×{side} grid, {group['heads']} head(s) "
+                f"retrieve {group['active_neurons']}{shared} per token ({group['neuron_share']:.1%} of neurons)")
     shared = (f", {group['shared_experts']} shared of width {group['shared_intermediate_size']}"
               if group["shared_experts"] else "")
     return (f"{group['experts']} experts of width {group['expert_intermediate_size']}, "

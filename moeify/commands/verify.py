@@ -92,6 +92,9 @@ def summary(report: checks.Report) -> Table:
     table.add_row("experts", _routing(a), _routing(b))
     table.add_row("parameters", human(a.total_params), human(b.total_params))
     table.add_row("active per token", human(a.active_params), human(b.active_params))
+    if a.retrieval or b.retrieval:  # PEER layers: what retrieval finds, against the oracle's choice
+        table.add_row("PEER neurons per token", *(_neurons(s.retrieval) for s in (a, b)))
+        table.add_row("PEER retrieval recall", *(f"{s.retrieval['recall']:.1%}" if s.retrieval else "" for s in (a, b)))
     table.add_row("perplexity", f"{a.perplexity:.4f}", f"{b.perplexity:.4f}")
     table.add_row("perplexity ratio", "", f"{report.ppl_ratio:.4f}")
     table.add_row("top-1 agreement", "", f"{report.top1_agreement:.2%}")
@@ -103,8 +106,12 @@ def summary(report: checks.Report) -> Table:
 def _routing(stats: checks.ModelStats) -> str:
     r = stats.routing
     if r is None:
-        return "dense"
+        return "PEER" if stats.retrieval else "dense"
     return f"{r.experts} routed, top-{r.topk}" + (f", {r.shared} shared" if r.shared else "")
+
+
+def _neurons(retrieval: dict | None) -> str:
+    return f"{retrieval['neurons_per_token']:.1f} ({retrieval['neuron_share']:.1%})" if retrieval else ""
 
 
 def load_table(stats: checks.ModelStats) -> Table:
