@@ -3,6 +3,7 @@
     python benchmarks/heal.py                                   # split G=8 top-4, routers and moe, 100k tokens
     python benchmarks/heal.py --tokens 400000 --jobs routers    # further, one job
     python benchmarks/heal.py --layouts g8,g64s8,upcycle --tokens 51200
+    python benchmarks/heal.py --jobs routers,moe,local        # global distillation vs layer-wise (local)
     python benchmarks/heal.py --overhead-only                   # the loop against a bare accelerate loop
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. Training text:
@@ -47,6 +48,8 @@ LAYOUTS = {
 JOBS = {
     "routers": ["--train", "routers", "--lr", "1e-3"],
     "moe": ["--train", "moe", "--lr", "2e-4", "--router-lr", "1e-3"],
+    # The same parameters, each MoE layer fitted to its dense FFN's output on the teacher's hidden states.
+    "local": ["--train", "moe", "--objective", "local", "--lr", "2e-4", "--router-lr", "1e-3"],
 }
 
 
