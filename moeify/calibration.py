@@ -28,7 +28,8 @@ from moeify.text import MAX_BYTES, read_jsonl, read_plain
 from moeify.transforms import FFN
 
 SEQUENCE = 512  # tokens per calibration sequence
-BATCH = 4  # sequences per forward pass
+BATCH = 1  # sequences per forward pass: one layer is read once whatever the batch; attention temporaries grow with it
+UPDATE_TOKENS = 512  # tokens per statistics update: bounds the (T, I) temporaries
 TOP_UP = 128  # a text this many tokens short of the budget is topped up with the built-in corpus
 BUILTIN = ("prose", "dialogue", "code")  # moeify/data/calibration/*.txt, read in turn
 PASSAGE = 2000  # characters of each built-in part before the next part's turn
@@ -79,18 +80,20 @@ class LayerStats:
         self.mass += c.sum(0).double()
         top = c.topk(max(1, int(HOT_SHARE * self.intermediate)), dim=1).indices
         self.hot += torch.bincount(top.reshape(-1), minlength=self.intermediate).double()
-        xd = x.double()
-        self.xx += xd.T @ xd
-        self.xs += xd.T @ (c.double() / c.double().sum(1, keepdim=True).clamp_min(1e-12))
+        xd, shares = x.double(), c.double()
+        shares /= shares.sum(1, keepdim=True).clamp_min(1e-12)
+        self.xx.addmm_(xd.T, xd)  # in place: no (H, I) or (I, I) temporary beside the sums
+        self.xs.addmm_(xd.T, shares)
         if self.cc is not None:
-            self.cc += c.T @ c
+            self.cc.addmm_(c.T, c)
 
     def coactivation_features(self, neurons: torch.Tensor) -> torch.Tensor:
         """(N, N) cosine similarity of the neurons' contributions over tokens: a row per neuron."""
         assert self.cc is not None, "co-activation was not collected"
-        sub = self.cc[neurons][:, neurons].double()
+        every = len(neurons) == self.intermediate and torch.equal(neurons, torch.arange(self.intermediate))
+        sub = (self.cc if every else self.cc[neurons][:, neurons]).double()  # (N, N): one float64 copy
         norms = sub.diagonal().clamp_min(1e-12).sqrt()
-        return sub / norms[:, None] / norms[None, :]
+        return sub.div_(norms[:, None]).div_(norms[None, :])  # in place: N^2 float64 is 250 MB at N = 5632
 
 
 # ---------------------------------------------------------------------------- text
@@ -257,16 +260,17 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     results: dict[int, Any] = {}
     last = max(layers)
     for index in range(last + 1):
-        with runner.loaded(index) as layer:
-            if index in layers:
-                ffn = adapter.read_ffn(ckpt, index).map(lambda role, t: t.float())
-                stats = LayerStats(hidden, ffn.intermediate_size, coactivation)
-                with _recording(runner.model.get_submodule(adapter.mlp_path(index)), stats, ffn, act):
-                    runner.step(layer, index, states)
-                del ffn
-                results[index] = reduce(index, stats)  # statistics are dropped once reduced
-            else:
-                runner.step(layer, index, states)
+        if index in layers:
+            stats = LayerStats(hidden, adapter.read_ffn(ckpt, index, meta=True).intermediate_size, coactivation)
+            ffn = adapter.read_ffn(ckpt, index).map(lambda role, t: t.float())
+            mlp = adapter.mlp_path(index)
+            runner.run_layer(index, states, lambda i, layer: _recording(runner.model.get_submodule(mlp), stats,
+                                                                        ffn, act))
+            del ffn
+            results[index] = reduce(index, stats)  # the layer is gone; the statistics go once reduced
+            del stats
+        else:
+            runner.run_layer(index, states)
         on_progress(index + 1, last + 1)
     return results
 
@@ -276,7 +280,8 @@ def _recording(mlp: torch.nn.Module, stats: LayerStats, ffn: FFN, act: Callable)
     """Feed the FFN's inputs (and their neuron contributions) into stats while the layer runs."""
     def record(module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        stats.update(x, contributions(ffn, act, x))
+        for part in x.split(UPDATE_TOKENS):  # (T, I) temporaries of a few MB, not of the whole batch
+            stats.update(part, contributions(ffn, act, part))
 
     handle = mlp.register_forward_pre_hook(record)
     try:

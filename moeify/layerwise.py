@@ -16,6 +16,7 @@ the tokens, whatever the depth.
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -127,6 +128,7 @@ class LayerwiseModel:
             yield self.layers[index]
         finally:
             self.layers[index] = empty
+            release_memory()
 
     @staticmethod
     def step(layer: nn.Module, index: int, states: list[Batch]) -> None:
@@ -139,8 +141,14 @@ class LayerwiseModel:
     def run(self, states: list[Batch], hooks: Callable[[int, nn.Module], AbstractContextManager] | None = None) -> None:
         """Every layer over every batch, in order; hooks(index, layer) is a context around each layer's run."""
         for index in range(len(self.layers)):
-            with self.loaded(index) as layer, (hooks(index, layer) if hooks else nullcontext()):
-                self.step(layer, index, states)
+            self.run_layer(index, states, hooks)
+
+    def run_layer(self, index: int, states: list[Batch],
+                  hooks: Callable[[int, nn.Module], AbstractContextManager] | None = None) -> None:
+        """One layer over every batch. A function of its own: the layer is freed when it returns, not
+        when a loop variable is next rebound (after the next layer is loaded)."""
+        with self.loaded(index) as layer, (hooks(index, layer) if hooks else nullcontext()):
+            self.step(layer, index, states)
 
     @contextmanager
     def head(self) -> Iterator:
@@ -207,6 +215,15 @@ class LayerwiseModel:
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the system. glibc keeps some of each dropped layer's buffers
+    otherwise, and the resident set grew by ~100 MB over 8 layers of a 1.1B model. No-op off glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _skeleton(folder: Path, code: Code) -> nn.Module:
