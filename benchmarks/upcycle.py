@@ -53,6 +53,8 @@ def main() -> None:
 
     source = Path(subprocess.run([sys.executable, "-c", FETCH], check=True, capture_output=True,
                                  text=True).stdout.strip())
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)  # mkdtemp wants its parent to exist
     work = Path(tempfile.mkdtemp(prefix="moeify-bench-", dir=args.workdir))
     out, copy = work / "out", work / "copy"
     moeify = [sys.executable, "-m", "moeify.cli", "upcycle", str(source), "--experts", str(args.experts),
