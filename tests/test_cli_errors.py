@@ -228,7 +228,7 @@ def interrupt_after_first_tensor(monkeypatch, error: BaseException = KeyboardInt
     write_shard = moeify.checkpoint._write_shard
     produced = 0
 
-    def interrupted(path, shard, on_bytes):
+    def interrupted(path, shard, *rest):  # rest: the writer's sink and progress callback
         def wrap(tensor):
             def produce():
                 nonlocal produced
@@ -239,7 +239,7 @@ def interrupt_after_first_tensor(monkeypatch, error: BaseException = KeyboardInt
                 return tensor.produce()
             return dataclasses.replace(tensor, produce=produce)
 
-        return write_shard(path, [wrap(t) for t in shard], on_bytes)
+        return write_shard(path, [wrap(t) for t in shard], *rest)
 
     monkeypatch.setattr(moeify.checkpoint, "_write_shard", interrupted)
     return seen
@@ -289,7 +289,7 @@ def slow(t):
         time.sleep(0.02)
         return t.produce()
     return dataclasses.replace(t, produce=produce)
-c._write_shard = lambda path, shard, on_bytes: write_shard(path, [slow(t) for t in shard], on_bytes)
+c._write_shard = lambda path, shard, *rest: write_shard(path, [slow(t) for t in shard], *rest)
 from moeify.cli import main
 sys.argv[0] = "moeify"
 main()
