@@ -16,7 +16,7 @@ import re
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -391,7 +391,8 @@ class _Sink:
     def shutdown(self) -> None:
         self._pool.shutdown()
         for buffer in self._buffers:
-            buffer.close()
+            with suppress(BufferError):  # a view still held by an error's traceback: freed with it instead
+                buffer.close()
 
 
 def _open_for_writing(path: Path) -> tuple[int, bool]:
