@@ -14,11 +14,12 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Self
 
 import torch
 
@@ -277,12 +278,8 @@ def write_shards(
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    sink = _Sink()
-    try:
-        for name, shard in zip(names, shards):
-            _write_shard(folder / name, shard, sink, on_bytes)
-    finally:
-        sink.shutdown()
+    for name, shard in zip(names, shards):
+        _write_shard(folder / name, shard, on_bytes)
     if len(shards) > 1:
         weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
         total = sum(t.nbytes for t in tensors)
@@ -302,9 +299,8 @@ def _header(shard: Sequence[PlannedTensor]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_shard(path: Path, shard: Sequence[PlannedTensor], sink: _Sink,
-                 on_bytes: Callable[[int], None]) -> None:
-    with sink.open(path):  # the file exists before any tensor is produced
+def _write_shard(path: Path, shard: Sequence[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
+    with _Sink(path) as sink:  # the file exists before any tensor is produced
         sink.put(memoryview(_header(shard)))
         for planned in shard:
             tensor = planned.produce()
@@ -314,9 +310,9 @@ def _write_shard(path: Path, shard: Sequence[PlannedTensor], sink: _Sink,
 
 
 class _Sink:
-    """Writes files in large aligned chunks from two buffers: one fills while a thread writes the other.
+    """One file written in large aligned chunks from two buffers: one fills while a thread writes the other.
 
-    Where the filesystem allows it the files are opened with O_DIRECT, so the bytes go from the
+    Where the filesystem allows it the file is opened with O_DIRECT, so the bytes go from the
     buffers to the disk without the page cache: a conversion writes many times the memory of the
     machine, and buffered writes of that much were throttled to a third of the speed of `cp`
     (dirty-page limits and reclaim), besides evicting everyone else's cache. O_DIRECT needs the
@@ -326,23 +322,30 @@ class _Sink:
     are copied into the buffers once per copy, which costs less than the kernel's in-file copy.
     """
 
-    def __init__(self, chunk: int | None = None):
-        chunk = chunk or CHUNK
-        assert chunk % BLOCK == 0, chunk
-        self._buffers = [mmap.mmap(-1, chunk) for _ in range(2)]  # page-aligned, as O_DIRECT wants
-        self._chunk, self._pool = chunk, ThreadPoolExecutor(1, thread_name_prefix="moeify-writer")
-        self._fd, self._path, self._pending = -1, None, None
-
-    @contextmanager
-    def open(self, path: Path) -> Iterator[None]:
+    def __init__(self, path: Path):
+        self._chunk = CHUNK
+        assert self._chunk % BLOCK == 0, self._chunk
+        self._buffers = [mmap.mmap(-1, self._chunk) for _ in range(2)]  # page-aligned, as O_DIRECT wants
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeify-writer")
+        self._path, self._pending, self._used, self._offset, self._current = path, None, 0, 0, 0
         self._fd, self._direct = _open_for_writing(path)
-        self._path, self._used, self._offset, self._current = path, 0, 0, 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
         try:
-            yield
-            self._close()
+            if kind is None:
+                self._close()
         finally:
-            self._wait()  # never leave a write running on a descriptor about to close
-            os.close(self._fd)
+            try:
+                self._wait()  # never leave a write running on a descriptor about to close
+            finally:
+                self._pool.shutdown()
+                os.close(self._fd)
+                for buffer in self._buffers:
+                    with suppress(BufferError):  # a view still held by an error's traceback: freed with it
+                        buffer.close()
 
     def put(self, data: memoryview) -> None:
         while data:
@@ -387,12 +390,6 @@ class _Sink:
         os.dup2(fd, self._fd)  # the same descriptor number, now through the page cache
         os.close(fd)
         self._direct = False
-
-    def shutdown(self) -> None:
-        self._pool.shutdown()
-        for buffer in self._buffers:
-            with suppress(BufferError):  # a view still held by an error's traceback: freed with it instead
-                buffer.close()
 
 
 def _open_for_writing(path: Path) -> tuple[int, bool]:
