@@ -373,12 +373,18 @@ class _Tally:
 
 
 def compare(sides: tuple[_Side, _Side], chunks: list[torch.Tensor]) -> tuple[_Tally, ModelStats, ModelStats]:
-    """Both models over the chunks (two hidden-state caches), then both heads chunk by chunk."""
+    """Both models over the chunks (two hidden-state caches), then each chunk through one head, then the other.
+
+    One head at a time: a model's embeddings and head are its largest tensors (two 1.1B heads
+    held together were 1.6 GB in float32); they are re-read per chunk, and chunks are few.
+    """
     states = [side.run(chunks) for side in sides]
     tally = _Tally()
-    with sides[0].runner.head() as before, sides[1].runner.head() as after:
-        for chunk, a, b in zip(chunks, *states):
-            tally.add(chunk, before(a)[0], after(b)[0])
+    for chunk, a, b in zip(chunks, *states):
+        with sides[0].runner.head() as before:
+            reference = before(a)[0]
+        with sides[1].runner.head() as after:
+            tally.add(chunk, reference, after(b)[0])
     return tally, *(side.stats(nll, tally.predicted) for side, nll in zip(sides, tally.nll))
 
 
