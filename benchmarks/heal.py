@@ -93,7 +93,7 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
            "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN,
            "--batch-size", BATCH, "--schedule", "constant",
            "--warmup", max(1, tokens // (SEQ_LEN * BATCH) // 10), "--eval-every", eval_every, "--save-every", 0,
-           "--log-every", 1, *JOBS[job],
+           "--log-every", 1, "--distill", 1, "--lm", 0, *JOBS[job],
            log=work / f"{out.name}.log")
     record = json.loads((out / "moeify.json").read_text())["training"][-1]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -107,11 +107,12 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
 def table(results: dict[tuple[str, str], list[dict]], budgets: list[int]) -> None:
     print(f"\n{'layout':<8} {'job':<8} {'tokens':>8} {'train s':>8} {'ppl ratio before -> after':>26}")
     for (layout, job), curve in results.items():
-        before = curve[0]["ratio"]
+        before, shown = curve[0]["ratio"], set()
         for budget in budgets:
             reached = [row for row in curve if row["tokens"] >= budget]
-            if reached:
+            if reached and reached[0]["step"] not in shown:  # two budgets may land on one evaluation
                 row = reached[0]
+                shown.add(row["step"])
                 change = f"×{before:.2f} -> ×{row['ratio']:.2f}"
                 print(f"{layout:<8} {job:<8} {row['tokens']:>8} {row['seconds']:>8.0f} {change:>26}")
         print(f"{'':<8} curve: " + ", ".join(f"{row['tokens'] // 1000}k ×{row['ratio']:.2f}" for row in curve))
