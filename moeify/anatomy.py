@@ -163,15 +163,69 @@ class Anatomy:
         return [(indices, first[key]) for key, indices in runs.items()]
 
 
-class _Fields:
-    """Config fields by any of their names, with transformers' defaults when it knows the family.
+# transformers' defaults (configuration_<family>.py, v5) of the fields the arithmetic reads, for the
+# families it knows: config.json may leave any of them out, and importing transformers to fill them
+# costs ~1 s. A default transformers derives (head_dim = hidden // heads, key-value heads = heads,
+# GPT-2's n_inner = 4 x hidden) is computed where the field is read, so a family lists head_dim or
+# num_key_value_heads only where transformers fixes a number. tests/test_inspect_defaults.py checks
+# every entry against transformers' own configs.
+_LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+_MISTRAL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+_QWEN2 = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+_GEMMA2 = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True,
+               attention_bias=False)
+_GRANITE_MOE = _LLAMA | dict(num_local_experts=8, num_experts_per_tok=2)
+_MLA = dict(tie_word_embeddings=False, attention_bias=False, kv_lora_rank=512, q_lora_rank=1536,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA,
+    "granite": _LLAMA,
+    "granitemoe": _GRANITE_MOE,
+    "granitemoeshared": _GRANITE_MOE | dict(shared_intermediate_size=0),
+    "olmo2": _LLAMA | dict(vocab_size=50304),
+    "mistral": _MISTRAL,
+    "mixtral": _MISTRAL | dict(num_local_experts=8, num_experts_per_tok=2),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, tie_word_embeddings=False),
+    "qwen2": _QWEN2,
+    "qwen3": _QWEN2 | dict(head_dim=128, attention_bias=False),
+    "qwen2_moe": _QWEN2 | dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                               num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                               moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                               decoder_sparse_step=1, qkv_bias=True),
+    "qwen3_moe": _QWEN2 | dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_key_value_heads=4,
+                               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                               decoder_sparse_step=1, attention_bias=False),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2 | dict(vocab_size=262208),
+    "gpt2": dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, tie_word_embeddings=True),
+    "gpt_neox": dict(vocab_size=50432, hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
+                     num_attention_heads=64, tie_word_embeddings=False, attention_bias=True),
+    "deepseek": {},  # DeepSeekMoE's remote code: transformers has no defaults for it
+    "deepseek_v2": _MLA | dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, moe_intermediate_size=1407, n_routed_experts=64,
+                               n_shared_experts=2, first_k_dense_replace=0),
+    "deepseek_v3": _MLA | dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
+                               num_attention_heads=128, num_key_value_heads=128, moe_intermediate_size=2048,
+                               n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+                               first_k_dense_replace=3),
+}
 
-    config.json's own values come first; transformers (~1 s to import) is asked only for a field the
-    file lacks under every name, so a complete config is read without it.
+
+class _Fields:
+    """Config fields by any of their names, with the family's defaults where config.json is silent.
+
+    config.json's own values come first. A field it lacks under every name takes the family's
+    default from DEFAULTS; only a family without an entry there asks transformers (~1 s to import).
     """
 
     def __init__(self, config: dict):
         self.raw = config
+        self.defaults = DEFAULTS.get(config.get("model_type"))
 
     @functools.cached_property
     def normalised(self) -> Any:
@@ -181,11 +235,16 @@ class _Fields:
         for name in names:
             if self.raw.get(name) is not None:
                 return self.raw[name]
-        for name in names:
-            value = getattr(self.normalised, name, None) if self.normalised is not None else None
-            if value is not None:
-                return value
-        return default
+        value = self._default(names)
+        return default if value is None else value
+
+    def _default(self, names: tuple[str, ...]) -> Any:
+        if self.defaults is None:
+            found = (getattr(self.normalised, name, None) for name in names) if self.normalised is not None else ()
+            return next((value for value in found if value is not None), None)
+        if any(name in self.raw for name in names):  # an explicit null: transformers keeps it, or derives
+            return None
+        return next((self.defaults[name] for name in names if name in self.defaults), None)
 
     def need(self, *names: str) -> int:
         """A size the arithmetic cannot do without: a clear line when config.json lacks it."""
@@ -205,7 +264,7 @@ def _normalised(config: dict) -> Any:
 
     try:
         return AutoConfig.for_model(**config)
-    except Exception:  # a family transformers does not know (DeepSeekMoE's remote code): raw fields only
+    except Exception:  # a family transformers does not know: raw fields only
         return None
 
 
