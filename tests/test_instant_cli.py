@@ -1,5 +1,5 @@
-"""`moeify --help`, every `moeify CMD --help`, `moeify models` and `moeify inspect` run without torch or
-transformers: a real child process in which importing either raises ImportError."""
+"""`moeify --help`, every `moeify CMD --help`, `moeify models` and `moeify inspect` of a local folder run
+without torch, transformers or huggingface_hub: a real child process in which importing any raises ImportError."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from moeify import cli
 
 COMMANDS = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
 
-# Put first on the child's PYTHONPATH, this sitecustomize makes `import torch` (and transformers) fail.
+# Put first on the child's PYTHONPATH, this sitecustomize makes `import torch` (transformers, huggingface_hub) fail.
 BLOCKER = '''
 import sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
+        if name.split(".")[0] in ("torch", "transformers", "huggingface_hub"):
             raise ImportError(f"{name} is blocked in this test: the command must not import it")
 
 sys.meta_path.insert(0, Blocked())
@@ -42,7 +42,7 @@ def moeify(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_blocker_blocks(blocked_env):
-    for module in ("torch", "transformers"):
+    for module in ("torch", "transformers", "huggingface_hub"):
         tried = subprocess.run([sys.executable, "-c", f"import {module}"], env=blocked_env, capture_output=True,
                                text=True, timeout=120)
         assert tried.returncode == 1 and "is blocked in this test" in tried.stderr

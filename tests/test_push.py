@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -72,7 +73,7 @@ class FakeHub:
             return method
 
         for name in ("create_repo", "create_branch", "upload_folder", "upload_file"):
-            monkeypatch.setattr(hub.HfApi, name, record(name))
+            monkeypatch.setattr(huggingface_hub.HfApi, name, record(name))
         monkeypatch.setattr(hub, "get_token", lambda: token)
         self.record = record
 
@@ -114,7 +115,7 @@ def test_revision_creates_the_branch(folder, monkeypatch):
 def test_large_output_uses_upload_large_folder_when_available(folder, monkeypatch):
     fake = FakeHub(monkeypatch)
     monkeypatch.setattr(hub, "LARGE_UPLOAD", 1000)
-    monkeypatch.setattr(hub.HfApi, "upload_large_folder", fake.record("upload_large_folder"), raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_large_folder", fake.record("upload_large_folder"), raising=False)
     assert run_cli("push", folder, "--repo-id", "me/tiny-moe") == 0
     assert fake.names == ["create_repo", "upload_large_folder", "upload_file"]
     assert fake.calls[1][2]["repo_type"] == "model" and Path(fake.calls[1][2]["folder_path"]) == folder
@@ -125,7 +126,7 @@ def test_large_output_without_upload_large_folder_uses_upload_folder(folder, mon
     """huggingface_hub 2.x dropped upload_large_folder: upload_folder commits large folders in parts."""
     fake = FakeHub(monkeypatch)
     monkeypatch.setattr(hub, "LARGE_UPLOAD", 1000)
-    monkeypatch.delattr(hub.HfApi, "upload_large_folder", raising=False)
+    monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
     assert run_cli("push", folder, "--repo-id", "me/tiny-moe") == 0
     assert fake.names == ["create_repo", "upload_folder", "upload_file"]
 
