@@ -45,6 +45,7 @@ SHIPPED: dict[str, frozenset[str]] = {
         "282dc64bcf4cfbb6e738ef5cd01261e540fa970d9b0d3bee2b9f4f07f3420931",  # e438066
         "2ea2ba1938dc07fa4c3e9a0cedc7f44aa212cc054aa055c3d53706ed7bc07bb8",  # 14eb630
         "bd9ef2e65f84354ff3a0f587945d2c95e9f5ecc8fb6c1a229470a4d6a5352ca7",  # 9cc6133
+        "a80638d13c8bc3605263c8fe4662d4313b045460e8995eac74d5386ef60b683d",  # 0ec5238
     }),
 }
 

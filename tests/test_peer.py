@@ -111,6 +111,27 @@ def test_product_key_top_k_is_the_brute_force_top_k(neurons: int, magnitude: boo
     assert not is_padding(slots // n, slots % n, n, n * n - neurons).any()
 
 
+def test_bfloat16_retrieval_follows_its_weights_when_they_change():
+    """Outside autograd a narrow block searches with float32 copies of its queries and sub-keys, kept
+    between calls; a weight written in place or replaced is searched with its new values."""
+    peer = block(64, heads=2, topk=4).to(torch.bfloat16).eval()
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:  # with autograd on, nothing is kept
+        with torch.enable_grad():
+            slots, scores = peer.retrieve(x)
+        return slots, scores.detach()
+
+    with torch.no_grad():
+        first = peer.retrieve(x)
+        assert all(torch.equal(a, b) for a, b in zip(first, fresh()))
+        torch.nn.init.normal_(peer.query.weight)  # in place
+        peer.sub_keys.data = torch.randn_like(peer.sub_keys)  # replaced
+        second = peer.retrieve(x)
+    assert not torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(second, fresh()))
+
+
 def test_padding_lies_at_most_two_to_a_row_or_column():
     for neurons in range(2, 300):
         n = grid_side(neurons)

@@ -553,6 +553,18 @@ class PeerBlock(nn.Module):
         shared = peer["num_shared_neurons"]
         self.shared = MoeifyExpert(hidden, shared, peer["hidden_act"], peer["gated"], peer["bias"]) if shared else None
         self.output_bias = nn.Parameter(torch.zeros(hidden)) if peer["output_bias"] else None
+        self._float32: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see float32
+
+    def float32(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """weight in float32. Outside autograd a narrower weight's copy is kept until the weight changes
+        (in place, or replaced): copying the queries and sub-keys on every call took most of a token's time."""
+        if weight.dtype == torch.float32 or torch.is_grad_enabled():
+            return weight.float()
+        # The source is held, so an equal address is the same memory; its version counts in-place writes.
+        source, version, copy = self._float32.get(name, (None, -1, None))
+        if source is None or source.data_ptr() != weight.data_ptr() or version != weight._version:
+            source, version, copy = self._float32[name] = (weight.detach(), weight._version, weight.float())
+        return copy
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -569,11 +581,11 @@ class PeerBlock(nn.Module):
         """Each head's top_k slots for x (T, H): slots (T, heads, k) and their scores (T, heads, k) float32."""
         # In float32 whatever the weights' dtype: rankings are sensitive to rounding, the tensors are
         # small, and CPUs without bfloat16 units multiply float32 several times faster.
-        q = F.linear(x.float(), self.query.weight.float())
+        q = F.linear(x.float(), self.float32("query", self.query.weight))
         if self.query_norm is not None:
             q = self.query_norm(q.to(self.query_norm.weight.dtype)).float()
         q = q.view(len(x), self.heads, 2, self.half)
-        halves = torch.einsum("thpd,hpnd->thpn", q, self.sub_keys.float())  # (T, heads, 2, n)
+        halves = torch.einsum("thpd,hpnd->thpn", q, self.float32("sub_keys", self.sub_keys))  # (T, heads, 2, n)
         slots, top = self.search(halves)
         if not self.peer["magnitude"]:
             return slots, top
@@ -589,12 +601,10 @@ class PeerBlock(nn.Module):
         best, index = halves.topk(min(self.top_k + self.margin, self.n), dim=-1)
         rows, cols = index[..., 0, :, None], index[..., 1, None, :]
         sums = best[..., 0, :, None] + best[..., 1, None, :]  # (T, heads, s, s)
-        sums = sums.masked_fill(self.padding(rows, cols), float("-inf"))
+        if self.padding_count:
+            sums.masked_fill_(is_padding(rows, cols, self.n, self.padding_count), float("-inf"))
         top, pos = sums.flatten(-2).topk(self.top_k, dim=-1)
         return (rows * self.n + cols).flatten(-2).gather(-1, pos), top
-
-    def padding(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return is_padding(rows, cols, self.n, self.padding_count)
 
     def weights(self, slots: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """(T, heads * k) float32 mixing weights of the retrieved slots (T, heads, k)."""
@@ -623,8 +633,9 @@ class PeerBlock(nn.Module):
 
         up = project(self.up_rows, self.up_bias)
         mid = self.act_fn(up) if self.gate_rows is None else self.act_fn(project(self.gate_rows, self.gate_bias)) * up
-        mid = mid * weight.to(mid.dtype)
-        return torch.bmm(mid.unsqueeze(1), F.embedding(slots, self.down_rows)).squeeze(1)
+        # The weighted sum of down rows in one kernel, never the (t, m, H) gathered rows: many times
+        # faster than their product, which CPUs compute slowly in bfloat16.
+        return F.embedding_bag(slots, self.down_rows, per_sample_weights=mid * weight.to(mid.dtype), mode="sum")
 
 
 def is_padding(rows: torch.Tensor, cols: torch.Tensor, n: int, count: int) -> torch.Tensor:
@@ -632,10 +643,13 @@ def is_padding(rows: torch.Tensor, cols: torch.Tensor, n: int, count: int) -> to
 
     Padding cell t is (t mod n, (t + t div n) mod n): the diagonal, then the one just above it
     (count < 2n - 1 when n is the smallest side that fits the neurons), so no row or column holds
-    more than two, and a search widened by that many per half stays exact.
+    more than two, and a search widened by that many per half stays exact. Row r's padding columns
+    are worked out on rows alone (r, or -1 for none; r + 1, or -1), so a search's (s, s) candidate
+    grid costs two comparisons.
     """
-    diagonal = (rows == cols) & (rows < count)
-    return diagonal | ((cols == rows + 1) & (rows < count - n))
+    diagonal = torch.where(rows < count, rows, -1)
+    above = torch.where(rows < count - n, rows + 1, -1)
+    return (cols == diagonal) | (cols == above)
 
 
 def first_occurrence(index: torch.Tensor) -> torch.Tensor:
