@@ -1,5 +1,6 @@
 """`moeify --help`, every `moeify CMD --help`, `moeify models` and `moeify inspect` of a local folder run
-without torch, transformers or huggingface_hub: a real child process in which importing any raises ImportError."""
+without torch, transformers or huggingface_hub (help and models without pydantic either, which Typer imports
+to coerce a value): a real child process in which importing any of them raises ImportError."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from moeify import cli
 
 COMMANDS = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
 
-# Put first on the child's PYTHONPATH, this sitecustomize makes `import torch` (transformers, huggingface_hub) fail.
+HEAVY = ("torch", "transformers", "huggingface_hub")
+# Put first on the child's PYTHONPATH, this sitecustomize makes importing the packages in BLOCKED fail.
 BLOCKER = '''
+import os
 import sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "huggingface_hub"):
+        if name.split(".")[0] in os.environ["BLOCKED"].split(","):
             raise ImportError(f"{name} is blocked in this test: the command must not import it")
 
 sys.meta_path.insert(0, Blocked())
@@ -33,7 +36,13 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("blocker")
     (folder / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return os.environ | {"PYTHONPATH": path, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    return os.environ | {"PYTHONPATH": path, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "BLOCKED": ",".join(HEAVY)}
+
+
+@pytest.fixture(scope="module")
+def help_env(blocked_env) -> dict[str, str]:
+    """Help and `models` parse no value: pydantic stays out too."""
+    return blocked_env | {"BLOCKED": ",".join((*HEAVY, "pydantic"))}
 
 
 def moeify(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -41,28 +50,28 @@ def moeify(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_the_blocker_blocks(blocked_env):
-    for module in ("torch", "transformers", "huggingface_hub"):
-        tried = subprocess.run([sys.executable, "-c", f"import {module}"], env=blocked_env, capture_output=True,
+def test_the_blocker_blocks(help_env):
+    for module in (*HEAVY, "pydantic"):
+        tried = subprocess.run([sys.executable, "-c", f"import {module}"], env=help_env, capture_output=True,
                                text=True, timeout=120)
         assert tried.returncode == 1 and "is blocked in this test" in tried.stderr
 
 
-def test_help_without_torch(blocked_env):
-    shown = moeify(blocked_env, "--help")
+def test_help_without_torch(help_env):
+    shown = moeify(help_env, "--help")
     assert shown.returncode == 0, shown.stderr
     assert all(command in shown.stdout for command in COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_command_help_without_torch(blocked_env, command):
-    shown = moeify(blocked_env, command, "--help")
+def test_command_help_without_torch(help_env, command):
+    shown = moeify(help_env, command, "--help")
     assert shown.returncode == 0, shown.stderr
     assert f"Usage: moeify {command} [OPTIONS]" in shown.stdout
 
 
-def test_models_without_torch(blocked_env):
-    listed = moeify(blocked_env, "models")
+def test_models_without_torch(help_env):
+    listed = moeify(help_env, "models")
     assert listed.returncode == 0, listed.stderr
     assert "smollm2-135m" in listed.stdout
 

@@ -41,6 +41,9 @@ class _Help:
         option = super().get_help_option(ctx)
         if option is not None:
             _quiet_flags([option])
+            # Absent, Typer's help flag is None, which it coerces through pydantic (~0.15 s to import)
+            # before any command runs; False is a bool and passes as it is.
+            option.default = False
         return option
 
 
