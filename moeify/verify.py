@@ -1,8 +1,8 @@
 """What a conversion cost: compare a converted model with its source on the same text.
 
-Both models read the same token ids in chunks that fit their context. The source runs first
-and keeps its logits; the converted model then runs chunk by chunk against them, so only one
-model is in memory at a time. Expert load is counted by hooks on the MoE blocks, found by
+Both models read the same token ids in chunks that fit their context, one decoder layer at a
+time (moeify.layerwise): each keeps only the chunks' hidden states between layers, then the
+two heads run one at a time, so memory is about one layer and one head, never two models. Expert load is counted by hooks on the MoE blocks, found by
 convention: a child named `gate` (transformers' Mixtral and Qwen-MoE *TopKRouter, which returns
 the chosen indices) or `router` (moeify's remote format, logits whose top-k is the choice)
 beside an `experts` module.
