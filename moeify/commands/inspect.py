@@ -13,18 +13,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from moeify import anatomy, ui
-from moeify.anatomy import Anatomy, Plan
+from moeify import ui
 from moeify.card import human
 from moeify.commands.options import (
     DTypeOpt, ExpertsOpt, FormatOpt, GranularityOpt, LayersOpt, SharedOpt, SourceArg, TopkOpt, optional,
 )
 from moeify.spec import Spec
+
+if TYPE_CHECKING:
+    from moeify.anatomy import Anatomy, Block, Plan
 
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print a JSON report for scripts.")]
 
@@ -53,7 +55,7 @@ def inspect(
 
     moeify inspect ./my-llama --granularity 4 --shared-experts 1 --moe-layers skip-first:1
     """
-    from moeify import hub  # huggingface_hub: a third of a second, paid when a config is read, not for --help
+    from moeify import anatomy, hub  # paid when a config is read, not for --help
 
     config, folder = hub.source_config(source_, notify=ui.say)
     model = anatomy.describe(config)
@@ -96,7 +98,7 @@ def _anatomy(model: Anatomy) -> dict[str, Any]:
     }
 
 
-def _group(indices: list[int], block: anatomy.Block) -> dict[str, Any]:
+def _group(indices: list[int], block: Block) -> dict[str, Any]:
     group: dict[str, Any] = {"layers": indices, "moe": block.moe}
     if block.peer:
         group |= {"peer": True, "neurons": block.neurons, "grid_side": math.isqrt(block.experts),
