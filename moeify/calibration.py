@@ -87,13 +87,20 @@ class LayerStats:
         if self.cc is not None:
             self.cc.addmm_(c.T, c)
 
-    def coactivation_features(self, neurons: torch.Tensor) -> torch.Tensor:
-        """(N, N) cosine similarity of the neurons' contributions over tokens: a row per neuron."""
+    def coactivation_features(self, neurons: torch.Tensor, rows: int = 512) -> torch.Tensor:
+        """(N, N) float32 cosine similarity of the neurons' contributions over tokens: a row per neuron.
+
+        Divided in float64 `rows` rows at a time, then rounded: a whole float64 copy is 250 MB at N = 5632.
+        """
         assert self.cc is not None, "co-activation was not collected"
         every = len(neurons) == self.intermediate and torch.equal(neurons, torch.arange(self.intermediate))
-        sub = (self.cc if every else self.cc[neurons][:, neurons]).double()  # (N, N): one float64 copy
-        norms = sub.diagonal().clamp_min(1e-12).sqrt()
-        return sub.div_(norms[:, None]).div_(norms[None, :])  # in place: N^2 float64 is 250 MB at N = 5632
+        norms = (self.cc.diagonal() if every else self.cc.diagonal()[neurons]).double().clamp_min(1e-12).sqrt()
+        features = torch.empty(len(neurons), len(neurons))
+        for start in range(0, len(neurons), rows):
+            block = slice(start, start + rows)
+            sub = self.cc[block] if every else self.cc[neurons[block]][:, neurons]
+            features[block] = sub.double().div_(norms[block, None]).div_(norms[None, :])
+        return features
 
 
 # ---------------------------------------------------------------------------- text

@@ -100,7 +100,7 @@ def neuron_groups(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None
 def _features(ffn: FFN, spec: Spec, stats: LayerStats | None, neurons: torch.Tensor) -> torch.Tensor | None:
     """What clustering compares: weight rows (cluster) or co-activation rows (activation)."""
     if spec.partition is Partition.CLUSTER:
-        return _input_rows(ffn)[neurons]
+        return _input_rows(ffn)[neurons].float()
     if spec.partition is Partition.ACTIVATION:
         assert stats is not None, "the activation partition needs calibration statistics"
         return stats.coactivation_features(neurons)
@@ -108,8 +108,11 @@ def _features(ffn: FFN, spec: Spec, stats: LayerStats | None, neurons: torch.Ten
 
 
 def _input_rows(ffn: FFN) -> torch.Tensor:
-    """(I, H): the input weights that decide whether a neuron fires (gate, else up)."""
-    return (ffn.gate if ffn.gate is not None else ffn.up).float()
+    """(I, H): the input weights that decide whether a neuron fires (gate, else up), in the FFN's dtype.
+
+    Callers take their rows first and widen those to float32, not a float32 copy of the whole matrix.
+    """
+    return ffn.gate if ffn.gate is not None else ffn.up
 
 
 def _piece(ffn: FFN, neurons: torch.Tensor) -> FFN:
@@ -126,7 +129,7 @@ def route(ffn: FFN, groups: list[torch.Tensor], spec: Spec, stats: LayerStats | 
         assert stats is not None, "a fitted router needs calibration statistics"
         return fitted_router(stats, groups)
     rows = _input_rows(ffn)
-    return torch.stack([_centroid(rows[g], spec.split_router) for g in groups])
+    return torch.stack([_centroid(rows[g].float(), spec.split_router) for g in groups])
 
 
 def _centroid(rows: torch.Tensor, kind: SplitRouter) -> torch.Tensor:
