@@ -72,7 +72,10 @@ def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output i
 
 
 def main(argv: list[str] | None = None) -> None:
+    from moeify.ui import clock
+
     signal.signal(signal.SIGTERM, _terminate)
+    clock.start(process=argv is None)  # the summary's time: the whole process from a shell, from here in-process
     try:
         # standalone_mode=False: usage errors reach us and print as one line like every other error
         code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",
