@@ -16,12 +16,15 @@ import yaml
 
 if TYPE_CHECKING:
     from moeify.conversion import Result
+    from moeify.spec import Spec
 
 CARD = "README.md"
 # The Hub's base_model_relation for an output whose source weights are a repo's own (we change them).
 FINETUNE = "finetune"
 # ... and for a source that is a quantized copy of the repo (dequantized again: the rounding stays).
 QUANTIZED = "quantized"
+# What a split calibrates on without --calibration (moeify/data/calibration/).
+BUILTIN_CORPUS = "moeify's built-in corpus (English prose, dialogue, Python code)"
 
 
 def human(count: float, unit: str = "") -> str:
@@ -154,13 +157,20 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
     ]
     if spec.mode.value == "split":
         rows += [("partition / router", f"{spec.partition.value} / {spec.split_router.value}"),
-                 ("calibration", f"{spec.calibration or 'text sampled from the source'} "
-                                 f"({spec.calibration_tokens} tokens)")]
+                 ("calibration", _calibration(spec))]
     else:
         rows += [("router init", f"{spec.router_init.value} (std {spec.router_std})"),
                  ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}")]
     return rows + [("seed", str(spec.seed)), ("dtype", _dtype(spec.dtype.value, facts.dtype)),
                    ("moeify version", str(record.get("moeify_version", "?")))]
+
+
+def _calibration(spec: Spec) -> str:
+    from moeify.split import needs_calibration
+
+    if not needs_calibration(spec):
+        return "none needed: every piece is active"
+    return f"{spec.calibration or BUILTIN_CORPUS} ({spec.calibration_tokens} tokens)"
 
 
 def _dtype(asked: str, written: str | None) -> str:

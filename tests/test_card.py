@@ -81,3 +81,20 @@ def test_base_model_is_what_the_source_resolved_to():
     assert card.base_of(fallback) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "quantized")
     assert card.base_of({"kind": "gguf", "file": "x.gguf", "sha256": "0" * 64}) == (None, None)
     assert card.base_of({"kind": "folder", "name": "x", "weights_sha256": "0" * 64}) == (None, None)
+
+
+@pytest.mark.parametrize("options,row", [
+    ((), "| calibration | none needed: every piece is active |"),
+    (("--topk", 2), f"| calibration | {card.BUILTIN_CORPUS} (512 tokens) |"),
+])
+def test_split_card_names_what_calibration_read(tmp_path, capsys, options, row):
+    """Without --calibration a split reads moeify's built-in corpus (nothing is sampled from the model),
+    and with every piece active it reads nothing."""
+    from tests.fixtures import run_cli
+    from tests.test_split import add_char_tokenizer
+
+    source = add_char_tokenizer(make_tiny("llama", tmp_path / "src"))
+    assert run_cli("split", source, "--granularity", 4, *options, "--calibration-tokens", 512,
+                   "--output", tmp_path / "out") == 0
+    _, body = parts(tmp_path / "out")
+    assert row in body and "sampled" not in body
