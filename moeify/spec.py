@@ -119,8 +119,8 @@ class Spec:
     # split only: how neurons are grouped, how routers start, and the calibration text
     partition: Partition = Partition.ACTIVATION
     split_router: SplitRouter = SplitRouter.FIT
-    calibration: str | None = None  # text or JSONL file, or a datasets name; None: sampled from the source
-    calibration_tokens: int = 6144  # calibration tokens: the text's, topped up with samples from the model
+    calibration: str | None = None  # text or JSONL file, or a datasets name; None: the built-in corpus
+    calibration_tokens: int = 6144  # calibration tokens: the text's, topped up from the built-in corpus
     # merge only (moeify.merge checks them): where each routed expert's FFN comes from with the prompts
     # that should reach it, the shared experts' sources, and how routers start
     expert_sources: list | None = None  # [{"source": str, "positive": [str], "negative": [str]}], one per expert
