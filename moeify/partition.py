@@ -28,7 +28,8 @@ def clustered(neurons: torch.Tensor, features: torch.Tensor, parts: int, gen: to
               iters: int = 25) -> list[torch.Tensor]:
     """Balanced k-means (cosine) over one feature row per neuron.
 
-    neurons: (N,) indices; features: (N, D), row n describing neurons[n].
+    neurons: (N,) indices; features: (N, D), row n describing neurons[n] (float32 ones are
+    normalised in place, see balanced_kmeans).
     """
     labels = balanced_kmeans(features, parts, gen, iters)
     return [neurons[labels == c].sort().values for c in range(parts)]
@@ -37,13 +38,15 @@ def clustered(neurons: torch.Tensor, features: torch.Tensor, parts: int, gen: to
 def balanced_kmeans(points: torch.Tensor, parts: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
     """Labels (N,) in 0..parts-1, each label used exactly N/parts times.
 
+    points: (N, D). Float32 points are scaled to unit rows in place: they are made for the
+    clustering, and a second (N, N) copy of co-activation rows is 127 MB at N = 5632.
     Cosine k-means whose assignment step is balanced greedily: (point, cluster) pairs are taken
     in order of similarity while the cluster has room. Greedy is not the optimal transport
     solution, but it keeps clusters equal and tight enough, in O(N·parts·log) per step.
     """
     n = len(points)
     capacity = n // parts
-    x = torch.nn.functional.normalize(points.float(), dim=1)
+    x = _unit_rows_(points.float())
     centroids = x[torch.randperm(n, generator=gen)[:parts]]
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
@@ -54,6 +57,16 @@ def balanced_kmeans(points: torch.Tensor, parts: int, gen: torch.Generator, iter
         sums = torch.nn.functional.one_hot(labels, parts).T.to(x.dtype) @ x  # a matmul: index_add_ is slow here
         centroids = torch.nn.functional.normalize(sums, dim=1)
     return labels
+
+
+def _unit_rows_(x: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """x (N, D) with every row scaled to length 1, in place, a block of rows at a time.
+
+    Bit for bit what torch.nn.functional.normalize(x, dim=1) returns, without its (N, D) result.
+    """
+    for block in x.split(rows):
+        block.div_(block.norm(2, dim=1, keepdim=True).clamp_min(1e-12))
+    return x
 
 
 def _balanced_assign(similarity: torch.Tensor, capacity: int) -> torch.Tensor:

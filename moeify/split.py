@@ -57,7 +57,10 @@ class LayerPlan:
 
 
 def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> LayerPlan:
-    """Group the neurons and build the router; stats are needed when needs_calibration(spec)."""
+    """Group the neurons and build the router; stats are needed when needs_calibration(spec).
+
+    The activation partition uses up the co-activation sums: stats.cc is None afterwards.
+    """
     check_divisible(ffn.intermediate_size, spec.granularity)
     if stats is None and everything_active(spec):
         spec = _uncalibrated(spec)
@@ -103,7 +106,9 @@ def _features(ffn: FFN, spec: Spec, stats: LayerStats | None, neurons: torch.Ten
         return _input_rows(ffn)[neurons].float()
     if spec.partition is Partition.ACTIVATION:
         assert stats is not None, "the activation partition needs calibration statistics"
-        return stats.coactivation_features(neurons)
+        features = stats.coactivation_features(neurons)
+        stats.cc = None  # used up: k-means' normalised copy of the features takes its place (127 MB at I = 5632)
+        return features
     return None
 
 

@@ -56,11 +56,12 @@ def test_activation_plan_is_bit_identical_to_the_whole_matrix_plan(shared):
     stats = _stats()
     spec = Spec(mode=Mode.SPLIT, experts=1, granularity=6, topk=2, shared_experts=shared,
                 partition=Partition.ACTIVATION, split_router=SplitRouter.FIT)
-    plan = plan_layer(_ffn(torch.bfloat16), spec, 3, stats)
     order = stats.hot.argsort(descending=True, stable=True)
     rest = order[shared * 8:].sort().values if shared else torch.arange(I)
     expected = partition(Partition.ACTIVATION, rest, 6 - shared, generator(0, 3, "partition"),
                          features=_features_as_before(stats, rest))
+    plan = plan_layer(_ffn(torch.bfloat16), spec, 3, stats)
+    assert stats.cc is None  # used up by the partition: k-means' copy of the features takes its place
     assert all(torch.equal(a, b) for a, b in zip(plan.groups, expected, strict=True))
     assert torch.equal(plan.router, fitted_router(stats, expected))
 
@@ -74,3 +75,13 @@ def test_planning_in_the_source_dtype_equals_planning_on_a_float32_copy(kind, ro
     wide = plan_layer(bf16.map(lambda role, t: t.float()), spec, 0)
     assert all(torch.equal(a, b) for a, b in zip(narrow.groups, wide.groups, strict=True))
     assert narrow.router.dtype == torch.float32 and torch.equal(narrow.router, wide.router)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 512])
+def test_unit_rows_in_place_equal_normalize_bit_for_bit(rows):
+    from moeify.partition import _unit_rows_
+
+    x = torch.rand(37, 11, generator=torch.Generator().manual_seed(2)) ** 3
+    x[4] = 0  # a zero row stays zero, as normalize's clamped denominator leaves it
+    expected = torch.nn.functional.normalize(x, dim=1)
+    assert _unit_rows_(x, rows=rows) is x and torch.equal(x, expected)
