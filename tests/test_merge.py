@@ -12,7 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moeify import gates
+from moeify.adapters import adapter_for
 from moeify.checkpoint import Checkpoint
+from moeify.merge import ExpertSource
+from moeify.spec import Gate, Spec
 from tests.fixtures import logits, make_tiny, run_cli
 from tests.test_cli_errors import assert_one_line_error, leftovers
 from tests.test_split import add_char_tokenizer
@@ -171,6 +175,44 @@ def test_a_merge_replays_from_its_moeify_json(models: Models, tmp_path: Path):
     assert first.names() == again.names() and len(first.names()) > 30
     for tensor in first.names():
         assert torch.equal(first.read(tensor), again.read(tensor)), tensor
+
+
+# ---------------------------------------------------------------------------- gates against the whole model
+
+
+PROMPTS = [ExpertSource(kind, positive=tuple(train), negative=tuple(heldout)) for kind, (train, heldout) in KINDS.items()]
+
+
+def whole_model_rows(folder: Path, gate: Gate, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The reference: the base whole in memory, each prompt run alone, hooks on the MoE layers' FFNs."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    adapter = adapter_for(Checkpoint(folder).config)
+    batch = gates.PromptBatch.of(AutoTokenizer.from_pretrained(folder), PROMPTS)
+    if gate is Gate.CHEAP_EMBED:
+        x = model.get_input_embeddings().weight[batch.ids].detach()
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+        return {i: gates.fit_rows(batch, x)[0] for i in layers}
+    x = {i: torch.zeros(*batch.ids.shape, model.config.hidden_size) for i in layers}
+    for b, length in enumerate(batch.real.sum(1).tolist()):
+        handles = [model.get_submodule(adapter.mlp_path(i)).register_forward_pre_hook(
+            lambda m, args, i=i, b=b, length=length: x[i][b, :length].copy_(args[0][0])) for i in layers]
+        with torch.no_grad():
+            model(batch.ids[b:b + 1, :length])
+        for handle in handles:
+            handle.remove()
+    return {i: gates.fit_rows(batch, x[i])[0] for i in layers}
+
+
+@pytest.mark.parametrize("gate", [Gate.HIDDEN, Gate.CHEAP_EMBED])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])  # plain, scaled and position embeddings
+def test_learnt_gates_equal_the_whole_models(family: str, gate: Gate, tmp_path: Path):
+    folder = add_char_tokenizer(make_tiny(family, tmp_path / family))
+    adapter = adapter_for(Checkpoint(folder).config)
+    layers = [0, 1]
+    expected = whole_model_rows(folder, gate, layers)
+    got = gates.learnt(Spec(gate=gate), folder, adapter, layers, PROMPTS)
+    for i in layers:
+        torch.testing.assert_close(got.row(i), expected[i], rtol=1e-5, atol=1e-5 * float(expected[i].abs().max()))
 
 
 # ---------------------------------------------------------------------------- bad input
