@@ -37,16 +37,19 @@ from moeify import calibration  # noqa: E402
 from moeify.adapters import adapter_for  # noqa: E402
 from moeify.checkpoint import Checkpoint  # noqa: E402
 from moeify.peer import PeerSpec, peer_ffn, plan_layer, retrieval_recall  # noqa: E402
-from moeify.spec import Mode, Partition, Spec, SplitRouter  # noqa: E402
+from moeify.spec import Mode, Partition, Retrieval, Spec, SplitRouter  # noqa: E402
 from moeify.split import neuron_groups  # noqa: E402
 from moeify.targets.peer import PEER  # noqa: E402
 from moeify.targets.remote_code.configuration_moeify import peer_section  # noqa: E402
 from moeify.targets.remote_code.modeling_moeify import PeerBlock  # noqa: E402
 
-# (share of neurons per token, shared share, heads) rows; split's (G, shared, top-k) at the same share.
-ROWS = [(0.5, 0.0, 1), (0.5, 0.125, 1), (0.5, 0.125, 2), (0.25, 0.0, 1), (0.25, 0.0625, 1), (0.1, 0.0, 1),
-        (0.1, 0.03125, 1)]
-QUICK = [(0.5, 0.0, 1), (0.5, 0.125, 1)]
+# (share of neurons per token, shared share, heads, retrieval) rows; split's (G, shared, top-k) at the same share.
+# Rows retrieval sets its own heads (two per grid row for SmolLM2's gated FFNs).
+UP, ROWS_ = Retrieval.UP, Retrieval.ROWS
+ROWS = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.125, 2, UP), (0.5, 0.0, 1, ROWS_), (0.5, 0.125, 1, ROWS_),
+        (0.25, 0.0, 1, UP), (0.25, 0.0625, 1, UP), (0.25, 0.0, 1, ROWS_), (0.1, 0.0, 1, UP), (0.1, 0.03125, 1, UP),
+        (0.1, 0.0, 1, ROWS_)]
+QUICK = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.0, 1, ROWS_), (0.5, 0.125, 1, ROWS_)]
 SPLIT = {0.5: (256, 32, 96), 0.25: (256, 16, 48), 0.1: (256, 8, 18)}
 
 
@@ -106,19 +109,21 @@ class Measured(torch.nn.Module):
         return out.reshape(hidden.shape)
 
 
-def peer_row(model, adapter, config, ffns, stats, share: float, shared: float,
-             heads: int) -> tuple[float, float, float]:
-    """Held-out perplexity with every FFN a PEER layer, the retrieval's recall of the oracle's choice, and the
-    share of neurons a token really uses (shared counted; below `share` when heads pick the same neurons)."""
+def peer_row(model, adapter, config, ffns, stats, share: float, shared: float, heads: int,
+             retrieval: Retrieval) -> tuple[float, float, float, PeerBlock]:
+    """Held-out perplexity with every FFN a PEER layer, the retrieval's recall of the oracle's choice, the
+    share of neurons a token really uses (shared counted; below `share` when heads pick the same neurons,
+    or when rows retrieval's quota per row rounds down), and the first layer's block."""
     I = ffns[0].intermediate_size
     S = int(round(shared * I))
-    topk = max(1, int(round(share * I)) - S) // heads
-    spec = PeerSpec(granularity=I, topk=topk, heads=heads, shared_experts=S)
+    routed = max(1, int(round(share * I)) - S)  # rows retrieval: --topk is the neurons per token
+    topk = routed if retrieval is Retrieval.ROWS else routed // heads
+    spec = PeerSpec(granularity=I, topk=topk, heads=heads, shared_experts=S, retrieval=retrieval)
     blocks = [Measured(peer_block(adapter, config, ffn, spec, i, stats[i])) for i, ffn in enumerate(ffns)]
     with Installed(model, blocks):
         ppl = perplexity(model, split_quality.HELDOUT)
     used = sum(b.wanted for b in blocks) / sum(b.tokens for b in blocks) + S
-    return ppl, sum(b.found for b in blocks) / max(sum(b.wanted for b in blocks), 1), used / I
+    return ppl, sum(b.found for b in blocks) / max(sum(b.wanted for b in blocks), 1), used / I, blocks[0].block
 
 
 def oracle(model, ffns, act, share: float) -> float:
@@ -161,17 +166,16 @@ def quality(quick: bool, tokens: int) -> None:
     dense = perplexity(model, split_quality.HELDOUT)
     print(f"calibration {stats[0].tokens} tokens, {time.perf_counter() - started:.0f} s; held-out "
           f"{split_quality.HELDOUT.shape[1]} tokens; dense perplexity {dense:.2f}\n", flush=True)
-    print("| active share | shared | heads | top-k per head | used | ppl ratio, PEER | recall | ppl ratio, oracle "
-          "| ppl ratio, split (best) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| active share | retrieval | shared | heads | top-k per head | used | ppl ratio, PEER | recall "
+          "| ppl ratio, oracle | ppl ratio, split (best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     done: dict[float, tuple[float, float]] = {}
-    for share, shared, heads in QUICK if quick else ROWS:
+    for share, shared, heads, retrieval in QUICK if quick else ROWS:
         if share not in done:
             done[share] = (oracle(model, ffns, act, share) / dense, split_row(model, ffns, act, stats, share) / dense)
-        ppl, recall, used = peer_row(model, adapter, ckpt.config, ffns, stats, share, shared, heads)
-        I = ffns[0].intermediate_size
-        S = int(round(shared * I))
-        print(f"| {share:.0%} | {S} | {heads} | {(max(1, int(round(share * I)) - S)) // heads} | {used:.1%} "
+        ppl, recall, used, block = peer_row(model, adapter, ckpt.config, ffns, stats, share, shared, heads, retrieval)
+        S = int(round(shared * ffns[0].intermediate_size))
+        print(f"| {share:.0%} | {retrieval.value} | {S} | {block.heads} | {block.top_k} | {used:.1%} "
               f"| ×{ppl / dense:.2f} "
               f"| {recall:.1%} | ×{done[share][0]:.2f} | ×{done[share][1]:.2f} |", flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s")

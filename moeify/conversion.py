@@ -119,6 +119,10 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
 
 
 def _inactive_params(moe: MoELayer) -> int:
+    from moeify.peer import PeerLayer  # here: only PEER conversions need it
+
+    if isinstance(moe, PeerLayer):  # unretrieved slots and padding, per neuron; BatchNorm buffers
+        return moe.inactive_params
     per_expert = sum(t.numel() for t in moe.experts[0].tensors().values())
     return (len(moe.experts) - moe.topk) * per_expert
 

@@ -19,7 +19,6 @@ what the previous ones missed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -29,7 +28,7 @@ from moeify.errors import MoeifyError
 from moeify.spec import Format, Mode, Partition, Retrieval, Spec, SplitRouter
 from moeify.split import RIDGE
 from moeify.targets.remote_code.modeling_moeify import PeerBlock, is_padding
-from moeify.transforms import FFN, LazyExperts, Scoring, generator
+from moeify.transforms import FFN, Scoring, generator
 
 SWEEPS = 8  # placement refinements (each: rows within columns, then columns within rows)
 
@@ -55,6 +54,9 @@ class PeerSpec(Spec):
             raise MoeifyError(f"--heads must be a whole number, at least 1 (got {self.heads!r})")
         if self.format is not Format.REMOTE:
             raise MoeifyError("PEER layers exist only in moeify's remote format; drop --format")
+        if self.retrieval is Retrieval.ROWS and (self.heads != 1 or self.key_dim is not None):
+            raise MoeifyError("--retrieval rows sets its own heads (one or two per grid row) and key size; "
+                              "drop --heads and --key-dim")
         if self.key_dim is not None and (isinstance(self.key_dim, bool) or not isinstance(self.key_dim, int)
                                          or self.key_dim < 2 or self.key_dim % 2):
             raise MoeifyError(f"--key-dim must be an even whole number >= 2 (got {self.key_dim!r})")
@@ -68,6 +70,8 @@ class PeerSpec(Spec):
 
     @property
     def active_experts(self) -> int:
+        if self.retrieval is Retrieval.ROWS:  # a quota per grid row, the same whether gated or not
+            return min(grid_side(self.routed_experts) * row_topk(self, gated=False), self.routed_experts)
         return min(self.heads * self.topk, self.routed_experts)
 
     def needs_calibration(self) -> bool:
@@ -78,6 +82,16 @@ class PeerSpec(Spec):
 def grid_side(neurons: int) -> int:
     """n, the smallest grid side with n² >= neurons (then fewer than 2n - 1 slots are padding)."""
     return math.isqrt(neurons - 1) + 1
+
+
+def row_topk(spec: PeerSpec, gated: bool) -> int:
+    """Neurons each head retrieves with rows retrieval: its row's quota of spec.topk, halved between
+    the two heads (one per sign of the scores) a gated FFN's rows have; the whole row at full retrieval."""
+    n = grid_side(spec.routed_experts)
+    if spec.topk >= spec.routed_experts:
+        return n
+    per_sign = max(1, spec.topk // (2 * n))
+    return per_sign if gated else 2 * per_sign
 
 
 def valid_slots(neurons: int) -> torch.Tensor:
@@ -105,19 +119,25 @@ class PeerLayer:
     sub_keys: torch.Tensor
     topk: int  # neurons each head retrieves
     heads: int
+    num_neurons: int  # routed neurons on the grid; the other slots are padding
     shared: FFN | None = None
     output_bias: torch.Tensor | None = None
     query_norm: dict[str, torch.Tensor] | None = None
     magnitude: bool = False  # retrieve by |score|: up rows of a gated FFN matter on either side of zero
 
     @property
-    def experts(self) -> Sequence[FFN]:
-        """Every slot as a one-neuron FFN: conversion counts a layer's inactive parameters per expert."""
-        return LazyExperts(self.neurons.intermediate_size, lambda s: self.neurons.neurons(torch.tensor([s])))
+    def active(self) -> int:
+        """Neurons a token's retrieval reaches at most: heads x top-k, at most all of them."""
+        return min(self.heads * self.topk, self.num_neurons)
 
     @property
-    def active(self) -> int:
-        return min(self.heads * self.topk, self.neurons.intermediate_size)
+    def inactive_params(self) -> int:
+        """What a token does not use, of what conversion writes: the slots its retrieval leaves out
+        (padding included) and query_norm's running statistics (buffers, not parameters)."""
+        slots = self.neurons.intermediate_size
+        per_slot = sum(t.numel() for t in self.neurons.tensors().values()) // slots  # no down bias here
+        buffers = 2 * len(self.query) + 1 if self.query_norm is not None else 0  # running mean, var, batch count
+        return (slots - self.active) * per_slot + buffers
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,7 @@ class PeerPlan:
     query: torch.Tensor  # (heads * d, H) float32
     sub_keys: torch.Tensor  # (heads, 2, n, d / 2) float32
     query_var: torch.Tensor | None  # (heads * d,) mean square of the queries on calibration text
+    query_bias: torch.Tensor | None = None  # (heads * d,) query_norm's bias, which rows retrieval needs
 
 
 def peer_ffn(ffn: FFN, spec: PeerSpec, layer: int, plan: PeerPlan | None = None) -> PeerLayer:
@@ -147,10 +168,13 @@ def peer_ffn(ffn: FFN, spec: PeerSpec, layer: int, plan: PeerPlan | None = None)
         shared = ffn.neurons(plan.shared)
         shared = replace(shared, down_bias=None if ffn.down_bias is None else torch.zeros_like(ffn.down_bias))
     like = ffn.up
+    gated = ffn.gate is not None
     return PeerLayer(neurons=neurons, query=plan.query.to(like.dtype), sub_keys=plan.sub_keys.to(like.dtype),
-                     topk=spec.topk, heads=spec.heads, shared=shared, output_bias=ffn.down_bias,
-                     query_norm=_query_norm(plan, like) if spec.query_norm else None,
-                     magnitude=spec.retrieval is Retrieval.UP and ffn.gate is not None)
+                     topk=row_topk(spec, gated) if spec.retrieval is Retrieval.ROWS else spec.topk,
+                     heads=plan.sub_keys.shape[0], num_neurons=len(plan.routed), shared=shared,
+                     output_bias=ffn.down_bias,
+                     query_norm=_query_norm(plan, like) if spec.query_norm or plan.query_bias is not None else None,
+                     magnitude=spec.retrieval is Retrieval.UP and gated)
 
 
 def _in_slots(t: torch.Tensor, role: str, plan: PeerPlan, slots: int) -> torch.Tensor:
@@ -175,13 +199,16 @@ def _query_norm(plan: PeerPlan, like: torch.Tensor) -> dict[str, torch.Tensor]:
     if like.is_meta:
         var = var.to("meta")
     scale = (var + 1e-5).sqrt()  # BatchNorm1d's eps
-    return {"weight": scale.to(like.dtype), "bias": torch.zeros_like(scale, dtype=like.dtype),
+    bias = torch.zeros_like(scale) if plan.query_bias is None else plan.query_bias.to(scale.device)
+    return {"weight": scale.to(like.dtype), "bias": bias.to(like.dtype),
             "running_mean": torch.zeros_like(var, dtype=torch.float32), "running_var": var.float(),
             "num_batches_tracked": torch.zeros((), dtype=torch.long, device=var.device)}
 
 
 def default_plan(ffn: FFN, spec: PeerSpec, layer: int) -> PeerPlan:
     """No calibration: neurons in order on the valid slots, shared ones first, random (seeded) retrieval."""
+    if spec.retrieval is Retrieval.ROWS:
+        return rows_plan(ffn, spec, None)
     S, I, H = spec.shared_experts, ffn.intermediate_size, ffn.hidden_size
     n = grid_side(I - S)
     d = key_dim(spec, n, H)
@@ -203,9 +230,9 @@ def key_dim(spec: PeerSpec, n: int, hidden: int) -> int:
 
 def plan_layer(ffn: FFN, spec: PeerSpec, layer: int, stats: LayerStats) -> PeerPlan:
     """Shared neurons, grid placement and retrieval of one FFN from its calibration statistics."""
-    I, S = ffn.intermediate_size, spec.shared_experts
-    order = stats.hot.argsort(descending=True, stable=True)  # most often strongly active first
-    shared, routed = order[:S].sort().values, order[S:].sort().values
+    if spec.retrieval is Retrieval.ROWS:
+        return rows_plan(ffn, spec, stats)
+    shared, routed = shared_and_routed(ffn.intermediate_size, spec.shared_experts, stats)
     predictors = up_predictors(ffn, stats) if spec.retrieval is Retrieval.UP else fitted_predictors(stats)
     whiten = gram_root(stats)  # z = whiten @ w: distance between z's is score error on calibration tokens
     z = (whiten @ predictors[:, routed]).T.float()  # (N, H)
@@ -220,6 +247,48 @@ def plan_layer(ffn: FFN, spec: PeerSpec, layer: int, stats: LayerStats) -> PeerP
     query_var = ((query.double() @ stats.xx) * query.double()).sum(1) / max(stats.tokens, 1)
     return PeerPlan(shared=shared, routed=routed, slots=slots, query=query, sub_keys=sub_keys,
                     query_var=query_var.float())
+
+
+def shared_and_routed(neurons: int, shared: int, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `shared` neurons most often strongly active (the first ones without statistics), and the others."""
+    order = torch.arange(neurons) if stats is None else stats.hot.argsort(descending=True, stable=True)
+    return order[:shared].sort().values, order[shared:].sort().values
+
+
+def rows_plan(ffn: FFN, spec: PeerSpec, stats: LayerStats | None) -> PeerPlan:
+    """Rows retrieval: heads that each own a grid row and score its neurons by exactly their up scores.
+
+    Neurons fill the valid slots in order. Head (r, sign) has queries of d = 2n: the row half is the
+    constant 1 (query_norm's bias on a zero query row) against K1 = `margin` on row r only, so row
+    r's slots lead every other row's by the margin; the column half is sign * the up predictors of
+    row r's neurons (query rows) against K2 = the identity. Slot (r, c) then scores margin + sign *
+    v_(r,c)·x: the head's top-k are the top-k of its row by each neuron's own score, and a gated
+    FFN's two heads per row take both tails (|v·x| is what matters there). The cost is PEER's
+    arithmetic at the size of the up projection: queries (heads * 2n, H), half of them zero rows.
+    Without statistics (full retrieval) the column halves are zero: every head takes its whole row.
+    """
+    shared, routed = shared_and_routed(ffn.intermediate_size, spec.shared_experts, stats)
+    n, H = grid_side(len(routed)), ffn.hidden_size
+    signs = (1.0, -1.0) if ffn.gate is not None else (1.0,)
+    device = "meta" if ffn.up.is_meta else "cpu"
+    table = torch.zeros(n * n, H, device=device)  # each slot's score vector (padding: zero)
+    if stats is not None:
+        table[valid_slots(len(routed))] = up_predictors(ffn, stats)[:, routed].T.float()
+    blank = torch.zeros(n, H, device=device)
+    query = torch.cat([torch.cat([blank, sign * row]) for row in table.view(n, n, H) for sign in signs])
+    heads = n * len(signs)
+    query_var = None
+    margin = 1.0  # zero column halves: any margin picks the row
+    if stats is not None:
+        query_var = (((query.double() @ stats.xx) * query.double()).sum(1) / max(stats.tokens, 1)).float()
+        margin = 1e3 * float(query_var.max().sqrt())  # scores of a few rms differ by << margin, which float32 resolves
+    k1 = torch.zeros(n, n, n, device=device)  # per row r: margin at [r, 0], where the row half's 1 is
+    k1[torch.arange(n), torch.arange(n), 0] = margin
+    sub_keys = torch.stack([k1.repeat_interleave(len(signs), 0), torch.eye(n, device=device).expand(heads, n, n)], 1)
+    query_bias = torch.zeros(heads, 2 * n, device=device)
+    query_bias[:, 0] = 1
+    return PeerPlan(shared=shared, routed=routed, slots=valid_slots(len(routed)), query=query, sub_keys=sub_keys,
+                    query_var=query_var, query_bias=query_bias.flatten())
 
 
 def gram_root(stats: LayerStats) -> torch.Tensor:

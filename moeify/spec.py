@@ -90,6 +90,7 @@ class Retrieval(str, Enum):
 
     UP = "up"  # its up row, scaled to its typical contribution: |u·x| large means the neuron matters (gated)
     FIT = "fit"  # least squares onto its share of each token's contribution mass (split's fitted router)
+    ROWS = "rows"  # UP's scores exactly: heads own grid rows, a quota per row (queries 2-4x the up projection)
 
 
 class Engine(str, Enum):

@@ -233,6 +233,49 @@ def test_calibrated_retrieval_finds_the_neurons_that_matter(tmp_path: Path):
     assert share(chance) < 0.4 and share(fitted) > max(0.45, share(chance) + 0.15), (share(fitted), share(chance))
 
 
+# ---------------------------------------------------------------------------- rows retrieval
+
+
+@pytest.mark.parametrize(("family", "heads_per_row"), [("llama", 2), ("gpt2", 1)])  # gated: one head per sign
+def test_rows_retrieval_at_full_retrieval_is_the_dense_model(tmp_path: Path, family: str, heads_per_row: int):
+    source = make_tiny(family, tmp_path / family)
+    out = tmp_path / "peer"
+    assert run_cli("peer", source, "--retrieval", "rows", "--output", out) == 0
+    peer = json.loads((out / "config.json").read_text())["peer"]
+    n = peer["num_sub_keys"]
+    assert (peer["num_heads"], peer["key_dim"], peer["num_neurons_per_head"]) == (heads_per_row * n, 2 * n, n)
+    assert (load(out)(TOKENS).logits - logits(source, TOKENS)).abs().max() < 1e-4
+
+
+def test_rows_retrieval_scores_each_neuron_by_its_own_up_row(tmp_path: Path):
+    """Head (r, sign) retrieves the top-k of grid row r by sign * a_i u_i·x, each neuron's own up score
+    (a_i >= 0 its calibrated scale), plus the row's margin: exact per-neuron scores, on random inputs."""
+    source = add_char_tokenizer(make_tiny("llama", tmp_path / "llama", intermediate_size=90))  # 10 padding slots
+    out = tmp_path / "peer"
+    assert run_cli("peer", source, "--retrieval", "rows", "--topk", "40", "--calibration", CALIBRATION,
+                   "--calibration-tokens", "512", "--output", out) == 0
+    peer = load(out).model.layers[1].mlp
+    n, H = peer.n, peer.up_rows.shape[1]
+    assert (peer.heads, peer.top_k, peer.half) == (2 * n, 2, n)
+    x = torch.randn(32, H, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        slots, scores = peer.retrieve(x)
+        columns = peer.query.weight.view(n, 2, 2, n, H)[:, :, 1]  # (row, sign, column, H): the column halves
+        scale = columns[:, 0].reshape(n * n, H).norm(dim=1) / peer.up_rows.norm(dim=1).clamp_min(1e-12)
+        assert torch.allclose(columns[:, 0].reshape(n * n, H), scale[:, None] * peer.up_rows, atol=1e-6)
+        assert torch.equal(columns[:, 1], -columns[:, 0])
+        own = (x @ peer.up_rows.T) * scale  # (T, n²)
+    margin = peer.sub_keys[0, 0, 0, 0].item()
+    grid = torch.arange(n * n)
+    padding = is_padding(grid // n, grid % n, n, n * n - 90).view(n, n)
+    for head in range(2 * n):
+        row, sign = head // 2, 1 - 2 * (head % 2)
+        expected = (sign * own[:, row * n:(row + 1) * n]).masked_fill(padding[row], -math.inf).topk(2, dim=-1)
+        assert torch.equal(slots[:, head].sort(-1).values, (row * n + expected.indices).sort(-1).values)
+        assert torch.allclose((scores[:, head] - margin).sort(-1).values, expected.values.sort(-1).values,
+                              atol=1e-6 * margin)
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -270,6 +313,8 @@ def test_a_bad_peer_section_fails_on_loading_in_one_line(field: str, value, mess
     (("--shared-neurons", "96"), "--shared-neurons (96) must leave some of the 96 neurons routed"),
     (("--topk", "90", "--shared-neurons", "8"), "--topk must be between 1 and the 88 routed neurons"),
     (("--key-dim", "5"), "--key-dim must be an even whole number >= 2"),
+    (("--retrieval", "rows", "--heads", "2"), "--retrieval rows sets its own heads (one or two per grid row) and key size"),
+    (("--retrieval", "rows", "--key-dim", "8"), "drop --heads and --key-dim"),
 ])
 def test_bad_options_are_refused_in_one_line_and_nothing_is_written(tmp_path: Path, capsys, args, message: str):
     source = make_tiny("llama", tmp_path / "llama")
@@ -289,6 +334,21 @@ def test_a_family_without_a_known_ffn_layout_is_refused(tmp_path: Path, capsys):
 
 
 # ---------------------------------------------------------------------------- inspect and verify
+
+
+@pytest.mark.parametrize("args", [("--heads", "2", "--topk", "4", "--query-norm"), ("--heads", "3", "--topk", "40"),
+                                  ("--retrieval", "rows", "--topk", "24"), ("--retrieval", "rows")])
+def test_the_recorded_active_parameters_are_inspects(tmp_path: Path, args: tuple[str, ...]):
+    """A token uses heads x top-k neurons (at most all of them, never padding), and BatchNorm's running
+    statistics are no parameters: the summary's active count is the one inspect derives from config.json."""
+    from moeify.anatomy import describe
+
+    source = add_char_tokenizer(make_tiny("llama", tmp_path / "llama"))
+    out = tmp_path / "peer"
+    assert run_cli("peer", source, *args, "--calibration", CALIBRATION, "--calibration-tokens", "256",
+                   "--output", out) == 0
+    record = json.loads((out / "moeify.json").read_text())
+    assert record["active_params"] == describe(json.loads((out / "config.json").read_text())).active
 
 
 def test_verify_reports_retrieval_recall_and_neurons_per_token(tmp_path: Path, capsys):

@@ -30,7 +30,7 @@ TopkOpt = Annotated[str, typer.Option(help="Neurons each head retrieves per toke
 SharedNeuronsOpt = Annotated[int, typer.Option("--shared-neurons", help="Always-on neurons per layer (the most often active).")]
 KeyDimOpt = Annotated[int | None, typer.Option("--key-dim", help="Query size per head (even). Default: twice the grid side, capped at twice the hidden size.")]
 QueryNormOpt = Annotated[bool, typer.Option("--query-norm", help="BatchNorm on the queries, as in the PEER paper (identity at conversion).")]
-RetrievalOpt = Annotated[Retrieval, typer.Option(help="What retrieval approximates: up (each neuron's up row, scaled; by magnitude when gated) or fit (least squares onto its share of the contribution).")]
+RetrievalOpt = Annotated[Retrieval, typer.Option(help="What retrieval approximates: up (each neuron's up row, scaled; by magnitude when gated) or fit (least squares onto its share of the contribution); rows: up's scores exactly, from heads that each own one grid row (two, one per sign, when gated), --topk then being neurons per token shared evenly by the rows. Rows routing is not O(sqrt N): its queries are 4x the size and compute of the up projection (2x when not gated; half of them zero rows).")]
 ScoringOpt = Annotated[Scoring, typer.Option(help="unit: chosen neurons weigh 1 (a partial sum of the FFN); softmax: PEER's softmax over each head's scores.")]
 
 
