@@ -10,11 +10,11 @@ statistic: its state is the attention sink's, the same whatever the prompt.
 cheap-embed: the same from the prompts' token embeddings, each normalised to unit RMS as an
 RMSNorm with unit weight would, giving one row for every layer.
 
-The base runs one decoder layer at a time (`LayerRunner`): the model is built with its parameters
-on the meta device, the embedding table holds only the prompts' tokens, and each decoder layer's
-weights are read from the checkpoint just before it runs and dropped right after. Memory is one
-layer plus the prompts' activations (at most MAX_TOKENS padded tokens), whatever the model's depth;
-the run stops after the last MoE layer.
+The base runs one decoder layer at a time (moeify.layerwise.LayerwiseModel, as calibration does):
+the prompts go through as one right-padded batch, each MoE layer's FFN inputs are taken by a hook
+while that layer alone is loaded, and the run stops after the last MoE layer. Memory is the
+embedding table (read whole, and dropped once the prompts are embedded), one decoder layer, and
+the prompts' activations (at most MAX_TOKENS padded tokens), whatever the model's depth.
 
 The routing report says, per layer, which expert the tokens of each expert's positive prompts
 reach first (top-1) under the new routers, on the base's hidden states.
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from moeify.adapters import Adapter
-from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
 from moeify.spec import Gate, Spec
 from moeify.transforms import generator
 
 if TYPE_CHECKING:
+    from moeify.layerwise import Batch, LayerwiseModel
     from moeify.merge import ExpertSource
 
 MAX_PROMPT_TOKENS = 256  # tokens kept of each prompt
@@ -86,6 +86,7 @@ def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], expert
 
     on_layer(done, total) reports progress over the MoE layers.
     """
+    from moeify.layerwise import LayerwiseModel
     from moeify.loading import Code, tokenizer_in
 
     tokenizer = tokenizer_in(folder, Code.FAMILY)
@@ -93,20 +94,16 @@ def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], expert
         raise MoeifyError(f"--gate {spec.gate.value} reads prompts with BASE's tokenizer, which {folder} lacks; "
                           f"copy its tokenizer files in")
     batch = PromptBatch.of(tokenizer, experts)
-    runner = LayerRunner(folder, adapter, batch.ids)
+    runner = LayerwiseModel(folder, Code.FAMILY)  # the family's own classes, as the adapter reads them
+    if spec.gate is Gate.CHEAP_EMBED:
+        embedded = runner.embeddings(batch.ids)
+        row, share = fit_rows(batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
+        return Gates({i: row for i in layers}, report(spec, experts, {i: share for i in layers}))
     rows: dict[int, torch.Tensor] = {}
     shares: dict[int, list[list[float]]] = {}
-
-    def fit(layer: int, x: torch.Tensor) -> None:
+    for layer, x in ffn_inputs(runner, adapter, batch.ids, layers):
         rows[layer], shares[layer] = fit_rows(batch, x)
         on_layer(len(rows), len(layers))
-
-    if spec.gate is Gate.HIDDEN:
-        runner.ffn_inputs(batch.real, layers, fit)
-    else:
-        embedded = runner.embeddings().float()
-        row, share = fit_rows(batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
-        rows, shares = {i: row for i in layers}, {i: share for i in layers}
     return Gates(rows, report(spec, experts, shares))
 
 
@@ -216,101 +213,38 @@ def _top1_shares(batch: PromptBatch, x: torch.Tensor, rows: torch.Tensor) -> lis
 # ---------------------------------------------------------------------------- layer by layer
 
 
-class _Done(Exception):
-    """Raised inside the forward once the last layer wanted has been seen: the rest need not run."""
+def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, ids: torch.Tensor, layers: list[int]
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(i, x): the FFN inputs x (B, T, H) of each of `layers` on the right-padded ids (B, T), in order.
 
-
-class LayerRunner:
-    """A dense model of the checkpoint run one decoder layer at a time on a fixed batch of token ids.
-
-    Parameters start on the meta device (buffers such as rotary frequencies are real); the embedding
-    table is cut down to the rows of `ids` (their ids renumbered), other tensors outside the decoder
-    layers are read once, and each layer's tensors are read as it starts and released as it ends.
+    The layers after the last of `layers` are never read. LayerwiseModel runs with no padding mask,
+    and none is needed: under a causal mask a prompt's tokens never see the padding after them, so
+    they get the states they would get alone (position ids count from 0 either way).
     """
+    states = runner.start([ids])
+    for index in range(max(layers) + 1):
+        if index in layers:
+            yield index, _ffn_input(runner, adapter, index, states)
+        else:
+            runner.run_layer(index, states)
 
-    def __init__(self, folder: Path, adapter: Adapter, ids: torch.Tensor):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.adapter = adapter
-        self.ckpt = adapter.loaded(Checkpoint(folder))
-        config = AutoConfig.for_model(**self.ckpt.config)
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        self.vocab, self.ids = torch.unique(ids, return_inverse=True)  # the prompts' own small vocabulary
-        self.embedding = self.model.get_input_embeddings()
-        self.embedding.padding_idx = None  # ids are renumbered; padding_idx only matters for gradients
-        self._names = set(dict(self.model.named_parameters()))
-        self._layer_names: dict[int, list[str]] = {}  # each layer's tensors, found once
-        self._load_outside_layers()
+def _ffn_input(runner: LayerwiseModel, adapter: Adapter, index: int, states: list[Batch]) -> torch.Tensor:
+    """Run layer `index` over the batch, returning its FFN's input (B, T, H)."""
+    seen: list[torch.Tensor] = []
+    runner.run_layer(index, states, lambda i, layer: _inputs(runner.model.get_submodule(adapter.mlp_path(i)), seen))
+    (x,) = seen  # one batch, one call
+    return x
 
-    def embeddings(self) -> torch.Tensor:
-        """The raw token embeddings of the batch: (B, T, H)."""
-        return self.embedding.weight[self.ids]
 
-    def layer_path(self, layer: int) -> str:
-        return self.adapter.mlp_path(layer).rsplit(".", 1)[0]
-
-    def ffn_inputs(self, real: torch.Tensor, layers: list[int], each: Callable[[int, torch.Tensor], None]) -> None:
-        """Run the batch (real: (B, T), False on padding) up to the last of `layers`; each(i, x (B, T, H)) at
-        each one's FFN input."""
-        last = max(layers)
-
-        def seen(layer: int):
-            def hook(module, args):
-                each(layer, args[0].detach())
-                if layer == last:
-                    raise _Done
-            return hook
-
-        count = self.adapter.num_layers(self.ckpt.config)
-        with self._hooks(count, {i: seen(i) for i in layers}), torch.no_grad():
-            try:
-                self.model.base_model(input_ids=self.ids, attention_mask=real.long(), use_cache=False)
-            except _Done:
-                pass
-
-    @contextmanager
-    def _hooks(self, count: int, at_ffn: dict[int, Callable]) -> Iterator[None]:
-        handles = []
-        for i in range(count):
-            layer = self.model.get_submodule(self.layer_path(i))
-            handles += [layer.register_forward_pre_hook(lambda m, a, i=i: self._place(i, "cpu")),
-                        layer.register_forward_hook(lambda m, a, o, i=i: self._place(i, "meta"))]
-            if i in at_ffn:
-                handles.append(self.model.get_submodule(self.adapter.mlp_path(i)).register_forward_pre_hook(at_ffn[i]))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for i in range(count):
-                self._place(i, "meta")  # a stopped run leaves its last layer loaded otherwise
-
-    def _place(self, layer: int, device: str) -> None:
-        """Read one decoder layer's tensors into it (cpu), or release them (meta)."""
-        if layer not in self._layer_names:
-            prefix = self.layer_path(layer) + "."
-            self._layer_names[layer] = [n for n in self.ckpt.names() if n.startswith(prefix) and n in self._names]
-        for name in self._layer_names[layer]:
-            self._set(name, self.ckpt.read(name) if device == "cpu" else None)
-
-    def _load_outside_layers(self) -> None:
-        layers = self.adapter.mlp.split("{i}")[0]
-        inside = self.model.base_model_prefix + "."
-        table = next(n for n, p in self.model.named_parameters() if p is self.embedding.weight)
-        for name in self.ckpt.names():
-            if name.startswith(inside) and not name.startswith(layers) and name in self._names:
-                value = self.ckpt.read(name)
-                self._set(name, value[self.vocab] if name == table else value)
-
-    def _set(self, name: str, value: torch.Tensor | None) -> None:
-        """Put a float32 copy of value in the model as parameter `name`; None leaves a meta tensor of its shape."""
-        module_name, _, attribute = name.rpartition(".")
-        module = self.model.get_submodule(module_name)
-        if value is None:
-            value = torch.empty(getattr(module, attribute).shape, device="meta")
-        setattr(module, attribute, nn.Parameter(value.float(), requires_grad=False))
+@contextmanager
+def _inputs(module: nn.Module, into: list[torch.Tensor]) -> Iterator[None]:
+    """The first input of every call of module appended to `into` while the context lasts."""
+    handle = module.register_forward_pre_hook(lambda m, args: into.append(args[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def routing_lines(gates: Gates) -> list[str]:

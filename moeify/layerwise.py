@@ -115,6 +115,12 @@ class LayerwiseModel:
                         pass
         return states
 
+    def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embedding table's rows for ids (B, T): (B, T, H) float32, without what a family adds
+        in its forward (a scale, position embeddings). The table is read whole, then dropped."""
+        with self._outer(head=False):
+            return self.model.get_input_embeddings().weight[ids].detach()
+
     @contextmanager
     def loaded(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer `index` with its weights in float32, in place in the model; dropped on exit.

@@ -215,6 +215,17 @@ def test_learnt_gates_equal_the_whole_models(family: str, gate: Gate, tmp_path: 
         torch.testing.assert_close(got.row(i), expected[i], rtol=1e-5, atol=1e-5 * float(expected[i].abs().max()))
 
 
+@pytest.mark.parametrize("gate", [Gate.HIDDEN, Gate.CHEAP_EMBED])
+def test_learnt_gates_read_no_layer_after_the_last_moe_layer(models: Models, gate: Gate, monkeypatch):
+    read: list[str] = []
+    original = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name, *a, **k: read.append(name) or original(self, name, *a, **k))
+    gates.learnt(Spec(gate=gate), models.base, adapter_for(Checkpoint(models.base).config), [0], PROMPTS)
+    assert "model.embed_tokens.weight" in read
+    layers = {int(name.split(".")[2]) for name in read if name.startswith("model.layers.")}
+    assert layers == ({0} if gate is Gate.HIDDEN else set())  # of 3; cheap-embed reads the embeddings alone
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
