@@ -84,16 +84,21 @@ def convert(layout: str, dense: Path, text: Path, work: Path) -> Path:
     return out
 
 
-def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path) -> list[dict]:
-    """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio."""
-    out = work / f"{model.name}-{job}"
+def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path,
+         lr: float | None = None) -> list[dict]:
+    """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio.
+
+    lr: one learning rate for everything that trains (routers too), instead of the job's own.
+    """
+    out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else ""))
+    rates = ["--lr", lr, "--router-lr", lr] if lr else []
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
     moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
            "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN,
            "--batch-size", BATCH, "--schedule", "constant",
            "--warmup", max(1, tokens // (SEQ_LEN * BATCH) // 10), "--eval-every", eval_every, "--save-every", 0,
-           "--log-every", 1, "--distill", 1, "--lm", 0, *JOBS[job],
+           "--log-every", 1, "--distill", 1, "--lm", 0, *JOBS[job], *rates,
            log=work / f"{out.name}.log")
     record = json.loads((out / "moeify.json").read_text())["training"][-1]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
                         help="token counts the table reads the curves at")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
+    parser.add_argument("--lr", type=float, help="one learning rate for every job (routers too), instead of each job's")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moeify" / "heal")
@@ -216,7 +222,7 @@ def main() -> None:
             model = convert(layout, dense, text, args.work)
             for job in args.jobs.split(","):
                 started = time.perf_counter()
-                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work)
+                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work, args.lr)
                 print(f"{layout} {job}: {time.perf_counter() - started:.0f} s wall")
         table(results, budgets or [args.tokens])
     if not args.no_overhead:
