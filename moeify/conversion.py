@@ -174,7 +174,8 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     result.changes = changes(spec, result.narrowed)
     # The source's sha256 (seconds per GB) is taken while the shards are written: hashing and
     # writing wait on different things, and the writer's bytes go to disk in its own thread too.
-    with staged_output(output, overwrite, protect=[source_dir]) as staging, ThreadPoolExecutor(1) as pool:
+    with staged_output(output, overwrite, protect=[source_dir], needs=total_bytes) as staging, \
+            ThreadPoolExecutor(1) as pool:
         resolved = pool.submit(sources.provenance, source_dir)
         result.files = write_shards(planned, staging, spec.max_shard_size, on_bytes)
         result.resolved = resolved.result()

@@ -126,20 +126,22 @@ def claim(dest: Path, overwrite: bool, protect: Iterable[str | Path] = (), notif
 
 @contextmanager
 def staged_output(target: Path | Claim, overwrite: bool = False,
-                  protect: Iterable[str | Path] = ()) -> Iterator[Path]:
+                  protect: Iterable[str | Path] = (), needs: int = 0) -> Iterator[Path]:
     """Yield a hidden folder beside DIR; put it in DIR's place only if the block completes.
 
     target is DIR, or a Claim on it (which carries its own overwrite). Any failure, Ctrl-C
-    included, removes the hidden folder and leaves DIR as it was.
+    included, removes the hidden folder and leaves DIR as it was. needs: the bytes about to be
+    written; a filesystem without that much free space is refused before any is written.
     """
     if not isinstance(target, Claim):
-        with claim(target, overwrite, protect) as out, staged_output(out) as staging:
+        with claim(target, overwrite, protect) as out, staged_output(out, needs=needs) as staging:
             yield staging
         return
     target.protect(*protect)
     staging = target.dest.with_name(f".{target.dest.name}.moeify-{os.getpid()}")
     try:
         staging.mkdir()  # mode from the umask: a model folder is not private
+        _require_space(staging, needs, target.dest)
         yield staging
         with deferred_signals():
             _put_in_place(target, staging)
@@ -147,6 +149,24 @@ def staged_output(target: Path | Claim, overwrite: bool = False,
         with deferred_signals():  # a second Ctrl-C must not leave half of it behind
             shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# Beyond the weights: config, card, tokenizer, code files, and the filesystem's own blocks.
+SPACE_MARGIN = 64 * 2**20
+
+
+def _require_space(staging: Path, needs: int, dest: Path) -> None:
+    """Refuse to start writing `needs` bytes where they cannot fit (the old DIR stays until the swap)."""
+    if not needs:
+        return
+    free = shutil.disk_usage(staging).free
+    if free < needs + SPACE_MARGIN:
+        raise MoeifyFailure(f"not enough disk space for {dest}: the output needs {_gb(needs + SPACE_MARGIN)}, "
+                            f"its filesystem has {_gb(free)} free; free some space or choose another --output")
+
+
+def _gb(count: int) -> str:
+    return f"{count / 1e9:.2f} GB"
 
 
 def check_output(dest: Path, overwrite: bool) -> None:

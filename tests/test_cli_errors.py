@@ -360,3 +360,21 @@ def test_a_bin_only_folder_says_how_to_convert(tmp_path: Path, tiny_llama: Path,
                                  "pass bin-llama-safetensors")
     assert f"from_pretrained('{folder}')" in line
     assert not output.exists() and not leftovers(output)
+
+
+def test_too_little_disk_space_is_one_line_before_anything_is_written(tmp_path: Path, capsys, monkeypatch):
+    """The filesystem's free space is read once the plan's size is known: short of it, nothing is written."""
+    tiny = make_tiny("llama", tmp_path / "tiny")
+    output = tmp_path / "out"
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free._replace(free=10 * 2**20))  # 10 MB free
+    written = []
+    monkeypatch.setattr(moeify.checkpoint, "_write_shard", lambda *args: written.append(args))
+    capsys.readouterr()  # the fixture's own save_pretrained output
+    code = run_cli("upcycle", tiny, "--experts", "4", "--topk", "2", "--output", output)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, captured.err
+    assert lines[0].startswith("error: not enough disk space") and "GB free" in lines[0], lines[0]
+    assert "Traceback" not in captured.err
+    assert written == [] and not output.exists() and leftovers(output) == []
