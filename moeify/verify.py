@@ -28,6 +28,7 @@ from moeify.peer import RecallTally, unretrieved_params
 from moeify.source import resolve
 
 DEFAULT_TOKENS = 512
+MAX_TOKENS = 2**20  # as calibration: the hidden states (tokens x hidden, float32) are 4 GiB per 1024 of width
 DEFAULT_CONTEXT = 2048  # when a config states no maximum position
 ROUTER_NAMES = ("gate", "router")  # last name component of a router module under a MoE block
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # decoder layer lists: model.layers, transformer.h (gpt2)
@@ -395,8 +396,9 @@ def verify(source: str, converted: str, text: str, tokens: int = DEFAULT_TOKENS,
     A folder's own Python runs only with trust_remote_code; without it such a folder is refused
     before anything is loaded (moeify's own remote outputs excepted, see moeify.loading).
     """
-    if tokens < 2:
-        raise MoeifyError(f"--tokens must be at least 2 (got {tokens})")
+    if not 2 <= tokens <= MAX_TOKENS:
+        raise MoeifyError(f"--tokens must be between 2 and {MAX_TOKENS} (got {tokens}): every token's hidden "
+                          f"states are held at once")
     source_dir, converted_dir = resolve(source, notify), resolve(converted, notify)
     codes = code_of(source_dir, trust_remote_code), code_of(converted_dir, trust_remote_code)
     configs = read_config(source_dir), read_config(converted_dir)

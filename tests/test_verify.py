@@ -199,7 +199,8 @@ def test_different_tokenizers_are_refused(source, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--text", "missing.txt"], "text file missing.txt does not exist"),
-    (["--tokens", "1"], "--tokens must be at least 2"),
+    (["--tokens", "1"], "--tokens must be between 2 and 1048576 (got 1)"),
+    (["--tokens", "1048577"], "--tokens must be between 2 and 1048576 (got 1048577)"),
 ])
 def test_bad_input_is_one_error_line(source, upcycled, capsys, monkeypatch, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)
