@@ -6,6 +6,9 @@ dtype while planning) must not move a single bit of the partition or the routers
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from moeify.partition import partition
 from moeify.spec import Mode, Partition, Spec, SplitRouter
 from moeify.split import fitted_router, plan_layer
 from moeify.transforms import FFN, generator
+from tests.fixtures import make_tiny
 
 H, I = 16, 48
 
@@ -85,3 +89,34 @@ def test_unit_rows_in_place_equal_normalize_bit_for_bit(rows):
     x[4] = 0  # a zero row stays zero, as normalize's clamped denominator leaves it
     expected = torch.nn.functional.normalize(x, dim=1)
     assert _unit_rows_(x, rows=rows) is x and torch.equal(x, expected)
+
+
+CHILD = r"""
+import ctypes, sys, torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "layerwise":
+    from moeify.layerwise import LayerwiseModel
+
+    LayerwiseModel(sys.argv[2])
+big = torch.empty(8 << 20, dtype=torch.uint8)
+del big  # glibc's own rule: the mmap threshold rises to the size of a freed mapped block
+before = libc.mallinfo2().hblks
+block = torch.empty(2 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_running_layer_by_layer_maps_megabyte_blocks_of_their_own(tmp_path):
+    # A 2 MB temporary after an 8 MB one: glibc would take it from the heap, where a layer's
+    # per-batch temporaries pile up (fragmentation); a map of its own goes back when freed.
+    model = make_tiny("llama", tmp_path / "tiny")
+    mapped = {how: subprocess.run([sys.executable, "-c", CHILD, how, str(model)], capture_output=True, text=True,
+                                  check=True).stdout.strip() for how in ("plain", "layerwise")}
+    assert mapped == {"plain": "0", "layerwise": "1"}
