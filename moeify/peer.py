@@ -31,6 +31,10 @@ from moeify.targets.remote_code.modeling_moeify import PeerBlock, is_padding
 from moeify.transforms import FFN, Scoring, generator
 
 SWEEPS = 8  # placement refinements (each: rows within columns, then columns within rows)
+# Rows retrieval adds each neuron's gate score at this share of its up score's rms: a neuron whose gate
+# is shut (silu(g·x) near 0) matters little whatever its up score. SmolLM2-135M at 50 %, held-out
+# perplexity by share: 0: x1.43, 0.05: x1.31, 0.1-0.25: x1.20-1.23, 0.5: x1.41, 1: x3.9.
+GATE_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -256,39 +260,58 @@ def shared_and_routed(neurons: int, shared: int, stats: LayerStats | None) -> tu
 
 
 def rows_plan(ffn: FFN, spec: PeerSpec, stats: LayerStats | None) -> PeerPlan:
-    """Rows retrieval: heads that each own a grid row and score its neurons by exactly their up scores.
+    """Rows retrieval: heads that each own a grid row and score its neurons by exactly their own linear scores.
 
     Neurons fill the valid slots in order. Head (r, sign) has queries of d = 2n: the row half is the
     constant 1 (query_norm's bias on a zero query row) against K1 = `margin` on row r only, so row
-    r's slots lead every other row's by the margin; the column half is sign * the up predictors of
-    row r's neurons (query rows) against K2 = the identity. Slot (r, c) then scores margin + sign *
-    v_(r,c)·x: the head's top-k are the top-k of its row by each neuron's own score, and a gated
-    FFN's two heads per row take both tails (|v·x| is what matters there). The cost is PEER's
-    arithmetic at the size of the up projection: queries (heads * 2n, H), half of them zero rows.
+    r's slots lead every other row's by the margin; the column half is the score vectors of row r's
+    neurons (query rows) against K2 = the identity. Slot (r, c) then scores margin + s_(r,c)·x: the
+    head's top-k are the top-k of its row by each neuron's own score. A gated FFN's two heads per
+    row take both tails of the up score v·x (|v·x| is what matters), each nudged by the gate:
+    s = sign * v + w, w = GATE_SHARE * (rms v·x / rms g·x) * g. The cost is PEER's arithmetic at the
+    size of the FFN's projections: queries (heads * 2n, H), half of them zero rows.
     Without statistics (full retrieval) the column halves are zero: every head takes its whole row.
     """
     shared, routed = shared_and_routed(ffn.intermediate_size, spec.shared_experts, stats)
     n, H = grid_side(len(routed)), ffn.hidden_size
     signs = (1.0, -1.0) if ffn.gate is not None else (1.0,)
     device = "meta" if ffn.up.is_meta else "cpu"
-    table = torch.zeros(n * n, H, device=device)  # each slot's score vector (padding: zero)
+    slots = valid_slots(len(routed))  # in order: random or hot-stratified placements measured no better
+    up, gate = torch.zeros(2, n * n, H, device=device)  # each slot's score vectors (padding: zero)
     if stats is not None:
-        table[valid_slots(len(routed))] = up_predictors(ffn, stats)[:, routed].T.float()
+        up[slots], gate[slots] = _score_vectors(ffn, routed, stats)
     blank = torch.zeros(n, H, device=device)
-    query = torch.cat([torch.cat([blank, sign * row]) for row in table.view(n, n, H) for sign in signs])
+    rows = zip(up.view(n, n, H), gate.view(n, n, H))
+    query = torch.cat([torch.cat([blank, sign * u + g]) for u, g in rows for sign in signs])
     heads = n * len(signs)
     query_var = None
     margin = 1.0  # zero column halves: any margin picks the row
     if stats is not None:
-        query_var = (((query.double() @ stats.xx) * query.double()).sum(1) / max(stats.tokens, 1)).float()
+        query_var = _rms(query, stats) ** 2
         margin = 1e3 * float(query_var.max().sqrt())  # scores of a few rms differ by << margin, which float32 resolves
     k1 = torch.zeros(n, n, n, device=device)  # per row r: margin at [r, 0], where the row half's 1 is
     k1[torch.arange(n), torch.arange(n), 0] = margin
     sub_keys = torch.stack([k1.repeat_interleave(len(signs), 0), torch.eye(n, device=device).expand(heads, n, n)], 1)
     query_bias = torch.zeros(heads, 2 * n, device=device)
     query_bias[:, 0] = 1
-    return PeerPlan(shared=shared, routed=routed, slots=valid_slots(len(routed)), query=query, sub_keys=sub_keys,
+    return PeerPlan(shared=shared, routed=routed, slots=slots, query=query, sub_keys=sub_keys,
                     query_var=query_var, query_bias=query_bias.flatten())
+
+
+def _score_vectors(ffn: FFN, routed: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (N, H), the routed neurons' up predictors, and w (N, H), their gate rows at GATE_SHARE of v's rms
+    (zero when not gated), float32."""
+    v = up_predictors(ffn, stats)[:, routed].T.float()
+    if ffn.gate is None:
+        return v, torch.zeros_like(v)
+    gate = ffn.gate[routed].float()
+    return v, gate * (GATE_SHARE * _rms(v, stats) / _rms(gate, stats).clamp_min(1e-12))[:, None]
+
+
+def _rms(vectors: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """(N,) float32 root mean square of x·v over the calibration inputs x, for each of the vectors (N, H)."""
+    v = vectors.double()
+    return ((v @ stats.xx) * v).sum(1).div(max(stats.tokens, 1)).sqrt().float()
 
 
 def gram_root(stats: LayerStats) -> torch.Tensor:

@@ -247,9 +247,9 @@ def test_rows_retrieval_at_full_retrieval_is_the_dense_model(tmp_path: Path, fam
     assert (load(out)(TOKENS).logits - logits(source, TOKENS)).abs().max() < 1e-4
 
 
-def test_rows_retrieval_scores_each_neuron_by_its_own_up_row(tmp_path: Path):
-    """Head (r, sign) retrieves the top-k of grid row r by sign * a_i u_i·x, each neuron's own up score
-    (a_i >= 0 its calibrated scale), plus the row's margin: exact per-neuron scores, on random inputs."""
+def test_rows_retrieval_scores_each_neuron_by_its_own_linear_score(tmp_path: Path):
+    """Head (r, sign) retrieves the top-k of grid row r by sign * a_i u_i·x + b_i g_i·x, each neuron's own
+    up and gate scores (a_i, b_i >= 0 its calibrated scales), plus the row's margin: on random inputs."""
     source = add_char_tokenizer(make_tiny("llama", tmp_path / "llama", intermediate_size=90))  # 10 padding slots
     out = tmp_path / "peer"
     assert run_cli("peer", source, "--retrieval", "rows", "--topk", "40", "--calibration", CALIBRATION,
@@ -261,16 +261,18 @@ def test_rows_retrieval_scores_each_neuron_by_its_own_up_row(tmp_path: Path):
     with torch.no_grad():
         slots, scores = peer.retrieve(x)
         columns = peer.query.weight.view(n, 2, 2, n, H)[:, :, 1]  # (row, sign, column, H): the column halves
-        scale = columns[:, 0].reshape(n * n, H).norm(dim=1) / peer.up_rows.norm(dim=1).clamp_min(1e-12)
-        assert torch.allclose(columns[:, 0].reshape(n * n, H), scale[:, None] * peer.up_rows, atol=1e-6)
-        assert torch.equal(columns[:, 1], -columns[:, 0])
-        own = (x @ peer.up_rows.T) * scale  # (T, n²)
-    margin = peer.sub_keys[0, 0, 0, 0].item()
+        own = []  # each slot's up and gate score, scaled: (T, n²) each
+        for part, rows in (((columns[:, 0] - columns[:, 1]) / 2, peer.up_rows),
+                           ((columns[:, 0] + columns[:, 1]) / 2, peer.gate_rows)):
+            scale = part.reshape(n * n, H).norm(dim=1) / rows.norm(dim=1).clamp_min(1e-12)
+            assert torch.allclose(part.reshape(n * n, H), scale[:, None] * rows, atol=1e-6)  # parallel, >= 0
+            own.append((x @ rows.T) * scale)
+        margin = peer.sub_keys[0, 0, 0, 0].item()
     grid = torch.arange(n * n)
     padding = is_padding(grid // n, grid % n, n, n * n - 90).view(n, n)
     for head in range(2 * n):
         row, sign = head // 2, 1 - 2 * (head % 2)
-        expected = (sign * own[:, row * n:(row + 1) * n]).masked_fill(padding[row], -math.inf).topk(2, dim=-1)
+        expected = (sign * own[0] + own[1])[:, row * n:(row + 1) * n].masked_fill(padding[row], -math.inf).topk(2, dim=-1)
         assert torch.equal(slots[:, head].sort(-1).values, (row * n + expected.indices).sort(-1).values)
         assert torch.allclose((scores[:, head] - margin).sort(-1).values, expected.values.sort(-1).values,
                               atol=1e-6 * margin)
