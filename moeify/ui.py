@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -38,21 +40,30 @@ class Clock:
 
     def start(self, *, process: bool = False) -> None:
         """From now, or from the process's start (interpreter and imports included) when run from a shell."""
-        self.process, self.started, self.phases = process, time.time(), {}
+        self.started = time.time() - (_process_age() if process else 0.0)
+        self.phases: dict[str, float] = {}
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def line(self) -> str:
         """'20.6 s: loading 1.9 s, calibrating 18.0 s, planning 0.1 s, writing 0.6 s'."""
-        started = self.started
-        if self.process:
-            import psutil
-
-            started = psutil.Process().create_time()
-        total = time.time() - started
+        total = time.time() - self.started
         spans = {"loading": max(total - sum(self.phases.values()), 0.0), **self.phases}
         return f"{total:.1f} s: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spans.items())
+
+
+def _process_age() -> float:
+    """Seconds since this process started: Linux's /proc to 10 ms, else 0 (from now).
+
+    Not psutil's create_time: it adds the boot time, which Linux gives in whole seconds.
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command's name
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # proc(5) field 22: clock ticks after boot
+        return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started, 0.0)
+    except (OSError, AttributeError, ValueError, IndexError):  # no /proc, no CLOCK_BOOTTIME
+        return 0.0
 
 
 clock = Clock()
