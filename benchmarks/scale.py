@@ -104,17 +104,21 @@ def params(shapes: dict) -> dict[str, float]:
     H, I, V, L = (shapes[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
     kv = shapes["num_key_value_heads"] * H // shapes["num_attention_heads"]
     layer = 2 * H * H + 2 * kv * H + 3 * H * I
-    stats = 8 * (H * H + H * I + 2 * I) + 4 * I * I  # calibration.LayerStats with co-activation
+    sums = 8 * (H * H + H * I + 2 * I)  # calibration.LayerStats' float64 sums
+    coactivation = 4 * I * I  # its float32 C^T C, and later the (I, I) features that replace it
     tokens = 6144  # --calibration-tokens' default; its hidden states: a few (T, H) float32 copies
-    return {"layer": 4 * layer / 1e9, "ffn copy": 4 * 3 * H * I / 1e9, "stats": stats / 1e9,
+    return {"layer": 4 * layer / 1e9, "ffn bf16": 2 * 3 * H * I / 1e9, "stats": (sums + coactivation) / 1e9,
+            "sums": sums / 1e9, "coactivation": coactivation / 1e9,
             "embedding": 4 * V * H / 1e9, "hidden": 4 * 4 * tokens * H / 1e9, "total params": (L * layer + 2 * V * H)}
 
 
 def held(shapes: dict, job: str) -> float:
     """GB the job holds for the model at its peak: split's layer phase, or verify's two heads."""
     p = params(shapes)
-    if job == "split":  # one layer, its FFN read again for the statistics, the statistics, hidden states
-        return max(p["layer"] + p["ffn copy"] + p["stats"] + p["hidden"], p["embedding"] + p["hidden"])
+    if job == "split":  # the largest of its phases, each beside the tokens' hidden states
+        running = p["layer"] + p["stats"]  # one layer (its FFN read through the layer's own weights), the statistics
+        planning = p["sums"] + p["coactivation"] + p["ffn bf16"]  # C^T C gone, the features k-means clusters in place
+        return max(running, planning, p["embedding"]) + p["hidden"]
     # verify: one model's embeddings and head at a time at the end (untied), or one layer of one model
     return max(2 * p["embedding"], p["layer"])
 
