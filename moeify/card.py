@@ -12,8 +12,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 if TYPE_CHECKING:
     from moeify.conversion import Result
     from moeify.spec import Spec
@@ -37,6 +35,8 @@ def human(count: float, unit: str = "") -> str:
 
 def front_matter(path: Path) -> dict:
     """The YAML front matter of a card, or {} when it has none or it does not parse."""
+    import yaml  # here and in render: a command's --help need not import it
+
     if not path.is_file():
         return {}
     match = re.match(r"^---\s*\n(.*?)\n---\s*\n", path.read_text(errors="replace"), re.DOTALL)
@@ -83,6 +83,8 @@ class Facts:
 
 
 def render(facts: Facts) -> str:
+    import yaml
+
     record = facts.record
     target = record.get("target", "unknown")
     meta: dict = {}

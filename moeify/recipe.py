@@ -11,9 +11,8 @@ import reprlib
 from dataclasses import fields
 from enum import Enum
 from pathlib import Path
+from functools import cache
 from typing import Any
-
-import yaml
 
 from moeify.errors import MoeifyError
 from moeify.spec import Spec
@@ -29,16 +28,22 @@ SHIPPED = Path(__file__).resolve().parent / "recipes"  # also reachable as recip
 MAX_BYTES = 2**20  # a recipe is a few lines, a moeify.json about a kilobyte: 1 MiB is plenty
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.safe_load without aliases: a recipe is a few plain fields, and aliases (*name) are how
-    a few lines of YAML expand into gigabytes (the "billion laughs")."""
+@cache
+def _loader() -> type:
+    """yaml.safe_load's loader without aliases: a recipe is a few plain fields, and aliases (*name)
+    are how a few lines of YAML expand into gigabytes (the "billion laughs"). Made on first use:
+    yaml is not imported for a command's --help."""
+    import yaml
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"found the alias *{event.anchor} on line {event.start_mark.line + 1}; recipes "
-                                 f"do not use YAML anchors and aliases (&name, *name): write each value out")
-        return super().compose_node(parent, index)
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"found the alias *{event.anchor} on line {event.start_mark.line + 1}; recipes "
+                                     f"do not use YAML anchors and aliases (&name, *name): write each value out")
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def shipped() -> dict[str, Path]:
@@ -107,8 +112,10 @@ def _text(path: Path) -> str:
 
 def _parse(text: str, what: str, loads=None) -> Any:
     """YAML (safe, no aliases) or, with loads=json.loads, JSON; any failure is one line naming `what`."""
+    import yaml
+
     try:
-        return loads(text) if loads else yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return loads(text) if loads else yaml.load(text, Loader=_loader())  # a SafeLoader
     except (ValueError, yaml.YAMLError) as e:  # ValueError: bad JSON, or an integer past 4300 digits
         first = str(e).splitlines()[0].split("; use sys.set_int_max_str_digits")[0]  # not a user's knob
         raise MoeifyError(f"cannot read {what}: {first}") from None

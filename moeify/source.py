@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -120,6 +119,8 @@ def _probe(endpoint: str) -> bool:
 
     A TCP connection is not enough: some networks accept every connection and then stay silent.
     """
+    import http.client  # here: it imports email and ssl, which --help and inspect need not pay for
+
     url = urlsplit(endpoint)
     answered: list[bool] = []
 
@@ -140,6 +141,8 @@ def _probe(endpoint: str) -> bool:
 
 def _connection(url) -> http.client.HTTPConnection:
     """A connection to the endpoint, through the HTTPS proxy the environment names, if any."""
+    import http.client
+
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else None
     if not proxy:
