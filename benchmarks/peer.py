@@ -44,12 +44,13 @@ from moeify.targets.remote_code.configuration_moeify import peer_section  # noqa
 from moeify.targets.remote_code.modeling_moeify import PeerBlock  # noqa: E402
 
 # (share of neurons per token, shared share, heads, retrieval) rows; split's (G, shared, top-k) at the same share.
-# Rows retrieval sets its own heads (two per grid row for SmolLM2's gated FFNs).
+# Rows retrieval sets its own heads (two per grid row for SmolLM2's gated FFNs) and a quota per row; its
+# shared neurons fill what the quota leaves of the share (50 %: 66 + 39 rows x 2 heads x 9 = 768 of 1536).
 UP, ROWS_ = Retrieval.UP, Retrieval.ROWS
-ROWS = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.125, 2, UP), (0.5, 0.0, 1, ROWS_), (0.5, 0.125, 1, ROWS_),
-        (0.25, 0.0, 1, UP), (0.25, 0.0625, 1, UP), (0.25, 0.0, 1, ROWS_), (0.1, 0.0, 1, UP), (0.1, 0.03125, 1, UP),
-        (0.1, 0.0, 1, ROWS_)]
-QUICK = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.0, 1, ROWS_), (0.5, 0.125, 1, ROWS_)]
+ROWS = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.125, 2, UP), (0.5, 0.0, 1, ROWS_), (0.5, 66 / 1536, 1, ROWS_),
+        (0.25, 0.0, 1, UP), (0.25, 0.0625, 1, UP), (0.25, 72 / 1536, 1, ROWS_), (0.1, 0.0, 1, UP),
+        (0.1, 0.03125, 1, UP), (0.1, 76 / 1536, 1, ROWS_)]
+QUICK = [(0.5, 0.0, 1, UP), (0.5, 0.125, 1, UP), (0.5, 0.0, 1, ROWS_), (0.5, 66 / 1536, 1, ROWS_)]
 SPLIT = {0.5: (256, 32, 96), 0.25: (256, 16, 48), 0.1: (256, 8, 18)}
 
 
