@@ -46,10 +46,10 @@ LAYOUTS = {
 }
 # What trains in each job, all distilled from the dense model.
 JOBS = {
-    "routers": ["--train", "routers", "--lr", "1e-3"],
-    "moe": ["--train", "moe", "--lr", "2e-4", "--router-lr", "1e-3"],
+    "routers": ["--train", "routers", "--lr", "1e-4"],
+    "moe": ["--train", "moe", "--lr", "1e-4"],
     # The same parameters, each MoE layer fitted to its dense FFN's output on the teacher's hidden states.
-    "local": ["--train", "moe", "--objective", "local", "--lr", "2e-4", "--router-lr", "1e-3"],
+    "local": ["--train", "moe", "--objective", "local", "--lr", "1e-4"],
 }
 
 

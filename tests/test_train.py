@@ -204,7 +204,7 @@ def test_training_twice_keeps_both_records(models: dict[str, Path], tmp_path: Pa
     assert train(models["split"], once, "--steps", 1) == 0
     assert train(once, twice, "--steps", 1, "--lr", "5e-4", "--teacher", models["llama"]) == 0
     runs = record_of(twice)["training"]
-    assert [r["settings"]["lr"] for r in runs] == [1e-3, 5e-4] and runs[1]["model"] == "once"
+    assert [r["settings"]["lr"] for r in runs] == [1e-4, 5e-4] and runs[1]["model"] == "once"
     assert record_of(twice)["source"] == record_of(models["split"])["source"]  # still the dense source
 
 
@@ -461,7 +461,7 @@ def test_settings_refuse_bad_values_and_fill_the_job():
     from moeify.spec import Mode
 
     healed = Settings(data="x.txt").for_job(Mode.SPLIT)
-    assert (healed.train, healed.lr, healed.router_lr) == (Trainable.ROUTERS, 1e-3, 1e-3)
+    assert (healed.train, healed.lr, healed.router_lr) == (Trainable.ROUTERS, 1e-4, 1e-4)
     assert Settings(data="x.txt", train="all").train is Trainable.ALL
 
 

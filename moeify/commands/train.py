@@ -49,8 +49,8 @@ AccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-steps per opt
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one pass over DATA).")]
 MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Training tokens; whichever of --steps and "
                                                   "--max-tokens ends first.")]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default: 1e-3 for a split, "
-                                             "1e-4 for an upcycle.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default: 1e-4 (a split's "
+                                             "routers or an upcycle's experts).")]
 RouterLrOpt = Annotated[float | None, typer.Option("--router-lr", help="Routers' learning rate (default: --lr).")]
 DecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (never on norms, biases).")]
 WarmupOpt = Annotated[int | None, typer.Option("--warmup", help="Warmup steps (default: 5% of the steps).")]

@@ -51,7 +51,9 @@ class Job:
 
 
 # Healing a split: routers learn to pick the pieces the dense FFN needs, the dense model teaches.
-HEAL = Job(train=Trainable.ROUTERS, distill=1.0, lm=0.0, lr=1e-3)
+# 1e-4: on SmolLM2's G=8 split, routers under AdamW at a constant 1e-3 diverged after ~10 steps and
+# 3e-4 after ~15, while 1e-4 kept improving (benchmarks/heal.py --lr).
+HEAL = Job(train=Trainable.ROUTERS, distill=1.0, lm=0.0, lr=1e-4)
 # Continuing an upcycle: the experts copies specialise on the data, balanced by the aux loss.
 CONTINUE = Job(train=Trainable.MOE, distill=0.0, lm=1.0, lr=1e-4)
 JOBS = {Mode.SPLIT: HEAL, Mode.UPCYCLE: CONTINUE}
