@@ -90,6 +90,10 @@ class _Job:
         return self.target.adjusted(self.transform(ffn, self.spec, layer))
 
 
+# Tensors a checkpoint holds that are not parameters: BatchNorm's statistics (PEER's query norm).
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
     """Every output tensor in writing order, and the parameters a token does not use."""
     replaced = {name: layer for layer in job.moe_layers for name in job.adapter.ffn_names(layer).values()}
@@ -121,7 +125,7 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
 def _inactive_params(moe: MoELayer) -> int:
     from moeify.peer import PeerLayer  # here: only PEER conversions need it
 
-    if isinstance(moe, PeerLayer):  # unretrieved slots and padding, per neuron; BatchNorm buffers
+    if isinstance(moe, PeerLayer):  # unretrieved slots and padding, per neuron
         return moe.inactive_params
     per_expert = sum(t.numel() for t in moe.experts[0].tensors().values())
     return (len(moe.experts) - moe.topk) * per_expert
@@ -165,7 +169,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
         config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)
     verdicts = engines.verdicts(config.to_dict(), spec)
     engines.require(spec.engine, verdicts)  # before anything is written
-    total_params = sum(math.prod(p.shape) for p in planned)
+    total_params = sum(math.prod(p.shape) for p in planned if not p.name.endswith(BUFFERS))
     result = Result(output=Path(output), source=source, spec=spec, target=target.name, reason=reason,
                     num_layers=adapter.num_layers(ckpt.config), moe_layers=moe_layers,
                     total_params=total_params, active_params=total_params - inactive, total_bytes=total_bytes,

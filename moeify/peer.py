@@ -136,12 +136,12 @@ class PeerLayer:
 
     @property
     def inactive_params(self) -> int:
-        """What a token does not use, of what conversion writes: the slots its retrieval leaves out
-        (padding included) and query_norm's running statistics (buffers, not parameters)."""
+        """What a token does not use, of the parameters conversion writes: the slots its retrieval
+        leaves out (padding included). query_norm's running statistics are buffers, which
+        conversion.plan does not count as parameters at all."""
         slots = self.neurons.intermediate_size
         per_slot = sum(t.numel() for t in self.neurons.tensors().values()) // slots  # no down bias here
-        buffers = 2 * len(self.query) + 1 if self.query_norm is not None else 0  # running mean, var, batch count
-        return (slots - self.active) * per_slot + buffers
+        return (slots - self.active) * per_slot
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,8 @@ def test_the_recorded_active_parameters_are_inspects(tmp_path: Path, args: tuple
     assert run_cli("peer", source, *args, "--calibration", CALIBRATION, "--calibration-tokens", "256",
                    "--output", out) == 0
     record = json.loads((out / "moeify.json").read_text())
-    assert record["active_params"] == describe(json.loads((out / "config.json").read_text())).active
+    anatomy = describe(json.loads((out / "config.json").read_text()))
+    assert (record["total_params"], record["active_params"]) == (anatomy.total, anatomy.active)
 
 
 def test_verify_reports_retrieval_recall_and_neurons_per_token(tmp_path: Path, capsys):
