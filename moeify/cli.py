@@ -29,6 +29,7 @@ app = typer.Typer(
     "Example: moeify upcycle smollm2-135m --experts 8 --topk 2 --output smollm2-8x135m",
     cls=Group,
     no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
