@@ -161,12 +161,10 @@ def _require_space(staging: Path, needs: int, dest: Path) -> None:
         return
     free = shutil.disk_usage(staging).free
     if free < needs + SPACE_MARGIN:
-        raise MoeifyFailure(f"not enough disk space for {dest}: the output needs {_gb(needs + SPACE_MARGIN)}, "
-                            f"its filesystem has {_gb(free)} free; free some space or choose another --output")
+        from moeify.card import human
 
-
-def _gb(count: int) -> str:
-    return f"{count / 1e9:.2f} GB"
+        raise MoeifyFailure(f"not enough disk space for {dest}: the output needs {human(needs + SPACE_MARGIN, 'B')}, "
+                            f"its filesystem has {human(free, 'B')} free; free some space or choose another --output")
 
 
 def check_output(dest: Path, overwrite: bool) -> None:

@@ -10,8 +10,8 @@ import json
 import reprlib
 from dataclasses import fields
 from enum import Enum
-from pathlib import Path
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from moeify.errors import MoeifyError

@@ -375,6 +375,6 @@ def test_too_little_disk_space_is_one_line_before_anything_is_written(tmp_path: 
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1, captured.err
-    assert lines[0].startswith("error: not enough disk space") and "GB free" in lines[0], lines[0]
+    assert lines[0].startswith("error: not enough disk space") and "MB free" in lines[0], lines[0]
     assert "Traceback" not in captured.err
     assert written == [] and not output.exists() and leftovers(output) == []
