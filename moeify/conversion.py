@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ class Result:
     active_params: int
     total_bytes: int
     files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     engines: list[engines.Verdict] = field(default_factory=list)  # which engines compute it exactly
     resolved: dict = field(default_factory=dict)  # what the source resolved to: source.provenance
     changes: list[str] = field(default_factory=list)  # why the output computes other than the source; []: exact
@@ -148,7 +146,6 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     adapter: the reader of each layer's FFN (default: the source family's own); a MoESource keeps the
     source's format and config. notes: more keys for moeify.json (a merge's routing report).
     """
-    started = time.perf_counter()
     ckpt = Checkpoint(source_dir)
     if adapter is None:  # split passes its own reader for MoE sources
         adapter = adapter_for(ckpt.config)
@@ -186,7 +183,6 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
         config.save_pretrained(staging)
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)
-        result.seconds = time.perf_counter() - started
         card.write(staging, result, ckpt.config, ckpt.folder)
         (staging / "moeify.json").write_text(json.dumps(record(result) | (notes or {}), indent=2) + "\n")
     return result
