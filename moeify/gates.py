@@ -11,8 +11,8 @@ cheap-embed: the same from the prompts' token embeddings, each normalised to uni
 RMSNorm with unit weight would, giving one row for every layer.
 
 The base runs one decoder layer at a time (moeify.layerwise.LayerwiseModel, as calibration does):
-the prompts go through as one right-padded batch, each MoE layer's FFN inputs are taken by a hook
-while that layer alone is loaded, and the run stops after the last MoE layer. Memory is the
+the prompts go through in batches of similar length, each MoE layer's FFN inputs are taken by a
+hook while that layer alone is loaded, and the run stops after the last MoE layer. Memory is the
 embedding table (read whole, and dropped once the prompts are embedded), one decoder layer, and
 the prompts' activations (at most MAX_TOKENS padded tokens), whatever the model's depth.
 
@@ -101,7 +101,7 @@ def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], expert
         return Gates({i: row for i in layers}, report(spec, experts, {i: share for i in layers}))
     rows: dict[int, torch.Tensor] = {}
     shares: dict[int, list[list[float]]] = {}
-    for layer, x in ffn_inputs(runner, adapter, batch.ids, layers):
+    for layer, x in ffn_inputs(runner, adapter, batch, layers):
         rows[layer], shares[layer] = fit_rows(batch, x)
         on_layer(len(rows), len(layers))
     return Gates(rows, report(spec, experts, shares))
@@ -156,6 +156,21 @@ class PromptBatch:
             real[b, : len(r)] = True
             mask[b, min(1, len(r) - 1): len(r)] = True  # a one-token prompt keeps its only token
         return cls(ids, real, mask, torch.tensor(owner), torch.tensor(kind), len(experts))
+
+    def groups(self) -> list[torch.Tensor]:
+        """Row indices (b,) in groups of similar length, longest first, to run as batches of their own.
+
+        A group takes prompts while they are at least 3/4 of its longest, so padding stays under a
+        quarter of what runs: one right-padded batch spent half its work on padding when long and
+        short prompts mix, one batch per prompt would pay the per-call cost of every layer each time.
+        """
+        lengths = self.real.sum(1)
+        groups: list[list[int]] = []
+        for b in lengths.argsort(descending=True, stable=True).tolist():
+            if not groups or 4 * int(lengths[b]) < 3 * int(lengths[groups[-1][0]]):
+                groups.append([])
+            groups[-1].append(b)
+        return [torch.tensor(rows) for rows in groups]
 
 
 def _any_token(tokenizer) -> int:
@@ -213,27 +228,38 @@ def _top1_shares(batch: PromptBatch, x: torch.Tensor, rows: torch.Tensor) -> lis
 # ---------------------------------------------------------------------------- layer by layer
 
 
-def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, ids: torch.Tensor, layers: list[int]
+def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, batch: PromptBatch, layers: list[int]
                ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(i, x): the FFN inputs x (B, T, H) of each of `layers` on the right-padded ids (B, T), in order.
+    """(i, x): the FFN inputs x (B, T, H) of each of `layers` on the batch's prompts, in order, zero where
+    the batch pads.
 
+    The prompts run in groups of similar length (PromptBatch.groups), each cut to its longest prompt.
     The layers after the last of `layers` are never read. LayerwiseModel runs with no padding mask,
     and none is needed: under a causal mask a prompt's tokens never see the padding after them, so
     they get the states they would get alone (position ids count from 0 either way).
     """
-    states = runner.start([ids])
+    groups = batch.groups()
+    states = runner.start([batch.ids[rows, : int(batch.real[rows].sum(1).max())] for rows in groups])
     for index in range(max(layers) + 1):
         if index in layers:
-            yield index, _ffn_input(runner, adapter, index, states)
+            yield index, _padded(batch, groups, _ffn_inputs(runner, adapter, index, states))
         else:
             runner.run_layer(index, states)
 
 
-def _ffn_input(runner: LayerwiseModel, adapter: Adapter, index: int, states: list[Batch]) -> torch.Tensor:
-    """Run layer `index` over the batch, returning its FFN's input (B, T, H)."""
+def _ffn_inputs(runner: LayerwiseModel, adapter: Adapter, index: int, states: list[Batch]) -> list[torch.Tensor]:
+    """Run layer `index` over every group, returning its FFN's input for each, (b, t, H)."""
     seen: list[torch.Tensor] = []
     runner.run_layer(index, states, lambda i, layer: _inputs(runner.model.get_submodule(adapter.mlp_path(i)), seen))
-    (x,) = seen  # one batch, one call
+    assert len(seen) == len(states), "one FFN call per group"
+    return seen
+
+
+def _padded(batch: PromptBatch, groups: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """The groups' (b, t, H) pieces back in the batch's right-padded layout, (B, T, H)."""
+    x = parts[0].new_zeros(*batch.ids.shape, parts[0].shape[-1])
+    for rows, part in zip(groups, parts):
+        x[rows, : part.shape[1]] = part
     return x
 
 

@@ -203,6 +203,19 @@ def whole_model_rows(folder: Path, gate: Gate, layers: list[int]) -> dict[int, t
     return {i: gates.fit_rows(batch, x[i])[0] for i in layers}
 
 
+def test_prompts_run_in_groups_of_similar_length():
+    lengths = [40, 3, 38, 10, 29, 9, 31, 2]
+    experts = [ExpertSource(name, positive=tuple("x" * n for n in part))
+               for name, part in (("a", lengths[:4]), ("b", lengths[4:]))]
+    batch = gates.PromptBatch.of(lambda text: {"input_ids": list(range(1, len(text) + 1))}, experts)
+    groups = batch.groups()
+    real = batch.real.sum(1)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))  # each prompt in one group
+    assert all(4 * int(real[rows].min()) >= 3 * int(real[rows].max()) for rows in groups)
+    run = sum(len(rows) * int(real[rows].max()) for rows in groups)  # tokens the groups run, padding included
+    assert run < 1.25 * int(real.sum()) and batch.ids.numel() > 1.9 * int(real.sum())
+
+
 @pytest.mark.parametrize("gate", [Gate.HIDDEN, Gate.CHEAP_EMBED])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])  # plain, scaled and position embeddings
 def test_learnt_gates_equal_the_whole_models(family: str, gate: Gate, tmp_path: Path):
