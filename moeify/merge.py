@@ -208,10 +208,19 @@ def _same_ffn_shapes(ckpt: Checkpoint, name: str, base: Checkpoint, adapter: Ada
 
 def _same_vocabulary(folder: Path, name: str, base_folder: Path) -> None:
     """Same token ids mean the same tokens: the vocabularies of tokenizer.json agree where both have one."""
+    if _same_bytes(folder / "tokenizer.json", base_folder / "tokenizer.json"):
+        return  # the usual case (fine-tunes save their base's tokenizer), and parsing a 128k vocabulary is slow
     vocab = [_vocab(f / "tokenizer.json") for f in (folder, base_folder)]
     if None not in vocab and vocab[0] != vocab[1]:
         raise MoeifyError(f"expert source {name}'s tokenizer vocabulary differs from BASE's; experts must share "
                           f"BASE's tokenizer")
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 @functools.lru_cache(maxsize=8)  # BASE's is compared with every source's: read it once

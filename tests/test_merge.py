@@ -254,6 +254,13 @@ def bad_merge(models: Models, tmp_path: Path, kind: str) -> tuple[list, tuple[st
     if kind == "vocabulary":
         other = make_tiny("llama", tmp_path / "vocab", vocab_size=300)
         return good + ["--expert", other], ("vocab_size=300", "211")
+    if kind == "tokens":  # same vocabulary size, two tokens swapped: same shapes, other meanings
+        other = Path(shutil.copytree(models.tunes["words"], tmp_path / "swapped"))
+        tokenizer = json.loads((other / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+        (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+        return good + ["--expert", other], ("tokenizer vocabulary differs", "swapped")
     if kind == "empty prompt file":
         (tmp_path / "empty.txt").write_text("\n\n")
         return good + ["--expert", f"{models.tunes['words']}:{tmp_path / 'empty.txt'}"], ("no positive prompt",)
@@ -268,7 +275,7 @@ def bad_merge(models: Models, tmp_path: Path, kind: str) -> tuple[list, tuple[st
             "--expert", f"{models.tunes['words']}:{models.prompts['digits']}"], ("same prompts",)
 
 
-@pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "empty prompt file", "unknown expert",
+@pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "tokens", "empty prompt file", "unknown expert",
                                   "no prompts", "same prompts"])
 def test_bad_merge_is_one_line_and_writes_nothing(models: Models, tmp_path: Path, capsys, kind: str):
     args, needles = bad_merge(models, tmp_path, kind)
