@@ -85,13 +85,15 @@ def convert(layout: str, dense: Path, text: Path, work: Path) -> Path:
 
 
 def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path,
-         lr: float | None = None) -> list[dict]:
+         lr: float | None = None, router_lr: float | None = None) -> list[dict]:
     """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio.
 
-    lr: one learning rate for everything that trains (routers too), instead of the job's own.
+    lr: the learning rate of what trains, instead of the job's own; router_lr: the routers' (lr when
+    not given).
     """
-    out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else ""))
-    rates = ["--lr", lr, "--router-lr", lr] if lr else []
+    router_lr = router_lr or lr
+    out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else ""))
+    rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
     moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
@@ -199,7 +201,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
                         help="token counts the table reads the curves at")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
-    parser.add_argument("--lr", type=float, help="one learning rate for every job (routers too), instead of each job's")
+    parser.add_argument("--lr", type=float, help="one learning rate for every job (the routers too, unless --router-lr), instead of each job's")
+    parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moeify" / "heal")
@@ -222,7 +225,8 @@ def main() -> None:
             model = convert(layout, dense, text, args.work)
             for job in args.jobs.split(","):
                 started = time.perf_counter()
-                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work, args.lr)
+                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work, args.lr,
+                                              args.router_lr)
                 print(f"{layout} {job}: {time.perf_counter() - started:.0f} s wall")
         table(results, budgets or [args.tokens])
     if not args.no_overhead:
