@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
                         help="token counts the table reads the curves at")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
-    parser.add_argument("--lr", type=float, help="one learning rate for every job (the routers too, unless --router-lr), instead of each job's")
+    parser.add_argument("--lr", type=float,
+                        help="one learning rate for every job (the routers too, unless --router-lr), instead of each job's")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)

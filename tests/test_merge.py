@@ -275,8 +275,8 @@ def bad_merge(models: Models, tmp_path: Path, kind: str) -> tuple[list, tuple[st
             "--expert", f"{models.tunes['words']}:{models.prompts['digits']}"], ("same prompts",)
 
 
-@pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "tokens", "empty prompt file", "unknown expert",
-                                  "no prompts", "same prompts"])
+@pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "tokens", "empty prompt file",
+                                  "unknown expert", "no prompts", "same prompts"])
 def test_bad_merge_is_one_line_and_writes_nothing(models: Models, tmp_path: Path, capsys, kind: str):
     args, needles = bad_merge(models, tmp_path, kind)
     out = tmp_path / "out"
