@@ -294,8 +294,8 @@ def build(case: Case, work: Path) -> tuple[Path, Path, str]:
 
 def _split(source: Path, output: Path, granularity: int):
     from moeify.moe_source import moe_source_for
-    from moeify.split import split_moe
     from moeify.spec import Mode
+    from moeify.split import split_moe
 
     config = json.loads((source / "config.json").read_text())
     moe = moe_source_for(config)

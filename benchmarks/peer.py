@@ -22,7 +22,6 @@ token, in the same run; then the layer's forward throughput.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # split_quality's helpers
+import split_quality  # noqa: E402
 from split_quality import DATA, SplitFFN, evaluate, perplexity  # noqa: E402
 
-import split_quality  # noqa: E402
 from moeify import calibration  # noqa: E402
 from moeify.adapters import adapter_for  # noqa: E402
 from moeify.checkpoint import Checkpoint  # noqa: E402

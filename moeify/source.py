@@ -15,10 +15,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from moeify.output import claim, staged_output
 from moeify.errors import MoeifyError, MoeifyFailure
+from moeify.output import claim, staged_output
+
+if TYPE_CHECKING:
+    import http.client
 
 # Short names for well-known dense models.
 ALIASES: dict[str, str] = {

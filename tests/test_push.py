@@ -16,8 +16,6 @@ from moeify.spec import Spec
 from tests.fixtures import make_tiny, run_cli
 
 
-
-
 @pytest.fixture(scope="module")
 def output(tmp_path_factory) -> Path:
     """A finished moeify output in several shards (with an index), its source carrying a license."""

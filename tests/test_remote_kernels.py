@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from moeify.targets.remote_code.configuration_moeify import MOE_DEFAULTS
-from moeify.targets.remote_code.modeling_moeify import Kernel, MoeifyBlock, MoeifyForCausalLM
-from tests.test_remote_block import load, remote_checkpoint, tokens
+from moeify.targets.remote_code.modeling_moeify import Kernel, MoeifyBlock
 from tests.fixtures import make_tiny
+from tests.test_remote_block import load, remote_checkpoint, tokens
 
 HIDDEN = 32
 FFN = 768  # neurons of the FFN the G experts are cut from

@@ -16,15 +16,14 @@ from typing import Annotated
 
 import typer
 
-from moeify import source, ui
 from moeify import recipe as recipes
+from moeify import source, ui
 from moeify.commands import options
 from moeify.commands import train as train_recipe
 from moeify.commands.options import OutputOpt, OverwriteOpt, optional
 from moeify.commands.upcycle import run
 from moeify.errors import MoeifyError
 from moeify.spec import Mode, Spec
-
 
 RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="A recipe file (YAML or moeify.json) or the name "
                                           "of a shipped recipe: " + ", ".join(recipes.shipped()) + ".")]
