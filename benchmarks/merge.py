@@ -1,6 +1,6 @@
 """moeify merge next to mergekit-moe 0.1.5 on one job: 4 experts from SmolLM2-135M and three fine-tunes of it.
 
-    python benchmarks/merge.py [--steps 40] [--seq 64] [--batch 4] [--runs 3]
+    python benchmarks/merge.py [--steps 300] [--seq 64] [--batch 4] [--runs 3]
 
 1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
    arithmetic (seeded), English prose (benchmarks/data's calibration and held-out texts), and short
@@ -209,7 +209,7 @@ def quality(folder: Path, data: dict[str, tuple[str, str]], tokens: int = 2048) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per domain")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per domain")
     parser.add_argument("--seq", type=int, default=64, help="tokens per fine-tuning sequence")
     parser.add_argument("--batch", type=int, default=4, help="sequences per fine-tuning step")
     parser.add_argument("--runs", type=int, default=3)
