@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from moeify.errors import MoeifyError
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch and transformers load only when tensors are read: `mo
 
 @dataclass(frozen=True)
 class Adapter:
+    moe: ClassVar[bool] = False  # a dense family (moe_source.MoESource says True)
     model_type: str
     native: tuple[str, ...]  # native MoE targets that can hold this family, by preference
     mlp: str = "model.layers.{i}.mlp"  # the FFN module's path

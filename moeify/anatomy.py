@@ -216,7 +216,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class _Fields:
+class Fields:
     """Config fields by any of their names, with the family's defaults where config.json is silent.
 
     config.json's own values come first. A field it lacks under every name takes the family's
@@ -279,7 +279,7 @@ def describe(config: dict) -> Anatomy:
     check_config(config)  # every number below is an integer within moeify's bounds, or null
     if config.get("model_type") == "moeify":
         return _remote(config)
-    fields = _Fields(config)
+    fields = Fields(config)
     model_type = config.get("model_type")
     layout = LAYOUTS.get(model_type)
     if layout is None:
@@ -297,7 +297,7 @@ def describe(config: dict) -> Anatomy:
     return Anatomy(model_type, kind, hidden, blocks, _outside(fields, layout, hidden), vocab, width, gated, bias)
 
 
-def _ffn_shape(model_type: str, fields: _Fields, layout: Layout) -> tuple[bool, bool]:
+def _ffn_shape(model_type: str, fields: Fields, layout: Layout) -> tuple[bool, bool]:
     """Gated or not, biased or not: the family's adapter says, as it does for a conversion."""
     from moeify.adapters import ADAPTERS, adapter_for
 
@@ -307,7 +307,7 @@ def _ffn_shape(model_type: str, fields: _Fields, layout: Layout) -> tuple[bool, 
     return adapter.gate is not None, adapter.bias
 
 
-def _attention(fields: _Fields, layout: Layout, hidden: int) -> int:
+def _attention(fields: Fields, layout: Layout, hidden: int) -> int:
     """Attention projections and the layer's norms."""
     norm = hidden * (2 if layout.layer_norm else 1)
     if layout.mla:
@@ -325,7 +325,7 @@ def _attention(fields: _Fields, layout: Layout, hidden: int) -> int:
     return params + layout.norms * norm
 
 
-def _mla(fields: _Fields, hidden: int) -> int:
+def _mla(fields: Fields, hidden: int) -> int:
     """DeepSeek-V2/V3 multi-head latent attention: low-rank query and key-value paths."""
     heads = fields.need("num_attention_heads")
     nope, rope = fields.need("qk_nope_head_dim"), fields.need("qk_rope_head_dim")
@@ -338,7 +338,7 @@ def _mla(fields: _Fields, hidden: int) -> int:
     return q + kv + heads * v_dim * hidden + bias * hidden
 
 
-def _outside(fields: _Fields, layout: Layout, hidden: int) -> int:
+def _outside(fields: Fields, layout: Layout, hidden: int) -> int:
     vocab = fields.need("vocab_size")
     tied = bool(fields.get("tie_word_embeddings", default=False))
     params = vocab * hidden * (1 if tied else 2) + hidden * (2 if layout.layer_norm else 1)
@@ -347,7 +347,7 @@ def _outside(fields: _Fields, layout: Layout, hidden: int) -> int:
     return params
 
 
-def _native_moe(fields: _Fields, model_type: str, hidden: int, attention: int):
+def _native_moe(fields: Fields, model_type: str, hidden: int, attention: int):
     """A function from layer index to its MoE block (None for a dense layer) for native MoE families."""
     if model_type in ("mixtral", "granitemoe", "granitemoeshared"):
         experts, width = fields.need("num_local_experts"), fields.need("intermediate_size")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -71,6 +72,7 @@ def _set_field(config: dict, path: str, value) -> None:
 
 @dataclass(frozen=True)
 class MoESource:
+    moe: ClassVar[bool] = True  # what a target asks to tell it from a dense Adapter (which says False)
     model_type: str
     native: tuple[str, ...]  # native targets that hold a split of it exactly (virtual groups); () : remote
     mlp: str  # the MoE block's path

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +43,7 @@ class PeerSpec(Spec):
     """A PEER conversion in Spec's terms: each FFN split into single neurons (granularity = its width,
     shared_experts of them always on), `topk` per retrieval head, plus the retrieval's own fields."""
 
+    peer: ClassVar[bool] = True
     mode: Mode = Mode.SPLIT
     experts: int = 1
     format: Format = Format.REMOTE  # PEER layers exist only in moeify's remote format

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from moeify.errors import MoeifyError
 
@@ -102,6 +103,7 @@ class Engine(str, Enum):
 
 @dataclass(frozen=True)
 class Spec:
+    peer: ClassVar[bool] = False  # PeerSpec (moeify.peer) says True; asking costs no import of PEER's code
     mode: Mode = Mode.UPCYCLE
     experts: int = 8  # copies of the FFN (before granularity)
     topk: int = 2  # copies selected per token (before granularity)
@@ -255,9 +257,20 @@ def _check_number(name: str, value: Any, high: float | None, whole: bool) -> Non
         raise MoeifyError(f"{flag} must be at most {high} (got {_shown(value)})")
 
 
-def _check_shard_size(text: str) -> None:
-    from moeify.checkpoint import parse_size  # checkpoint needs torch; `moeify --help` must not
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, as transformers reads max_shard_size."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise MoeifyError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def _check_shard_size(text: str) -> None:
     try:
         size = parse_size(text)
     except OverflowError:  # more digits than a float holds: over any bound

@@ -1,6 +1,7 @@
-"""`moeify --help`, every `moeify CMD --help`, `moeify models` and `moeify inspect` of a local folder run
-without torch, transformers or huggingface_hub (help and models without pydantic either, which Typer imports
-to coerce a value): a real child process in which importing any of them raises ImportError."""
+"""`moeify --help`, every `moeify CMD --help`, `moeify models` and `moeify inspect` of a local folder (with
+conversion options too) run without torch, transformers or huggingface_hub (help and models without pydantic
+either, which Typer imports to coerce a value): a real child process in which importing any of them raises
+ImportError."""
 
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ def test_inspect_without_torch(blocked_env, tiny_llama: Path):
     report = moeify(blocked_env, "inspect", str(tiny_llama), "--json")
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["num_layers"] == 3
+
+
+@pytest.mark.parametrize("options", [("--experts", "4", "--topk", "2"), ("--granularity", "2", "--format", "remote"),
+                                     ("--experts", "2", "--topk", "1", "--moe-layers", "0,2"),  # qwen2_moe
+                                     ("--experts", "4", "--topk", "2", "--shared-experts", "1")])
+def test_inspect_of_a_conversion_without_torch(blocked_env, tiny_llama: Path, options: tuple[str, ...]):
+    """Which format would hold a conversion, and what it would weigh: arithmetic on config.json."""
+    shown = moeify(blocked_env, "inspect", str(tiny_llama), *options)
+    assert shown.returncode == 0, shown.stderr
+    assert f"after upcycling ({' '.join(options)})" in shown.stdout and "conversion needs" in shown.stdout
 
 
 def test_a_conversion_still_needs_torch(blocked_env, tiny_llama: Path, tmp_path: Path):

@@ -21,9 +21,9 @@ def choose(adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) ->
     auto takes the first native target (in the adapter's order) that holds the conversion
     exactly, and the remote format otherwise.
     """
-    from moeify.targets.peer import PEER, PeerSpec  # here: moeify.peer reads the remote code, which is in targets
+    if spec.peer:
+        from moeify.targets.peer import PEER  # here: PEER's code imports the remote modeling code (transformers)
 
-    if isinstance(spec, PeerSpec):
         return PEER, "PEER layers exist only in moeify's remote format"
     if spec.format is Format.REMOTE:
         return REMOTE, "requested with --format remote"

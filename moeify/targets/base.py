@@ -1,22 +1,29 @@
-"""What every output format answers: can it hold this conversion, and how is it named on disk."""
+"""What every output format answers: can it hold this conversion, and how is it named on disk.
+
+Targets import neither torch nor transformers at module level: `moeify inspect` asks them which
+format would hold a conversion, and that is arithmetic on config.json (see test_instant_cli).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from moeify.adapters import Adapter
 from moeify.spec import Spec
-from moeify.transforms import FFN, MoELayer
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from moeify.transforms import FFN, MoELayer
 
 # One output tensor of a MoE layer: its name, and how to take it from the built layer.
-LayerTensor = tuple[str, Callable[[MoELayer], torch.Tensor]]
+LayerTensor = tuple[str, Callable[["MoELayer"], "torch.Tensor"]]
 # An output tensor the source lacks: its name, the source tensor it derives from, and how
 # (the function also runs on meta tensors, for the plan).
-Derived = tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
+Derived = tuple[str, str, Callable[["torch.Tensor"], "torch.Tensor"]]
 
 # Source config keys that describe the source file, not the model.
 NOT_BACKBONE = {"architectures", "model_type", "auto_map", "transformers_version", "_name_or_path",
@@ -69,6 +76,8 @@ def backbone(config: dict) -> dict:
     Loading through AutoConfig turns legacy fields (rope_theta, rope_scaling) into the current
     ones, so the target config states them explicitly instead of falling back to its defaults.
     """
+    from transformers import AutoConfig
+
     normalised = AutoConfig.for_model(**config).to_dict()
     return {k: v for k, v in normalised.items() if k not in NOT_BACKBONE}
 
@@ -92,6 +101,13 @@ def routed_tensors(block: str, moe: MoELayer, names: dict[str, str]) -> list[Lay
     for j in range(len(moe.experts)):
         tensors += ffn_tensors(f"{block}.experts.{j}", names, lambda m, j=j: m.experts[j])
     return tensors
+
+
+def config_class(name: str) -> type[PretrainedConfig]:
+    """transformers' config class of this name, imported when a conversion writes its config."""
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -14,18 +14,22 @@ memory (E copies of the FFN), unlike the per-expert formats.
 
 from __future__ import annotations
 
-import torch
-from transformers import GraniteMoeConfig, GraniteMoeSharedConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from moeify.adapters import Adapter
 from moeify.spec import Mode, Spec
-from moeify.targets.base import LayerTensor, Target, backbone, dtype_name
-from moeify.transforms import FFN, MoELayer
+from moeify.targets.base import LayerTensor, Target, backbone, config_class, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from moeify.transforms import FFN, MoELayer
 
 
 class GraniteMoe(Target):
     name = "granitemoe"
-    config_class: type[PretrainedConfig] = GraniteMoeConfig
+    config_name = "GraniteMoeConfig"
 
     def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
         if self.name not in adapter.native:
@@ -42,6 +46,8 @@ class GraniteMoe(Target):
         return "Granite-MoE has no shared experts (Granite-MoE-Shared has)" if spec.shared_experts else None
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
+        import torch
+
         base = f"model.layers.{layer}.block_sparse_moe"
         return [
             (f"{base}.router.layer.weight", lambda m: m.router),
@@ -59,8 +65,8 @@ class GraniteMoe(Target):
             "dtype": dtype_name(dtype),
         } | self.shared_fields(moe)
         fields.pop("mlp_bias", None)  # refused above when true; Granite-MoE has no such field
-        out = self.config_class(**fields)
-        out.architectures = [self.config_class.__name__.replace("Config", "ForCausalLM")]
+        out = config_class(self.config_name)(**fields)
+        out.architectures = [self.config_name.replace("Config", "ForCausalLM")]
         return out
 
     def shared_fields(self, moe: MoELayer) -> dict:
@@ -69,7 +75,7 @@ class GraniteMoe(Target):
 
 class GraniteMoeShared(GraniteMoe):
     name = "granitemoeshared"
-    config_class = GraniteMoeSharedConfig
+    config_name = "GraniteMoeSharedConfig"
 
     def shared_refusal(self, spec: Spec) -> str | None:
         return None if spec.shared_experts else "Granite-MoE holds this without shared experts"
@@ -88,10 +94,16 @@ class GraniteMoeShared(GraniteMoe):
 
 def gate_up(ffn: FFN) -> torch.Tensor:
     """(2I, H): gate rows, then up rows (Granite's input_linear, split in half by chunk(2))."""
+    import torch
+
     return torch.cat([ffn.gate, ffn.up], dim=0)
 
 
 def shared_mlp(moe: MoELayer) -> FFN:
     """The shared experts as one FFN of their summed width (weight 1 each, as Granite adds it)."""
+    import torch
+
+    from moeify.transforms import FFN
+
     return FFN(gate=torch.cat([s.gate for s in moe.shared]), up=torch.cat([s.up for s in moe.shared]),
                down=torch.cat([s.down for s in moe.shared], dim=1))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import MixtralConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from moeify.adapters import Adapter
 from moeify.spec import Mode, Spec
-from moeify.targets.base import LayerTensor, Target, backbone, dtype_name, routed_tensors
-from moeify.transforms import MoELayer
+from moeify.targets.base import LayerTensor, Target, backbone, config_class, dtype_name, routed_tensors
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from moeify.transforms import MoELayer
 
 # Mixtral's names for an expert's projections, in the order transformers writes them.
 EXPERT_NAMES = {"gate": "w1.weight", "down": "w2.weight", "up": "w3.weight"}
@@ -43,6 +47,6 @@ class Mixtral(Target):
             "router_jitter_noise": 0.0,
             "dtype": dtype_name(dtype),
         }
-        mixtral = MixtralConfig(**fields)
+        mixtral = config_class("MixtralConfig")(**fields)
         mixtral.architectures = ["MixtralForCausalLM"]
         return mixtral

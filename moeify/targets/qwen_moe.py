@@ -15,18 +15,21 @@ choices; each is exact in transformers too.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
-from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from typing import TYPE_CHECKING
 
 from moeify import engines
 from moeify.adapters import Adapter
-from moeify.moe_source import MoESource
+from moeify.anatomy import Fields
 from moeify.spec import Mode, RouterInit, Spec
 from moeify.targets.base import (
-    WEIGHT_NAMES, Derived, LayerTensor, Target, backbone, dtype_name, ffn_tensors, routed_tensors,
+    WEIGHT_NAMES, Derived, LayerTensor, Target, backbone, config_class, dtype_name, ffn_tensors, routed_tensors,
 )
-from moeify.transforms import FFN, LazyExperts, MoELayer
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from moeify.transforms import FFN, MoELayer
 
 # sigmoid of the (near) zero shared-expert gate logit; the doubled down projection undoes it.
 SHARED_GATE = 0.5
@@ -35,7 +38,7 @@ SHARED_GATE = 0.5
 # where llama.cpp's silu(x)/x is NaN. float16 cannot hold 2^-60; its smallest subnormal, 2^-24,
 # still gives sigmoid 0.5 exactly there, and llama.cpp's converter keeps this tensor in float32
 # (FFN_GATE_INP_SHEXP in conversion/base.py), where 2^-24 times the hidden sum is not 0.
-GATE_ENTRY = {torch.float16: 2.0**-24}
+GATE_ENTRY = {"torch.float16": 2.0**-24}
 GATE_ENTRY_DEFAULT = 2.0**-60
 EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -55,7 +58,7 @@ class Construction:
 class QwenMoE(Target):
     """What Qwen2-MoE and Qwen3-MoE share: names, layer subsets, routing."""
 
-    config_class: type[PretrainedConfig]
+    config_name: str  # transformers' config class
 
     def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
         if self.name not in adapter.native:
@@ -63,7 +66,7 @@ class QwenMoE(Target):
         if adapter.bias:
             return f"{self.name} has no FFN biases"
         if spec.mode in (Mode.SPLIT, Mode.EXPAND):  # a merge is upcycle's construction with other FFNs
-            if isinstance(adapter, MoESource):  # its own format, every expert cut into virtual groups: exact
+            if adapter.moe:  # its own format, every expert cut into virtual groups: exact
                 return None
             return f"{self.name} renormalises top-k weights, which a split cannot match exactly"
         return self.backbone_refusal(config, spec)
@@ -87,8 +90,8 @@ class QwenMoE(Target):
             "output_router_logits": False,
             "dtype": dtype_name(dtype),
         } | self.extra_fields(config, moe, num_layers)
-        out = self.config_class(**fields)
-        out.architectures = [self.config_class.__name__.replace("Config", "ForCausalLM")]
+        out = config_class(self.config_name)(**fields)
+        out.architectures = [self.config_name.replace("Config", "ForCausalLM")]
         return out
 
     def extra_fields(self, config: dict, moe: MoELayer, num_layers: int) -> dict:
@@ -97,13 +100,13 @@ class QwenMoE(Target):
 
 class Qwen2Moe(QwenMoE):
     name = "qwen2_moe"
-    config_class = Qwen2MoeConfig
+    config_name = "Qwen2MoeConfig"
 
     def __init__(self, construction: Construction = Construction()):
         self.construction = construction
 
     def prepared(self, adapter: Adapter, config: dict, spec: Spec) -> Qwen2Moe:
-        if isinstance(adapter, MoESource):  # a split keeps its source's own construction
+        if adapter.moe:  # a split keeps its source's own construction
             return self
         return Qwen2Moe(construction_for(config, spec))
 
@@ -129,15 +132,16 @@ class Qwen2Moe(QwenMoE):
         return added
 
     def added_params(self, config: dict, moe_layers: list[int]) -> int:
-        c, full = self.construction, backbone(config)
-        hidden, heads = full["hidden_size"], full["num_attention_heads"]
-        head_dim = full.get("head_dim") or hidden // heads
-        qkv = (heads + 2 * (full.get("num_key_value_heads") or heads)) * head_dim
-        return (full["vocab_size"] * hidden * c.explicit_head + qkv * full["num_hidden_layers"] * c.zero_qkv_bias
+        c, fields = self.construction, Fields(config)
+        hidden, heads = fields.need("hidden_size"), fields.need("num_attention_heads")
+        head_dim = fields.get("head_dim") or hidden // heads
+        qkv = (heads + 2 * (fields.get("num_key_value_heads") or heads)) * head_dim
+        return (fields.need("vocab_size") * hidden * c.explicit_head
+                + qkv * fields.need("num_hidden_layers") * c.zero_qkv_bias
                 + 3 * hidden * c.null_shared_width * len(moe_layers))
 
     def moe_tensors(self, adapter: Adapter, layer: int, moe: MoELayer) -> list[LayerTensor]:
-        if isinstance(adapter, MoESource):  # a split Qwen2-MoE: its gated shared expert passes through
+        if adapter.moe:  # a split Qwen2-MoE: its gated shared expert passes through
             return super().moe_tensors(adapter, layer, moe)
         base = f"model.layers.{layer}.mlp"
         width = self.construction.null_shared_width
@@ -150,7 +154,7 @@ class Qwen2Moe(QwenMoE):
     def gate_row(self, moe: MoELayer) -> torch.Tensor:
         """(1, H): zeros, or a negligible constant whose logit llama.cpp's sigmoid can take."""
         row = moe.router.new_zeros(1, moe.router.shape[1])
-        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(row.dtype, GATE_ENTRY_DEFAULT)
+        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(str(row.dtype), GATE_ENTRY_DEFAULT)
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
@@ -178,7 +182,7 @@ class Qwen2Moe(QwenMoE):
 def construction_for(config: dict, spec: Spec) -> Construction:
     """The Qwen2-MoE construction every engine in the scope of spec.engine computes exactly."""
     arch, engine = Qwen2Moe.name, spec.engine
-    tied = bool(backbone(config).get("tie_word_embeddings"))
+    tied = bool(Fields(config).get("tie_word_embeddings"))  # transformers' default where config.json is silent
     return Construction(
         explicit_head=tied and not engines.all_honour(engine, arch, "tied_embeddings"),
         gate_at_zero=engines.all_honour(engine, arch, "shared_gate_at_zero"),
@@ -198,6 +202,8 @@ def uniform(moe: MoELayer) -> MoELayer:
 
     Identical copies stay one tensor (the writer copies repeats in-kernel).
     """
+    from moeify.transforms import LazyExperts
+
     factor = len(moe.experts) / moe.topk
     if isinstance(moe.experts, LazyExperts):
         experts = LazyExperts(len(moe.experts), lambda j: moe.experts[j].scaled(factor))
@@ -209,7 +215,7 @@ def uniform(moe: MoELayer) -> MoELayer:
 
 class Qwen3Moe(QwenMoE):
     name = "qwen3_moe"
-    config_class = Qwen3MoeConfig
+    config_name = "Qwen3MoeConfig"
 
     def backbone_refusal(self, config: dict, spec: Spec) -> str | None:
         if spec.shared_experts:
@@ -226,6 +232,10 @@ def shared_expert(moe: MoELayer, null_width: int = 0) -> FFN:
     gate, up: (S*I, H); down: (H, S*I). Without shared experts: zeros of width null_width
     (llama.cpp needs a shared expert in every layer), which add exactly 0.
     """
+    import torch
+
+    from moeify.transforms import FFN
+
     if not moe.shared:
         empty = moe.router.new_zeros(null_width, moe.router.shape[1])
         return FFN(gate=empty, up=empty, down=empty.T)

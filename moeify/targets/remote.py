@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from moeify.adapters import Adapter
 from moeify.spec import Spec
 from moeify.targets.base import NOT_BACKBONE, PROJ_NAMES, LayerTensor, Target, dtype_name, ffn_tensors
-from moeify.transforms import FFN, MoELayer
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from moeify.transforms import FFN, MoELayer
 
 CODE_DIR = Path(__file__).parent / "remote_code"
 CODE_FILES = ("configuration_moeify.py", "modeling_moeify.py")
@@ -46,6 +49,8 @@ class Remote(Target):
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
+        from transformers import AutoConfig
+
         from moeify.targets.remote_code.configuration_moeify import MoeifyConfig
 
         base = {k: v for k, v in AutoConfig.for_model(**config).to_dict().items() if k not in NOT_BASE}
