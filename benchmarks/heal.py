@@ -4,6 +4,7 @@
     python benchmarks/heal.py --tokens 400000 --jobs routers    # further, one job
     python benchmarks/heal.py --layouts g8,g64s8,upcycle --tokens 51200
     python benchmarks/heal.py --jobs routers,moe,local        # global distillation vs layer-wise (local)
+    python benchmarks/heal.py --layouts g64s8 --calibration builtin   # splits calibrated on moeify's corpus
     python benchmarks/heal.py --overhead-only                   # the loop against a bare accelerate loop
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. Training text:
@@ -74,13 +75,14 @@ def training_text(work: Path) -> Path:
     return path
 
 
-def convert(layout: str, dense: Path, text: Path, work: Path) -> Path:
-    out = work / layout
+def convert(layout: str, dense: Path, text: Path, work: Path, builtin: bool = False) -> Path:
+    """The layout made once; a split calibrated on the training text, or with builtin on moeify's own corpus."""
+    out = work / (layout + ("-builtin" if builtin and LAYOUTS[layout][0] == "split" else ""))
     if not (out / "moeify.json").is_file():
-        calibration = ["--calibration", text] if LAYOUTS[layout][0] == "split" else []
+        calibration = ["--calibration", text] if LAYOUTS[layout][0] == "split" and not builtin else []
         seconds = moeify(*LAYOUTS[layout][:1], dense, *LAYOUTS[layout][1:], *calibration, "--output", out,
-                         "--overwrite", log=work / f"{layout}.log")
-        print(f"{layout}: converted in {seconds:.0f} s")
+                         "--overwrite", log=work / f"{out.name}.log")
+        print(f"{out.name}: converted in {seconds:.0f} s")
     return out
 
 
@@ -112,7 +114,7 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
 
 
 def table(results: dict[tuple[str, str], list[dict]], budgets: list[int]) -> None:
-    print(f"\n{'layout':<8} {'job':<8} {'tokens':>8} {'train s':>8} {'ppl ratio before -> after':>26}")
+    print(f"\n{'layout':<14} {'job':<8} {'tokens':>8} {'train s':>8} {'ppl ratio before -> after':>26}")
     for (layout, job), curve in results.items():
         before, shown = curve[0]["ratio"], set()
         for budget in budgets:
@@ -121,8 +123,8 @@ def table(results: dict[tuple[str, str], list[dict]], budgets: list[int]) -> Non
                 row = reached[0]
                 shown.add(row["step"])
                 change = f"×{before:.2f} -> ×{row['ratio']:.2f}"
-                print(f"{layout:<8} {job:<8} {row['tokens']:>8} {row['seconds']:>8.0f} {change:>26}")
-        print(f"{'':<8} curve: " + ", ".join(f"{row['tokens'] // 1000}k ×{row['ratio']:.2f}" for row in curve))
+                print(f"{layout:<14} {job:<8} {row['tokens']:>8} {row['seconds']:>8.0f} {change:>26}")
+        print(f"{'':<14} curve: " + ", ".join(f"{row['tokens'] // 1000}k ×{row['ratio']:.2f}" for row in curve))
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -203,6 +205,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
     parser.add_argument("--lr", type=float,
                         help="one learning rate for every job (the routers too, unless --router-lr), instead of each job's")
+    parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
+                        help="what splits are calibrated on: the training text, or moeify's built-in corpus")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -223,12 +227,12 @@ def main() -> None:
     if not args.overhead_only:
         results = {}
         for layout in args.layouts.split(","):
-            model = convert(layout, dense, text, args.work)
+            model = convert(layout, dense, text, args.work, builtin=args.calibration == "builtin")
             for job in args.jobs.split(","):
                 started = time.perf_counter()
-                results[layout, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work, args.lr,
-                                              args.router_lr)
-                print(f"{layout} {job}: {time.perf_counter() - started:.0f} s wall")
+                results[model.name, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work,
+                                                args.lr, args.router_lr)
+                print(f"{model.name} {job}: {time.perf_counter() - started:.0f} s wall")
         table(results, budgets or [args.tokens])
     if not args.no_overhead:
         overhead(convert("g8", dense, text, args.work), dense, text, args.overhead_steps, args.overhead_rounds,
