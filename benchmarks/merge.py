@@ -1,13 +1,13 @@
 """moeify merge next to mergekit-moe 0.1.5 on one job: 4 experts from SmolLM2-135M and three fine-tunes of it.
 
-    python benchmarks/merge.py [--steps 300] [--seq 64] [--batch 4] [--runs 3]
+    python benchmarks/merge.py [--steps 300] [--seq 64] [--batch 4] [--runs 3] [--parts smollm2,1.1b]
 
 1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
    arithmetic (seeded), English prose (benchmarks/data's calibration and held-out texts), and short
    questions for the base model's own expert. Each has a training part and a held-out part.
 2. Fine-tunes (cached in ~/.cache/moeify/bench/merge/): SmolLM2-135M-Instruct (float32, the offline
    copy) trained --steps AdamW steps (--batch x --seq tokens) on each of code, arithmetic and prose, FFN
-   weights only: a few minutes on a shared 2-core machine.
+   weights only: ~15 minutes per domain on one thread of a shared 2-core machine.
 3. The merge, both tools from ONE mergekit-moe YAML (base + 3 fine-tunes, gate_mode hidden, top-2,
    float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
    this venv's torch/transformers through a .pth) and `moeify apply config.yml --output OUT`, each in
@@ -15,6 +15,9 @@
 4. Quality of both outputs: per domain, the share of held-out tokens (after the first of each line)
    whose top-1 expert is that domain's (averaged over layers), and held-out perplexity next to each
    source model's.
+5. `--parts 1.1b`: the same merge at 1.1B (benchmarks/scale.py's synthetic TinyLlama-shaped model,
+   random bfloat16 weights, and three copies with perturbed FFNs), timed only. Needs ~23 GB of disk
+   while it runs (sources 8.8 GB, kept in the cache; each tool's 6.8 GB output, removed after).
 """
 
 from __future__ import annotations
@@ -149,10 +152,10 @@ def mergekit_venv() -> Path:
     return tool
 
 
-def config_yaml(base: Path, tunes: dict[str, Path], data: dict[str, tuple[str, str]]) -> str:
-    experts = [("chat", base)] + [(d, tunes[d]) for d in DOMAINS[1:]]
-    lines = [f"base_model: {base}", "gate_mode: hidden", "dtype: float32", "experts_per_token: 2", "experts:"]
-    for domain, folder in experts:
+def config_yaml(base: Path, experts: list[Path], data: dict[str, tuple[str, str]], dtype: str) -> str:
+    """One mergekit-moe YAML for both tools: experts[e] gets the prompts of DOMAINS[e]."""
+    lines = [f"base_model: {base}", "gate_mode: hidden", f"dtype: {dtype}", "experts_per_token: 2", "experts:"]
+    for domain, folder in zip(DOMAINS, experts):
         lines += [f"  - source_model: {folder}", "    positive_prompts:"]
         lines += [f"      - {json.dumps(p)}" for p in prompts(data[domain][0])]
     return "\n".join(lines) + "\n"
@@ -214,46 +217,109 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per fine-tuning step")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="smollm2", help="comma-separated: smollm2, 1.1b")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     data = make_data()
     base = base_folder()
+    parts = args.parts.split(",")
+    if "smollm2" in parts:
+        smollm2_job(base, data, args)
+    if "1.1b" in parts:
+        scaled_job(base, data, args)
+
+
+def smollm2_job(base: Path, data: dict[str, tuple[str, str]], args: argparse.Namespace) -> None:
+    """The issue's job: SmolLM2 and three fine-tunes of it, float32; time, memory, then routing and quality."""
     tunes = {d: fine_tune(base, d, data[d][0], args.steps, args.seq, args.batch) for d in DOMAINS[1:]}
-    work = CACHE / "run"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh(CACHE / "run")
     yaml = work / "config.yml"
-    yaml.write_text(config_yaml(base, tunes, data))
-    tool = mergekit_venv()
-    jobs = {"moeify apply (merge)": lambda out: [sys.executable, "-m", "moeify", "apply", str(yaml), "--output", str(out)],
-            "mergekit-moe 0.1.5": lambda out: [str(tool), str(yaml), str(out), "--device", "cpu"]}
-    env_threads = {"OMP_NUM_THREADS": str(args.threads)}
-    os.environ.update(env_threads)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
-    for run in range(args.runs):
-        for name, command in jobs.items():
-            out = work / name.split()[0]
-            shutil.rmtree(out, ignore_errors=True)  # outside the clock
-            results[name].append(timed(command(out), work / f"{name.split()[0]}.log"))
-            print(f"run {run + 1}: {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB")
-    print(f"\n4 experts (SmolLM2-135M-Instruct + 3 fine-tunes of {args.steps} x {args.batch} x {args.seq} tokens), "
-          f"hidden gates, top-2, "
-          f"float32, Mixtral; median of {args.runs}, {args.threads} threads")
-    print(f"{'job':<24}{'wall s':>9}{'peak RSS MB':>13}")
-    medians = {}
-    for name, runs in results.items():
-        medians[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-        print(f"{name:<24}{medians[name][0]:>9.1f}{medians[name][1]:>13.0f}")
-    (ours, theirs) = medians.values()
-    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it\n")
+    yaml.write_text(config_yaml(base, [base, *tunes.values()], data, "float32"))
+    outputs = compare(yaml, work, args.runs)
+    print(f"4 experts (SmolLM2-135M-Instruct + 3 fine-tunes of {args.steps} x {args.batch} x {args.seq} tokens), "
+          f"hidden gates, top-2, float32, Mixtral; median of {args.runs}, {args.threads} threads\n")
     rows = {"base (SmolLM2-135M-Instruct)": quality(base, data)}
     rows |= {f"fine-tune: {d}": quality(tunes[d], data) for d in DOMAINS[1:]}
-    rows |= {name: quality(work / name.split()[0], data) for name in jobs}
+    rows |= {name: quality(out, data) for name, out in outputs.items()}
     print("held-out perplexity per domain (share of tokens reaching the domain's expert first, mean over layers)")
     print(f"{'model':<32}" + "".join(f"{d:>18}" for d in DOMAINS))
     for name, per in rows.items():
-        cells = "".join(f"{ppl:>9.2f}" + (f" ({share:>5.0%})" if share is not None else " " * 8) for ppl, share in per.values())
+        cells = "".join(f"{ppl:>9.2f}" + (f" ({share:>5.0%})" if share is not None else " " * 8)
+                        for ppl, share in per.values())
         print(f"{name:<32}{cells}")
+
+
+def scaled_job(smollm2: Path, data: dict[str, tuple[str, str]], args: argparse.Namespace) -> None:
+    """The same merge at 1.1B (TinyLlama's shapes, random bfloat16 weights, SmolLM2's tokenizer; the three
+    other experts are the base with every FFN weight perturbed), timed only: start-up (importing torch and
+    transformers, ~6 s for either tool) is then a small part of the run, as it is for real merges."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import synthetic  # the 1.1B model benchmarks/scale.py makes
+
+    work = CACHE / "1.1b"
+    base = synthetic(work, smollm2)
+    tunes = [perturbed(base, work / f"tune-{seed}", seed) for seed in (1, 2, 3)]
+    run = fresh(work / "run")
+    yaml = run / "config.yml"
+    yaml.write_text(config_yaml(base, [base, *tunes], data, "bfloat16"))
+    compare(yaml, run, args.runs)
+    print(f"4 experts of a 1.1B Llama (random bfloat16 weights), hidden gates, top-2, bfloat16, Mixtral; "
+          f"median of {args.runs}, {args.threads} threads\n")
+    for out in run.iterdir():
+        if out.is_dir():
+            shutil.rmtree(out)  # 6.8 GB each
+
+
+def perturbed(base: Path, folder: Path, seed: int) -> Path:
+    """base with every FFN weight times (1 + 0.01 noise), one shard at a time; made once."""
+    from safetensors.torch import load_file, save_file
+
+    if (folder / "config.json").is_file():
+        return folder
+    staging = fresh(folder.with_name(folder.name + ".part"))
+    gen = torch.Generator().manual_seed(seed)
+    for path in sorted(base.iterdir()):
+        if path.suffix != ".safetensors":
+            shutil.copy(path, staging / path.name)
+            continue
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if ".mlp." in name:
+                tensors[name] = (t.float() * (1 + 0.01 * torch.randn(t.shape, generator=gen))).to(t.dtype)
+        save_file(tensors, staging / path.name, metadata={"format": "pt"})
+    staging.rename(folder)
+    return folder
+
+
+def fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def compare(yaml: Path, work: Path, runs: int) -> dict[str, Path]:
+    """Both tools on one mergekit-moe YAML, alternating, each run in a fresh process; prints the medians.
+    Returns each tool's output folder (from its last run)."""
+    tool = mergekit_venv()
+    jobs = {"moeify apply (merge)": [sys.executable, "-m", "moeify", "apply", str(yaml), "--output"],
+            "mergekit-moe 0.1.5": [str(tool), str(yaml)]}
+    outputs = {name: work / name.split()[0] for name in jobs}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
+    for run in range(runs):
+        for name, command in jobs.items():
+            shutil.rmtree(outputs[name], ignore_errors=True)  # outside the clock
+            extra = ["--device", "cpu"] if name.startswith("mergekit") else []
+            results[name].append(timed([*command, str(outputs[name]), *extra], work / f"{name.split()[0]}.log"))
+            print(f"run {run + 1}: {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB")
+    print(f"\n{'job':<24}{'wall s':>9}{'peak RSS MB':>13}")
+    medians = {}
+    for name, got in results.items():
+        medians[name] = (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
+        print(f"{name:<24}{medians[name][0]:>9.1f}{medians[name][1]:>13.0f}")
+    ours, theirs = medians.values()
+    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it")
+    return outputs
 
 
 if __name__ == "__main__":
