@@ -77,9 +77,10 @@ def training_text(work: Path) -> Path:
 
 def convert(layout: str, dense: Path, text: Path, work: Path, builtin: bool = False) -> Path:
     """The layout made once; a split calibrated on the training text, or with builtin on moeify's own corpus."""
-    out = work / (layout + ("-builtin" if builtin and LAYOUTS[layout][0] == "split" else ""))
+    split = LAYOUTS[layout][0] == "split"
+    out = work / (layout + ("-builtin" if builtin and split else ""))
     if not (out / "moeify.json").is_file():
-        calibration = ["--calibration", text] if LAYOUTS[layout][0] == "split" and not builtin else []
+        calibration = ["--calibration", text] if split and not builtin else []
         seconds = moeify(*LAYOUTS[layout][:1], dense, *LAYOUTS[layout][1:], *calibration, "--output", out,
                          "--overwrite", log=work / f"{out.name}.log")
         print(f"{out.name}: converted in {seconds:.0f} s")
@@ -93,8 +94,8 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
     lr: the learning rate of what trains, instead of the job's own; router_lr: the routers' (lr when
     not given).
     """
-    router_lr = router_lr or lr
     out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else ""))
+    router_lr = router_lr or lr
     rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
@@ -203,8 +204,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="25600,51200,102400,204800,409600",
                         help="token counts the table reads the curves at")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between held-out scores")
-    parser.add_argument("--lr", type=float,
-                        help="one learning rate for every job (the routers too, unless --router-lr), instead of each job's")
+    parser.add_argument("--lr", type=float, help="one learning rate for every job instead of each job's "
+                                                  "(the routers' too, unless --router-lr)")
     parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
                         help="what splits are calibrated on: the training text, or moeify's built-in corpus")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")

@@ -155,7 +155,7 @@ def mergekit_venv() -> Path:
 def config_yaml(base: Path, experts: list[Path], data: dict[str, tuple[str, str]], dtype: str) -> str:
     """One mergekit-moe YAML for both tools: experts[e] gets the prompts of DOMAINS[e]."""
     lines = [f"base_model: {base}", "gate_mode: hidden", f"dtype: {dtype}", "experts_per_token: 2", "experts:"]
-    for domain, folder in zip(DOMAINS, experts):
+    for domain, folder in zip(DOMAINS, experts, strict=True):
         lines += [f"  - source_model: {folder}", "    positive_prompts:"]
         lines += [f"      - {json.dumps(p)}" for p in prompts(data[domain][0])]
     return "\n".join(lines) + "\n"
@@ -236,9 +236,9 @@ def smollm2_job(base: Path, data: dict[str, tuple[str, str]], args: argparse.Nam
     work = fresh(CACHE / "run")
     yaml = work / "config.yml"
     yaml.write_text(config_yaml(base, [base, *tunes.values()], data, "float32"))
-    outputs = compare(yaml, work, args.runs)
     print(f"4 experts (SmolLM2-135M-Instruct + 3 fine-tunes of {args.steps} x {args.batch} x {args.seq} tokens), "
-          f"hidden gates, top-2, float32, Mixtral; median of {args.runs}, {args.threads} threads\n")
+          f"hidden gates, top-2, float32, Mixtral; median of {args.runs}, {args.threads} threads")
+    outputs = compare(yaml, work, args.runs)
     rows = {"base (SmolLM2-135M-Instruct)": quality(base, data)}
     rows |= {f"fine-tune: {d}": quality(tunes[d], data) for d in DOMAINS[1:]}
     rows |= {name: quality(out, data) for name, out in outputs.items()}
@@ -263,9 +263,9 @@ def scaled_job(smollm2: Path, data: dict[str, tuple[str, str]], args: argparse.N
     run = fresh(work / "run")
     yaml = run / "config.yml"
     yaml.write_text(config_yaml(base, [base, *tunes], data, "bfloat16"))
-    compare(yaml, run, args.runs)
     print(f"4 experts of a 1.1B Llama (random bfloat16 weights), hidden gates, top-2, bfloat16, Mixtral; "
-          f"median of {args.runs}, {args.threads} threads\n")
+          f"median of {args.runs}, {args.threads} threads")
+    compare(yaml, run, args.runs)
     for out in run.iterdir():
         if out.is_dir():
             shutil.rmtree(out)  # 6.8 GB each
@@ -318,7 +318,7 @@ def compare(yaml: Path, work: Path, runs: int) -> dict[str, Path]:
         medians[name] = (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
         print(f"{name:<24}{medians[name][0]:>9.1f}{medians[name][1]:>13.0f}")
     ours, theirs = medians.values()
-    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it")
+    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it\n")
     return outputs
 
 

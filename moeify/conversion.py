@@ -21,7 +21,6 @@ from moeify import __version__, card, engines
 from moeify import source as sources
 from moeify.adapters import Adapter, adapter_for
 from moeify.checkpoint import Checkpoint, PlannedTensor, write_shards
-from moeify.moe_source import MoESource
 from moeify.output import staged_output
 from moeify.spec import DType, Spec
 from moeify.targets import choose
@@ -160,7 +159,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     on_plan(total_bytes)
     skeleton = job.moe(moe_layers[0], meta=True)  # shapes of the MoE layers, for the config
     out_dtype = dtype or _source_dtype(ckpt)
-    if isinstance(adapter, MoESource):  # a MoE source (split, expand) keeps its own format and config, rescaled
+    if adapter.moe:  # a MoE source (split, expand) keeps its own format and config, rescaled
         config = adapter.output_config(ckpt.config, skeleton, dtype_name(out_dtype))
     else:
         config = target.config(adapter, ckpt.config, spec, moe_layers, skeleton, out_dtype)

@@ -160,7 +160,7 @@ class PromptBatch:
     def groups(self) -> list[torch.Tensor]:
         """Row indices (b,) in groups of similar length, longest first, to run as batches of their own.
 
-        A group takes prompts while they are at least 3/4 of its longest, so padding stays under a
+        A group takes prompts while they are at least 3/4 of its longest, so padding is at most a
         quarter of what runs: one right-padded batch spent half its work on padding when long and
         short prompts mix, one batch per prompt would pay the per-call cost of every layer each time.
         """
@@ -242,12 +242,12 @@ def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, batch: PromptBatch, lay
     states = runner.start([batch.ids[rows, : int(batch.real[rows].sum(1).max())] for rows in groups])
     for index in range(max(layers) + 1):
         if index in layers:
-            yield index, _padded(batch, groups, _ffn_inputs(runner, adapter, index, states))
+            yield index, _padded(batch, groups, _layer_ffn_inputs(runner, adapter, index, states))
         else:
             runner.run_layer(index, states)
 
 
-def _ffn_inputs(runner: LayerwiseModel, adapter: Adapter, index: int, states: list[Batch]) -> list[torch.Tensor]:
+def _layer_ffn_inputs(runner: LayerwiseModel, adapter: Adapter, index: int, states: list[Batch]) -> list[torch.Tensor]:
     """Run layer `index` over every group, returning its FFN's input for each, (b, t, H)."""
     seen: list[torch.Tensor] = []
     runner.run_layer(index, states, lambda i, layer: _inputs(runner.model.get_submodule(adapter.mlp_path(i)), seen))

@@ -13,6 +13,7 @@ expert's output on top (mergekit's residual_scale).
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -218,7 +219,7 @@ def _same_vocabulary(folder: Path, name: str, base_folder: Path) -> None:
 
 def _same_bytes(a: Path, b: Path) -> bool:
     try:
-        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+        return filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
 

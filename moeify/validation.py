@@ -159,10 +159,8 @@ def _check_read(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     Runs before the model is built and stops at the first absent name, so a config that claims
     thousands of experts costs no more than the weights really hold.
     """
-    from moeify.moe_source import MoESource
-
     config = ckpt.config
-    layers = reader.moe_layers(config) if isinstance(reader, MoESource) else range(reader.num_layers(config))
+    layers = reader.moe_layers(config) if reader.moe else range(reader.num_layers(config))
     for layer in layers:
         for name in reader.ffn_names(layer).values():
             if name not in ckpt.tensors:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeify.checkpoint import (
-    INDEX_FILE, Checkpoint, PlannedTensor, parse_size, read_header, write_shards,
+    INDEX_FILE, Checkpoint, PlannedTensor, read_header, write_shards,
 )
 from moeify.errors import MoeifyError
 
@@ -384,17 +384,6 @@ def test_repeated_tensors_are_written_byte_exactly(tmp_path: Path):
         assert set(got) == set(expected)
         for name, tensor in expected.items():
             assert got[name].dtype == tensor.dtype and raw(got[name]) == raw(tensor), (size, name)
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("500MB") == 500 * 10**6
-    assert parse_size("2GiB") == 2 * 2**30
-    assert parse_size("1.5kb") == 1500
-    assert parse_size("123") == 123
-    for bad in ("", "GB", "-1GB", "0", "5 parsecs"):
-        with pytest.raises(MoeifyError, match="cannot read size"):
-            parse_size(bad)
 
 
 def test_config_without_layer_count_is_one_clear_error(tiny_llama: Path):

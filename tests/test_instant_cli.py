@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from moeify import cli
+from tests.fixtures import make_tiny
 
 COMMANDS = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
 
@@ -94,6 +95,16 @@ def test_inspect_of_a_conversion_without_torch(blocked_env, tiny_llama: Path, op
     shown = moeify(blocked_env, "inspect", str(tiny_llama), *options)
     assert shown.returncode == 0, shown.stderr
     assert f"after upcycling ({' '.join(options)})" in shown.stdout and "conversion needs" in shown.stdout
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "granite", "phi3"])
+def test_inspect_of_a_conversion_without_torch_in_every_family(blocked_env, tmp_path: Path, family: str):
+    """Each family's native targets (Mixtral, Qwen2/3-MoE, Granite-MoE) decide from config.json alone."""
+    folder = make_tiny(family, tmp_path / family)
+    for options in (("--experts", "4", "--topk", "2"), ("--experts", "4", "--topk", "2", "--shared-experts", "1")):
+        shown = moeify(blocked_env, "inspect", str(folder), *options)
+        assert shown.returncode == 0, shown.stderr
+        assert "conversion needs" in shown.stdout
 
 
 def test_a_conversion_still_needs_torch(blocked_env, tiny_llama: Path, tmp_path: Path):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from moeify.errors import MoeifyError
-from moeify.spec import DType, Format, Mode, RouterInit, Spec, parse_layers
+from moeify.spec import DType, Format, Mode, RouterInit, Spec, parse_layers, parse_size
 
 
 def test_defaults_are_a_valid_upcycle():
@@ -116,3 +116,14 @@ def test_parse_layers(expr, layers):
 def test_parse_layers_against_a_model(expr, message):
     with pytest.raises(MoeifyError, match=message):
         parse_layers(expr, 6)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5kb") == 1500
+    assert parse_size("123") == 123
+    for bad in ("", "GB", "-1GB", "0", "5 parsecs"):
+        with pytest.raises(MoeifyError, match="cannot read size"):
+            parse_size(bad)

@@ -20,6 +20,7 @@ EXPERT_NAMES = {"gate": "w1.weight", "down": "w2.weight", "up": "w3.weight"}
 
 class Mixtral(Target):
     name = "mixtral"
+    config_name = "MixtralConfig"
 
     def refusal(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int]) -> str | None:
         if "mixtral" not in adapter.native:
@@ -47,6 +48,6 @@ class Mixtral(Target):
             "router_jitter_noise": 0.0,
             "dtype": dtype_name(dtype),
         }
-        mixtral = config_class("MixtralConfig")(**fields)
+        mixtral = config_class(self.config_name)(**fields)
         mixtral.architectures = ["MixtralForCausalLM"]
         return mixtral

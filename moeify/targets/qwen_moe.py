@@ -38,7 +38,7 @@ SHARED_GATE = 0.5
 # where llama.cpp's silu(x)/x is NaN. float16 cannot hold 2^-60; its smallest subnormal, 2^-24,
 # still gives sigmoid 0.5 exactly there, and llama.cpp's converter keeps this tensor in float32
 # (FFN_GATE_INP_SHEXP in conversion/base.py), where 2^-24 times the hidden sum is not 0.
-GATE_ENTRY = {"torch.float16": 2.0**-24}
+GATE_ENTRY = {"float16": 2.0**-24}
 GATE_ENTRY_DEFAULT = 2.0**-60
 EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -154,7 +154,7 @@ class Qwen2Moe(QwenMoE):
     def gate_row(self, moe: MoELayer) -> torch.Tensor:
         """(1, H): zeros, or a negligible constant whose logit llama.cpp's sigmoid can take."""
         row = moe.router.new_zeros(1, moe.router.shape[1])
-        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(str(row.dtype), GATE_ENTRY_DEFAULT)
+        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(dtype_name(row.dtype), GATE_ENTRY_DEFAULT)
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
@@ -220,8 +220,9 @@ class Qwen3Moe(QwenMoE):
     def backbone_refusal(self, config: dict, spec: Spec) -> str | None:
         if spec.shared_experts:
             return "Qwen3-MoE has no shared experts"
-        types = backbone(config).get("layer_types") or []
-        if config.get("use_sliding_window") and any(t != "sliding_attention" for t in types):
+        if not config.get("use_sliding_window"):  # first: layer_types needs transformers (backbone)
+            return None
+        if any(t != "sliding_attention" for t in backbone(config).get("layer_types") or []):
             return "Qwen3-MoE slides its attention window on every layer or none"
         return None
 
