@@ -3,8 +3,8 @@
     python benchmarks/merge.py [--steps 300] [--seq 64] [--batch 4] [--runs 3] [--parts smollm2,1.1b]
 
 1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
-   arithmetic (seeded), English prose (benchmarks/data's calibration and held-out texts), and short
-   questions for the base model's own expert. Each has a training part and a held-out part.
+   arithmetic (seeded), English prose (the start of Austen's Emma to train on; benchmarks/data's
+   modern held-out text to score), and short questions for the base model's own expert. Each has a training part and a held-out part.
 2. Fine-tunes (cached in ~/.cache/moeify/bench/merge/): SmolLM2-135M-Instruct (float32, the offline
    copy) trained --steps AdamW steps (--batch x --seq tokens) on each of code, arithmetic and prose, FFN
    weights only: ~15 minutes per domain on one thread of a shared 2-core machine.
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,9 @@ QUESTIONS = [
 ]
 DOMAINS = ("chat", "code", "math", "prose")  # expert order: the base model, then the three fine-tunes
 LR = 3e-4
+# Prose to fine-tune on: ~75k tokens, about what 300 steps of 4 x 64 tokens read, so the prose expert
+# learns a style instead of memorising a page (code and arithmetic texts are of that size too).
+PROSE_CHARS = 300_000
 
 
 # ---------------------------------------------------------------------------- data
@@ -65,6 +69,13 @@ def arithmetic(seed: int, lines: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def emma(chars: int) -> str:
+    """The start of Jane Austen's Emma (benchmarks/data, public domain), one paragraph per line."""
+    raw = (ROOT / "benchmarks/data/austen-emma.txt").read_text()
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw)]
+    return "\n".join(p for p in paragraphs if len(p) > 80)[:chars] + "\n"
+
+
 def make_data() -> dict[str, tuple[str, str]]:
     """(training text, held-out text) per domain, written once under benchmarks/data/merge."""
     DATA.mkdir(parents=True, exist_ok=True)
@@ -72,8 +83,7 @@ def make_data() -> dict[str, tuple[str, str]]:
         "code": (lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_TRAIN),
                  lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_HELDOUT)),
         "math": (lambda: arithmetic(1, 4000), lambda: arithmetic(2, 300)),
-        "prose": (lambda: (ROOT / "benchmarks/data/calibration.txt").read_text(),
-                  lambda: (ROOT / "benchmarks/data/heldout.txt").read_text()),
+        "prose": (lambda: emma(PROSE_CHARS), lambda: (ROOT / "benchmarks/data/heldout.txt").read_text()),
         "chat": (lambda: "\n".join(QUESTIONS[:8]) + "\n", lambda: "\n".join(QUESTIONS[8:]) + "\n"),
     }
     out = {}
