@@ -11,7 +11,7 @@ Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. 
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
 paragraphs reflowed. Held-out text: benchmarks/data/heldout.txt (modern prose, disjoint from
 the training text). Each conversion is made once with the moeify CLI, then each job is one
-`python -m moeify train` run with a constant learning rate after warmup (10% of the steps), scored on the
+`python -m moeify train` run with a constant learning rate after warmup (10% of the steps; --schedule cosine decays it), scored on the
 held-out text every --eval-every steps: the table reads the curve at each token budget, so one
 run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
 
@@ -88,20 +88,21 @@ def convert(layout: str, dense: Path, text: Path, work: Path, builtin: bool = Fa
 
 
 def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path,
-         lr: float | None = None, router_lr: float | None = None) -> list[dict]:
+         lr: float | None = None, router_lr: float | None = None, schedule: str = "constant") -> list[dict]:
     """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio.
 
     lr: the learning rate of what trains, instead of the job's own; router_lr: the routers' (lr when
     not given).
     """
-    out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else ""))
+    out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else "")
+                  + ("" if schedule == "constant" else f"-{schedule}"))
     router_lr = router_lr or lr
     rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
     moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
            "--trust-remote-code", "--teacher", dense, "--max-tokens", tokens, "--seq-len", SEQ_LEN,
-           "--batch-size", BATCH, "--schedule", "constant",
+           "--batch-size", BATCH, "--schedule", schedule,
            "--warmup", max(1, tokens // (SEQ_LEN * BATCH) // 10), "--eval-every", eval_every, "--save-every", 0,
            "--log-every", 1, "--distill", 1, "--lm", 0, *JOBS[job], *rates,
            log=work / f"{out.name}.log")
@@ -208,6 +209,8 @@ def main() -> None:
                                                   "(the routers' too, unless --router-lr)")
     parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
                         help="what splits are calibrated on: the training text, or moeify's built-in corpus")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="after warmup; constant reads every budget off one curve, cosine ends lower for one")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -232,7 +235,7 @@ def main() -> None:
             for job in args.jobs.split(","):
                 started = time.perf_counter()
                 results[model.name, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work,
-                                                args.lr, args.router_lr)
+                                                args.lr, args.router_lr, args.schedule)
                 print(f"{model.name} {job}: {time.perf_counter() - started:.0f} s wall")
         table(results, budgets or [args.tokens])
     if not args.no_overhead:
