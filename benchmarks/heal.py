@@ -11,9 +11,9 @@ Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. 
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
 paragraphs reflowed. Held-out text: benchmarks/data/heldout.txt (modern prose, disjoint from
 the training text). Each conversion is made once with the moeify CLI, then each job is one
-`python -m moeify train` run with a constant learning rate after warmup (10% of the steps; --schedule cosine decays it), scored on the
-held-out text every --eval-every steps: the table reads the curve at each token budget, so one
-run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
+`python -m moeify train` run with a constant learning rate after warmup (10% of the steps;
+--schedule cosine decays it instead), scored on the held-out text every --eval-every steps: the
+table reads the curve at each token budget, so one run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
 
 The overhead part times moeify's loop (from its train_log.jsonl: wall time per step, logging
 included, evaluations excluded) against a bare loop in the same process doing the same work:
