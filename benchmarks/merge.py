@@ -11,7 +11,7 @@
 3. The merge, both tools from ONE mergekit-moe YAML (base + 3 fine-tunes, gate_mode hidden, top-2,
    float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
    this venv's torch/transformers through a .pth) and `moeify apply config.yml --output OUT`, each in
-   a fresh process (posix_spawn), alternating, median wall time and peak RSS (wait4's ru_maxrss).
+   a fresh process (posix_spawn), alternating, median wall time and peak RSS (the process's VmHWM).
 4. Quality of both outputs: per domain, the share of held-out tokens (after the first of each line)
    whose top-1 expert is that domain's (averaged over layers), and held-out perplexity next to each
    source model's.
@@ -174,18 +174,35 @@ def config_yaml(base: Path, experts: list[Path], data: dict[str, tuple[str, str]
 def timed(command: list[str], log: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of one fresh process.
 
-    posix_spawn, not fork: a forked child's peak RSS starts at this (large, after fine-tuning)
-    process's own, which would be counted against the tool.
+    The peak is the process's own VmHWM, read from /proc every 20 ms while it runs (it only
+    grows; the last read before exit is the peak, short of a rise in the final 20 ms). Not
+    wait4's ru_maxrss: a child started by fork or posix_spawn (vfork) is charged its parent's
+    high-water mark when it execs, and this process is large after scoring models.
     """
     with open(log, "wb") as out:
         actions = [(os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, out.fileno(), 2)]
         started = time.perf_counter()
         pid = os.posix_spawn(command[0], command, os.environ, file_actions=actions)
-        _, status, usage = os.wait4(pid, 0)
+        peak = 0
+        while True:
+            peak = max(peak, _high_water_kb(pid))
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
         seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, peak / 1024
+
+
+def _high_water_kb(pid: int) -> int:
+    """VmHWM of a running process in kB; 0 once it has exited (a zombie has no memory map)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
 
 
 # ---------------------------------------------------------------------------- quality
