@@ -9,11 +9,12 @@
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. Training text:
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
-paragraphs reflowed. Held-out text: benchmarks/data/heldout.txt (modern prose, disjoint from
-the training text). Each conversion is made once with the moeify CLI, then each job is one
-`python -m moeify train` run with a constant learning rate after warmup (10% of the steps;
---schedule cosine decays it instead), scored on the held-out text every --eval-every steps: the
-table reads the curve at each token budget, so one run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
+paragraphs reflowed, or with --train-text corpus moeify's built-in calibration corpus. Held-out
+text: benchmarks/data/heldout.txt (modern prose, disjoint from both). Each conversion is made
+once with the moeify CLI, then each job is one `python -m moeify train` run with a constant
+learning rate after warmup (10% of the steps; --schedule cosine decays it instead), scored on the
+held-out text every --eval-every steps: the table reads the curve at each token budget, so one
+run gives every budget. Ratios are to the dense model's perplexity on the same tokens.
 
 The overhead part times moeify's loop (from its train_log.jsonl: wall time per step, logging
 included, evaluations excluded) against a bare loop in the same process doing the same work:
@@ -65,8 +66,13 @@ def moeify(*args: object, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def training_text(work: Path) -> Path:
-    """Emma with each paragraph on one line (the Gutenberg file wraps lines at 70 characters)."""
+def training_text(work: Path, corpus: bool = False) -> Path:
+    """Emma with each paragraph on one line (the Gutenberg file wraps lines at 70 characters), or with
+    corpus moeify's built-in calibration corpus (modern prose, dialogue, code; ~25k tokens)."""
+    if corpus:
+        path = work / "corpus.txt"
+        path.write_text("\n\n".join(f.read_text() for f in sorted((REPO / "moeify/data/calibration").glob("*.txt"))))
+        return path
     path = work / "train.txt"
     if not path.is_file():
         raw = (DATA / "austen-emma.txt").read_text()
@@ -95,7 +101,8 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
     not given).
     """
     out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else "")
-                  + ("" if schedule == "constant" else f"-{schedule}"))
+                  + ("" if schedule == "constant" else f"-{schedule}")
+                  + ("" if text.name == "train.txt" else f"-{text.stem}"))
     router_lr = router_lr or lr
     rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
@@ -209,6 +216,8 @@ def main() -> None:
                                                   "(the routers' too, unless --router-lr)")
     parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
                         help="what splits are calibrated on: the training text, or moeify's built-in corpus")
+    parser.add_argument("--train-text", choices=("emma", "corpus"), default="emma",
+                        help="what the student is distilled on: Emma, or moeify's built-in corpus (the held-out kind)")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="after warmup; constant reads every budget off one curve, cosine ends lower for one")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
@@ -226,7 +235,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     dense = fallback_smollm2(notify=print)
-    text = training_text(args.work)
+    text = training_text(args.work, corpus=args.train_text == "corpus")
     budgets = [int(b) for b in args.budgets.split(",") if int(b) <= args.tokens]
     if not args.overhead_only:
         results = {}
