@@ -4,7 +4,8 @@
 
 1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
    arithmetic (seeded), English prose (the start of Austen's Emma to train on; benchmarks/data's
-   modern held-out text to score), and short questions for the base model's own expert. Each has a training part and a held-out part.
+   modern held-out text to score), and short questions for the base model's own expert. Each has a
+   training part and a held-out part.
 2. Fine-tunes (cached in ~/.cache/moeify/bench/merge/): SmolLM2-135M-Instruct (float32, the offline
    copy) trained --steps AdamW steps (--batch x --seq tokens) on each of code, arithmetic and prose, FFN
    weights only: ~15 minutes per domain on one thread of a shared 2-core machine.

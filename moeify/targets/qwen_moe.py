@@ -154,7 +154,9 @@ class Qwen2Moe(QwenMoE):
     def gate_row(self, moe: MoELayer) -> torch.Tensor:
         """(1, H): zeros, or a negligible constant whose logit llama.cpp's sigmoid can take."""
         row = moe.router.new_zeros(1, moe.router.shape[1])
-        return row if self.construction.gate_at_zero else row + GATE_ENTRY.get(dtype_name(row.dtype), GATE_ENTRY_DEFAULT)
+        if self.construction.gate_at_zero:
+            return row
+        return row + GATE_ENTRY.get(dtype_name(row.dtype), GATE_ENTRY_DEFAULT)
 
     def config(self, adapter: Adapter, config: dict, spec: Spec, moe_layers: list[int], moe: MoELayer,
                dtype: torch.dtype) -> PretrainedConfig:
