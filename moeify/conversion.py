@@ -137,13 +137,14 @@ def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transform: Transform = upcycle,
-            adapter: Adapter | None = None, notes: dict | None = None,
+            adapter: Adapter | None = None, notes: Callable[[], dict] = dict,
             overwrite: bool = False, on_plan: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> Result:
     """Convert the checkpoint in source_dir into a MoE checkpoint at output.
 
     adapter: the reader of each layer's FFN (default: the source family's own); a MoESource keeps the
-    source's format and config. notes: more keys for moeify.json (a merge's routing report).
+    source's format and config. notes: more keys for moeify.json, asked for once the shards are
+    written (a merge's routing report is learnt alongside the writing).
     """
     ckpt = Checkpoint(source_dir)
     if adapter is None:  # split passes its own reader for MoE sources
@@ -183,7 +184,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
         target.write_code(staging)
         _copy_side_files(ckpt.folder, staging)
         card.write(staging, result, ckpt.config, ckpt.folder)
-        (staging / "moeify.json").write_text(json.dumps(record(result) | (notes or {}), indent=2) + "\n")
+        (staging / "moeify.json").write_text(json.dumps(record(result) | notes(), indent=2) + "\n")
     return result
 
 

@@ -16,6 +16,9 @@ hook while that layer alone is loaded, and the run stops after the last MoE laye
 embedding table (read whole, and dropped once the prompts are embedded), one decoder layer, and
 the prompts' activations (at most MAX_TOKENS padded tokens), whatever the model's depth.
 
+A merge learns the rows on a thread of its own (Learning) while it writes the shards: the
+writer waits for a layer's row only when it reaches that layer's router.
+
 The routing report says, per layer, which expert the tokens of each expert's positive prompts
 reach first (top-1) under the new routers, on the base's hidden states.
 """
@@ -23,11 +26,13 @@ reach first (top-1) under the new routers, on the base's hidden states.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import nn
@@ -81,30 +86,100 @@ def check_prompts(spec: Spec, experts: Sequence[ExpertSource]) -> None:
 
 
 def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource],
-           on_layer: Callable[[int, int], None] = lambda done, total: None) -> Gates:
+           on_row: Callable[[int, torch.Tensor], None] = lambda layer, row: None) -> Gates:
     """Router rows of every MoE layer from the base model on the experts' prompts (hidden, cheap-embed).
 
-    on_layer(done, total) reports progress over the MoE layers.
+    on_row(layer, row) is told each row as soon as it is learnt, in layer order.
     """
-    from moeify.layerwise import LayerwiseModel
-    from moeify.loading import Code, tokenizer_in
+    return _Learner(spec, folder, adapter, layers, experts).run(on_row)
 
-    tokenizer = tokenizer_in(folder, Code.FAMILY)
-    if tokenizer is None:
-        raise MoeifyError(f"--gate {spec.gate.value} reads prompts with BASE's tokenizer, which {folder} lacks; "
-                          f"copy its tokenizer files in")
-    batch = PromptBatch.of(tokenizer, experts)
-    runner = LayerwiseModel(folder, Code.FAMILY)  # the family's own classes, as the adapter reads them
-    if spec.gate is Gate.CHEAP_EMBED:
-        embedded = runner.embeddings(batch.ids)
-        row, share = fit_rows(batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
-        return Gates({i: row for i in layers}, report(spec, experts, {i: share for i in layers}))
-    rows: dict[int, torch.Tensor] = {}
-    shares: dict[int, list[list[float]]] = {}
-    for layer, x in ffn_inputs(runner, adapter, batch, layers):
-        rows[layer], shares[layer] = fit_rows(batch, x)
-        on_layer(len(rows), len(layers))
-    return Gates(rows, report(spec, experts, shares))
+
+class _Learner:
+    """The base model and the prompts, ready to run: built first, so that a missing tokenizer is
+    refused, and transformers' modeling code imported, before anything runs alongside."""
+
+    def __init__(self, spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource]):
+        from moeify.layerwise import LayerwiseModel
+        from moeify.loading import Code, tokenizer_in
+
+        tokenizer = tokenizer_in(folder, Code.FAMILY)
+        if tokenizer is None:
+            raise MoeifyError(f"--gate {spec.gate.value} reads prompts with BASE's tokenizer, which {folder} lacks; "
+                              f"copy its tokenizer files in")
+        self.spec, self.adapter, self.layers, self.experts = spec, adapter, layers, experts
+        self.batch = PromptBatch.of(tokenizer, experts)
+        self.runner = LayerwiseModel(folder, Code.FAMILY)  # the family's own classes, as the adapter reads them
+
+    def run(self, on_row: Callable[[int, torch.Tensor], None]) -> Gates:
+        rows: dict[int, torch.Tensor] = {}
+        shares: dict[int, list[list[float]]] = {}
+        for layer, (row, share) in self._fits():
+            rows[layer], shares[layer] = row, share
+            on_row(layer, row)
+        return Gates(rows, report(self.spec, self.experts, shares))
+
+    def _fits(self) -> Iterator[tuple[int, tuple[torch.Tensor, list[list[float]]]]]:
+        if self.spec.gate is Gate.CHEAP_EMBED:  # one row for every layer
+            embedded = self.runner.embeddings(self.batch.ids)
+            fit = fit_rows(self.batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
+            yield from ((layer, fit) for layer in self.layers)
+            return
+        for layer, x in ffn_inputs(self.runner, self.adapter, self.batch, self.layers):
+            yield layer, fit_rows(self.batch, x)
+
+
+class Learning:
+    """learnt() on a thread of its own, so that a merge writes its shards while the base model reads
+    the prompts: row(layer) waits for that layer's row alone, gates() for all of them, and either
+    raises what the thread raised. The setup (tokenizer, model skeleton, transformers' imports) is
+    done before the thread starts: imports racing the conversion's own could deadlock.
+
+    Use as a context manager: on exit the thread is told to stop after its current layer, and
+    waited for, so that an error in the conversion leaves nothing running.
+    """
+
+    def __init__(self, spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource],
+                 on_layer: Callable[[int, int], None] = lambda done, total: None):
+        learner = _Learner(spec, folder, adapter, layers, experts)
+        self._rows: dict[int, Future[torch.Tensor]] = {layer: Future() for layer in layers}
+        self._gates: Future[Gates] = Future()
+        self._stop = threading.Event()
+        self._on_layer = on_layer
+        self._thread = threading.Thread(target=self._run, args=(learner,), name="moeify-gates", daemon=True)
+        self._thread.start()
+
+    def row(self, layer: int) -> torch.Tensor:
+        return self._rows[layer].result()
+
+    def gates(self) -> Gates:
+        return self._gates.result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, learner: _Learner) -> None:
+        try:
+            self._gates.set_result(learner.run(self._publish))
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 -- raised again by whoever waits for a row
+            for future in (*self._rows.values(), self._gates):
+                if not future.done():
+                    future.set_exception(e)
+
+    def _publish(self, layer: int, row: torch.Tensor) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._rows[layer].set_result(row)
+        self._on_layer(sum(f.done() for f in self._rows.values()), len(self._rows))
+
+
+class _Stopped(Exception):
+    """The conversion ended first (an error, Ctrl-C): the rows are no longer wanted."""
 
 
 def report(spec: Spec, experts: Sequence[ExpertSource], shares: dict[int, list[list[float]]]) -> dict:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import filecmp
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +31,9 @@ from moeify.spec import Spec
 from moeify.text import read_plain
 from moeify.transforms import FFN, LazyExperts, MoELayer, add_noise, check_divisible, generator, pieces
 from moeify.validation import check_weights
+
+if TYPE_CHECKING:
+    from moeify.gates import Learning
 
 PROMPT_FILE_BYTES = 2**20  # a prompt file is a few lines per expert
 
@@ -292,13 +297,27 @@ class Merge:
 
     reader: MergeReader
     transform: Callable[[LayerFFNs, Spec, int], MoELayer]
-    routing: dict | None = None  # the routing report of prompt-learnt gates
-    lines: list[str] = field(default_factory=list)  # the same for the terminal
+    learning: Learning | None = None  # prompt-learnt gates, learnt while the shards are written
+
+    def notes(self) -> dict:
+        """moeify.json's routing report (prompt-learnt gates): asked for once the shards are written."""
+        return {"routing": self.learning.gates().report} if self.learning else {}
+
+    def lines(self) -> list[str]:
+        """The same for the terminal."""
+        from moeify import gates
+
+        return gates.routing_lines(self.learning.gates()) if self.learning else []
 
 
+@contextmanager
 def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path],
-            on_layer: Callable[[int, int], None] = lambda done, total: None) -> Merge:
-    """Open and check every source against BASE, learn the gates, and bind the transform."""
+            on_layer: Callable[[int, int], None] = lambda done, total: None) -> Iterator[Merge]:
+    """Open and check every source against BASE, start learning the gates, and bind the transform.
+
+    Prompt-learnt gates run alongside the conversion inside this context (gates.Learning): the
+    writer waits for a layer's router row when it reaches it, and planning needs only its shape.
+    """
     from moeify import gates
 
     experts, shared = sources_of(spec)
@@ -309,12 +328,16 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path],
     layers = spec.layers(adapter.num_layers(base.config))
     opened = {name: open_source(folder, name, base, adapter, layers) for name, folder in folders.items()}
     reader = MergeReader.of(adapter, [opened[e.source] for e in experts], [opened[s.source] for s in shared])
-    learnt = gates.learnt(spec, base_folder, adapter, layers, experts, on_layer) if spec.gate in gates.PROMPTED else None
     hidden = int(base.config[adapter.hidden_field])
-
-    def router(layer: int) -> torch.Tensor:
-        return learnt.row(layer) if learnt else gates.fixed_router(spec, layer, len(experts), hidden)
-
+    prompted = spec.gate in gates.PROMPTED
     scales, shared_scales = [e.scale for e in experts], [s.scale for s in shared]
-    return Merge(reader, lambda ffns, spec_, layer: merge_layer(ffns, spec_, layer, router(layer), scales, shared_scales),
-                 learnt.report if learnt else None, gates.routing_lines(learnt) if learnt else [])
+    with gates.Learning(spec, base_folder, adapter, layers, experts, on_layer) if prompted else nullcontext() as learning:
+        def router(layer: int, like: torch.Tensor) -> torch.Tensor:
+            if like.is_meta:  # planning: the shape is enough, and the row may not be learnt yet
+                return torch.empty(len(experts), hidden, device="meta")
+            return learning.row(layer) if learning else gates.fixed_router(spec, layer, len(experts), hidden)
+
+        def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
+            return merge_layer(ffns, spec_, layer, router(layer, ffns.experts[0].up), scales, shared_scales)
+
+        yield Merge(reader, transform, learning)

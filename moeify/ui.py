@@ -10,10 +10,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
-    TransferSpeedColumn,
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
+    TimeRemainingColumn, TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,19 @@ def result(line: str) -> None:
     results.print(line, markup=False, soft_wrap=True)
 
 
+class _Amount(ProgressColumn):
+    """Bytes and speed on a byte bar, done/total on a count bar (units=False), so both share a display."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes, self._speed, self._count = DownloadColumn(), TransferSpeedColumn(), MofNCompleteColumn()
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("units", True):
+            return self._count.render(task)
+        return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
+
+
 @contextmanager
 def _progress(description: str, *counters) -> Iterator[tuple[Progress, TaskID]]:
     columns = (TextColumn("{task.description}"), BarColumn(), *counters, TimeRemainingColumn())
@@ -92,20 +106,29 @@ def _progress(description: str, *counters) -> Iterator[tuple[Progress, TaskID]]:
 
 
 @contextmanager
-def byte_progress(description: str) -> Iterator[tuple]:
+def byte_progress(description: str, counted: str = "") -> Iterator[tuple]:
     """A progress bar over bytes; yields (set_total, advance) callbacks.
 
+    With counted, a second bar over a count that runs alongside (a merge's routers, learnt while
+    the shards are written) appears on its first report: yields (set_total, advance, report).
     The clock counts the time until the total is known as planning, the rest under description.
     """
     opened = planned = time.perf_counter()
+    counting: TaskID | None = None
 
     def set_total(total: int) -> None:
         nonlocal planned
         planned = time.perf_counter()
         progress.update(task, total=total)
 
-    with _progress(description, DownloadColumn(), TransferSpeedColumn()) as (progress, task):
-        yield set_total, (lambda n: progress.advance(task, n))
+    def report(done: int, total: int) -> None:  # from another thread: Progress takes its own lock
+        nonlocal counting
+        if counting is None:
+            counting = progress.add_task(counted, total=total, units=False)
+        progress.update(counting, completed=done, total=total)
+
+    with _progress(description, _Amount()) as (progress, task):
+        yield (set_total, (lambda n: progress.advance(task, n))) + ((report,) if counted else ())
     clock.add("planning", planned - opened)
     clock.add(description, time.perf_counter() - planned)
 

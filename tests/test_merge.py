@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moeify import gates
 from moeify.adapters import adapter_for
 from moeify.checkpoint import Checkpoint
+from moeify.errors import MoeifyError
 from moeify.merge import ExpertSource
 from moeify.spec import Gate, Spec
 from tests.fixtures import logits, make_tiny, run_cli
@@ -237,6 +239,52 @@ def test_learnt_gates_read_no_layer_after_the_last_moe_layer(models: Models, gat
     assert "model.embed_tokens.weight" in read
     layers = {int(name.split(".")[2]) for name in read if name.startswith("model.layers.")}
     assert layers == ({0} if gate is Gate.HIDDEN else set())  # of 3; cheap-embed reads the embeddings alone
+
+
+def test_shards_are_written_while_the_gates_are_learnt(models: Models, tmp_path: Path, monkeypatch):
+    """The last layer's row waits until the writer has read a fine-tune's expert: a merge that learnt
+    every row before writing would never get there (and fail here after the timeout)."""
+    expert_read = threading.Event()
+    original_read, original_fit = Checkpoint.read, gates.fit_rows
+    tune = models.tunes["digits"]
+
+    def read(self, name, *args, **kwargs):
+        if self.folder == tune and ".mlp." in name:
+            expert_read.set()
+        return original_read(self, name, *args, **kwargs)
+
+    fitted = []
+
+    def fit_rows(batch, x):
+        fitted.append(len(fitted))
+        if len(fitted) == 3:  # the last MoE layer of the tiny model's three
+            assert expert_read.wait(timeout=60), "nothing was written while the gates were learnt"
+        return original_fit(batch, x)
+
+    monkeypatch.setattr(Checkpoint, "read", read)
+    monkeypatch.setattr(gates, "fit_rows", fit_rows)
+    assert merge(models, tmp_path / "out") == 0
+    assert len(fitted) == 3 and expert_read.is_set()
+    routing = json.loads((tmp_path / "out" / "moeify.json").read_text())["routing"]
+    assert set(routing["top1_shares"]) == {"0", "1", "2"}  # the report waited for every layer
+
+
+def test_an_error_while_the_gates_are_learnt_is_one_line_and_writes_nothing(models: Models, tmp_path: Path,
+                                                                           monkeypatch, capsys):
+    original_fit = gates.fit_rows
+    fitted = []
+
+    def fit_rows(batch, x):  # fails at the second layer, while the writer is under way
+        fitted.append(1)
+        if len(fitted) == 2:
+            raise MoeifyError("the prompts of layer 1 cannot be told apart")
+        return original_fit(batch, x)
+
+    monkeypatch.setattr(gates, "fit_rows", fit_rows)
+    output = tmp_path / "out"
+    assert_one_line_error(capsys, merge(models, output), "layer 1 cannot be told apart")
+    assert not output.exists() and not leftovers(output)
+    assert not [t for t in threading.enumerate() if t.name == "moeify-gates"]  # the thread ended with the run
 
 
 # ---------------------------------------------------------------------------- bad input

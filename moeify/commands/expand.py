@@ -73,7 +73,7 @@ def run(name: str, output: Path, overwrite: bool, add: int, expand_from: str | N
         growth = prepare(folders[name], name, add, expand_from, freeze_old, folders, **options)
         with ui.byte_progress("writing") as (set_total, advance):
             result = conversion.convert(folders[name], out, growth.spec, source=name, transform=growth.transform,
-                                        adapter=growth.reader, notes={"expansion": growth.notes},
+                                        adapter=growth.reader, notes=lambda: {"expansion": growth.notes},
                                         overwrite=overwrite, on_plan=set_total, on_bytes=advance)
     ui.conclude(result)
     diff = measured(folders[name], Path(output))
