@@ -97,7 +97,7 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
     cache = _LayerCache(job.moe)
     planned: list[PlannedTensor] = []
     inactive = 0
-    for name in job.ckpt.names():
+    for name in sorted(job.ckpt.names(), key=_running_order):
         layer = replaced.get(name)
         if layer is None:
             meta = job.cast(job.ckpt.meta(name))
@@ -117,6 +117,13 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
         planned.append(PlannedTensor(out_name, tuple(meta.shape), meta.dtype,
                                      lambda name=source_name, derive=derive: derive(job.cast(job.ckpt.read(name)))))
     return planned, inactive
+
+
+def _running_order(name: str) -> list[tuple[bool, int, str]]:
+    """model.layers.9 before model.layers.10 (a checkpoint's header sorts them as text): the layers in
+    the order they run, as transformers saves them, so that a merge's writer reaches the routers in
+    the order its gates are learnt instead of waiting for layer 10 after layer 1."""
+    return [(not part.isdigit(), int(part) if part.isdigit() else 0, part) for part in name.split(".")]
 
 
 def _inactive_params(moe: MoELayer) -> int:

@@ -369,3 +369,14 @@ def test_same_seed_same_output_other_seed_other_output(noisy):
     assert not torch.equal(first[router_key(0)], other[router_key(0)])
     record = json.loads((a / "moeify.json").read_text())
     assert (record["seed"], record["noise"], record["drop_ratio"]) == (5, 0.01, 0.25)
+
+
+def test_shards_hold_the_layers_in_the_order_they_run(tmp_path: Path):
+    """Layer 10 after layer 9, not after layer 1 as the source's header sorts them."""
+    source = make_tiny("llama", tmp_path / "deep", num_hidden_layers=12)
+    out = upcycled(source, tmp_path / "out", "--experts", "2")
+    with open(out / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    by_offset = sorted((info["data_offsets"][0], name) for name, info in header.items() if name != "__metadata__")
+    layers = [int(name.split(".")[2]) for _, name in by_offset if name.startswith("model.layers.")]
+    assert layers == sorted(layers) and layers[-1] == 11
