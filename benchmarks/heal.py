@@ -50,6 +50,7 @@ LAYOUTS = {
 JOBS = {
     "routers": ["--train", "routers", "--lr", "1e-4"],
     "moe": ["--train", "moe", "--lr", "1e-4"],
+    "all": ["--train", "all", "--lr", "1e-4"],  # attention, norms and embeddings too
     # The same parameters, each MoE layer fitted to its dense FFN's output on the teacher's hidden states.
     "local": ["--train", "moe", "--objective", "local", "--lr", "1e-4"],
 }

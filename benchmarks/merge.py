@@ -3,11 +3,11 @@
     python benchmarks/merge.py [--steps 300] [--seq 64] [--batch 4] [--runs 3] [--parts smollm2,1.1b]
 
 1. Domain texts (benchmarks/data/merge/, written once): Python code (modules of the standard library),
-   arithmetic (seeded), English prose (the start of Austen's Emma to train on; benchmarks/data's
-   modern held-out text to score), and short questions for the base model's own expert. Each has a
+   arithmetic (seeded), English prose (the start of Austen's Emma to train on, its last pages to
+   score), and short questions for the base model's own expert. Each has a
    training part and a held-out part.
 2. Fine-tunes (cached in ~/.cache/moeify/bench/merge/): SmolLM2-135M-Instruct (float32, the offline
-   copy) trained --steps AdamW steps (--batch x --seq tokens) on each of code, arithmetic and prose, FFN
+   copy) trained --steps AdamW steps (--batch x --seq tokens, lr 1e-4) on each of code, arithmetic and prose, FFN
    weights only: ~15 minutes per domain on one thread of a shared 2-core machine.
 3. The merge, both tools from ONE mergekit-moe YAML (base + 3 fine-tunes, gate_mode hidden, top-2,
    float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
@@ -51,10 +51,12 @@ QUESTIONS = [
     "Tell me a joke about penguins.", "What time zone is Tokyo in?", "How many legs does a spider have?",
 ]
 DOMAINS = ("chat", "code", "math", "prose")  # expert order: the base model, then the three fine-tunes
-LR = 3e-4
+# 1e-4: at 3e-4 the code and prose fine-tunes overfit (held-out perplexity of their own domain rose).
+LR = 1e-4
 # Prose to fine-tune on: ~75k tokens, about what 300 steps of 4 x 64 tokens read, so the prose expert
 # learns a style instead of memorising a page (code and arithmetic texts are of that size too).
 PROSE_CHARS = 300_000
+PROSE_HELDOUT_CHARS = 5_000  # the novel's last pages: the same author's prose, never trained on
 
 
 # ---------------------------------------------------------------------------- data
@@ -70,11 +72,13 @@ def arithmetic(seed: int, lines: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def emma(chars: int) -> str:
-    """The start of Jane Austen's Emma (benchmarks/data, public domain), one paragraph per line."""
+def emma(chars: int, end: bool = False) -> str:
+    """The start (or with end, the end) of Jane Austen's Emma (benchmarks/data, public domain), one
+    paragraph per line."""
     raw = (ROOT / "benchmarks/data/austen-emma.txt").read_text()
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw)]
-    return "\n".join(p for p in paragraphs if len(p) > 80)[:chars] + "\n"
+    text = "\n".join(p for p in paragraphs if len(p) > 80)
+    return (text[-chars:].partition("\n")[2] if end else text[:chars]) + "\n"
 
 
 def make_data() -> dict[str, tuple[str, str]]:
@@ -84,7 +88,7 @@ def make_data() -> dict[str, tuple[str, str]]:
         "code": (lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_TRAIN),
                  lambda: "\n\n".join((STDLIB / m).read_text() for m in CODE_HELDOUT)),
         "math": (lambda: arithmetic(1, 4000), lambda: arithmetic(2, 300)),
-        "prose": (lambda: emma(PROSE_CHARS), lambda: (ROOT / "benchmarks/data/heldout.txt").read_text()),
+        "prose": (lambda: emma(PROSE_CHARS), lambda: emma(PROSE_HELDOUT_CHARS, end=True)),
         "chat": (lambda: "\n".join(QUESTIONS[:8]) + "\n", lambda: "\n".join(QUESTIONS[8:]) + "\n"),
     }
     out = {}
@@ -116,7 +120,7 @@ def fine_tune(base: Path, domain: str, text: str, steps: int, seq: int, batch: i
     """SmolLM2 trained `steps` steps of batch x seq tokens on one domain's text, FFN weights only; cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = CACHE / f"{domain}-{steps}x{batch}x{seq}"
+    folder = CACHE / f"{domain}-{steps}x{batch}x{seq}-lr{LR:g}"
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(0)
