@@ -120,10 +120,10 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
 
 
 def _running_order(name: str) -> list[tuple[bool, int, str]]:
-    """model.layers.9 before model.layers.10 (a checkpoint's header sorts them as text): the layers in
-    the order they run, as transformers saves them, so that a merge's writer reaches the routers in
-    the order its gates are learnt instead of waiting for layer 10 after layer 1."""
-    return [(not part.isdigit(), int(part) if part.isdigit() else 0, part) for part in name.split(".")]
+    """Tensor names with their numbers compared as numbers: model.layers.9 before model.layers.10,
+    where a checkpoint's header sorts them as text. A merge's writer then reaches the routers in
+    the order its gates are learnt, instead of waiting for layer 10's after layer 1's."""
+    return [(not part.isdecimal(), int(part) if part.isdecimal() else 0, part) for part in name.split(".")]
 
 
 def _inactive_params(moe: MoELayer) -> int:

@@ -16,8 +16,9 @@ hook while that layer alone is loaded, and the run stops after the last MoE laye
 embedding table (read whole, and dropped once the prompts are embedded), one decoder layer, and
 the prompts' activations (at most MAX_TOKENS padded tokens), whatever the model's depth.
 
-A merge learns the rows on a thread of its own (Learning) while it writes the shards: the
-writer waits for a layer's row only when it reaches that layer's router.
+A merge learns the rows on a thread of its own (Learning.running) while it writes the shards:
+the writer waits for a layer's row only when it reaches that layer's router, and the memory
+above comes on top of the writer's (one layer's experts).
 
 The routing report says, per layer, which expert the tokens of each expert's positive prompts
 reach first (top-1) under the new routers, on the base's hidden states.
@@ -32,7 +33,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -85,18 +86,21 @@ def check_prompts(spec: Spec, experts: Sequence[ExpertSource]) -> None:
                           f"apart; give each expert prompts of its own kind")
 
 
-def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource],
-           on_row: Callable[[int, torch.Tensor], None] = lambda layer, row: None) -> Gates:
-    """Router rows of every MoE layer from the base model on the experts' prompts (hidden, cheap-embed).
+def learnt(spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource]) -> Gates:
+    """Router rows of every MoE layer from the base model on the experts' prompts (hidden, cheap-embed)."""
+    return Learning(spec, folder, adapter, layers, experts).run()
 
-    on_row(layer, row) is told each row as soon as it is learnt, in layer order.
+
+class Learning:
+    """Prompt-learnt gates, set up at once and learnt by run(), or alongside a merge's writing.
+
+    The setup (tokenizer, model skeleton, transformers' imports) is done in the constructor, so
+    that a missing tokenizer is refused before anything is written, and never on a thread: imports
+    racing the conversion's own could deadlock. Inside running(), a thread of its own learns the
+    rows while the caller writes shards: row(layer) waits for that layer's row alone, gates() for
+    all of them, and either raises what the thread raised. On leaving, the thread is told to stop
+    before its next decoder layer and waited for, so that an error leaves nothing running.
     """
-    return _Learner(spec, folder, adapter, layers, experts).run(on_row)
-
-
-class _Learner:
-    """The base model and the prompts, ready to run: built first, so that a missing tokenizer is
-    refused, and transformers' modeling code imported, before anything runs alongside."""
 
     def __init__(self, spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource]):
         from moeify.layerwise import LayerwiseModel
@@ -109,44 +113,30 @@ class _Learner:
         self.spec, self.adapter, self.layers, self.experts = spec, adapter, layers, experts
         self.batch = PromptBatch.of(tokenizer, experts)
         self.runner = LayerwiseModel(folder, Code.FAMILY)  # the family's own classes, as the adapter reads them
+        self._rows: dict[int, Future[torch.Tensor]] = {layer: Future() for layer in layers}
+        self._gates: Future[Gates] = Future()
+        self._stop = threading.Event()
 
-    def run(self, on_row: Callable[[int, torch.Tensor], None]) -> Gates:
+    def run(self, on_row: Callable[[int, torch.Tensor], None] = lambda layer, row: None,
+            before_layer: Callable[[], None] = lambda: None) -> Gates:
+        """Every row, in layer order; on_row(layer, row) is told each as it is learnt."""
         rows: dict[int, torch.Tensor] = {}
         shares: dict[int, list[list[float]]] = {}
-        for layer, (row, share) in self._fits():
+        for layer, (row, share) in self._fits(before_layer):
             rows[layer], shares[layer] = row, share
             on_row(layer, row)
         return Gates(rows, report(self.spec, self.experts, shares))
 
-    def _fits(self) -> Iterator[tuple[int, tuple[torch.Tensor, list[list[float]]]]]:
-        if self.spec.gate is Gate.CHEAP_EMBED:  # one row for every layer
-            embedded = self.runner.embeddings(self.batch.ids)
-            fit = fit_rows(self.batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
-            yield from ((layer, fit) for layer in self.layers)
-            return
-        for layer, x in ffn_inputs(self.runner, self.adapter, self.batch, self.layers):
-            yield layer, fit_rows(self.batch, x)
-
-
-class Learning:
-    """learnt() on a thread of its own, so that a merge writes its shards while the base model reads
-    the prompts: row(layer) waits for that layer's row alone, gates() for all of them, and either
-    raises what the thread raised. The setup (tokenizer, model skeleton, transformers' imports) is
-    done before the thread starts: imports racing the conversion's own could deadlock.
-
-    Use as a context manager: on exit the thread is told to stop after its current layer, and
-    waited for, so that an error in the conversion leaves nothing running.
-    """
-
-    def __init__(self, spec: Spec, folder: Path, adapter: Adapter, layers: list[int], experts: Sequence[ExpertSource],
-                 on_layer: Callable[[int, int], None] = lambda done, total: None):
-        learner = _Learner(spec, folder, adapter, layers, experts)
-        self._rows: dict[int, Future[torch.Tensor]] = {layer: Future() for layer in layers}
-        self._gates: Future[Gates] = Future()
-        self._stop = threading.Event()
-        self._on_layer = on_layer
-        self._thread = threading.Thread(target=self._run, args=(learner,), name="moeify-gates", daemon=True)
-        self._thread.start()
+    @contextmanager
+    def running(self, on_layer: Callable[[int, int], None] = lambda done, total: None) -> Iterator[None]:
+        """run() on a thread while the context lasts; on_layer(done, total) reports progress."""
+        thread = threading.Thread(target=self._run, args=(on_layer,), name="moeify-gates", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
 
     def row(self, layer: int) -> torch.Tensor:
         return self._rows[layer].result()
@@ -154,28 +144,30 @@ class Learning:
     def gates(self) -> Gates:
         return self._gates.result()
 
-    def __enter__(self) -> Self:
-        return self
+    def _fits(self, before_layer: Callable[[], None]) -> Iterator[tuple[int, tuple[torch.Tensor, list[list[float]]]]]:
+        if self.spec.gate is Gate.CHEAP_EMBED:  # one row for every layer
+            embedded = self.runner.embeddings(self.batch.ids)
+            fit = fit_rows(self.batch, embedded / embedded.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6))
+            yield from ((layer, fit) for layer in self.layers)
+            return
+        for layer, x in ffn_inputs(self.runner, self.adapter, self.batch, self.layers, before_layer):
+            yield layer, fit_rows(self.batch, x)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _run(self, on_layer: Callable[[int, int], None]) -> None:
+        def publish(layer: int, row: torch.Tensor) -> None:
+            self._rows[layer].set_result(row)
+            on_layer(sum(f.done() for f in self._rows.values()), len(self._rows))
 
-    def _run(self, learner: _Learner) -> None:
         try:
-            self._gates.set_result(learner.run(self._publish))
-        except _Stopped:
-            pass
+            self._gates.set_result(self.run(publish, self._check))
         except BaseException as e:  # noqa: BLE001 -- raised again by whoever waits for a row
             for future in (*self._rows.values(), self._gates):
                 if not future.done():
                     future.set_exception(e)
 
-    def _publish(self, layer: int, row: torch.Tensor) -> None:
+    def _check(self) -> None:
         if self._stop.is_set():
             raise _Stopped
-        self._rows[layer].set_result(row)
-        self._on_layer(sum(f.done() for f in self._rows.values()), len(self._rows))
 
 
 class _Stopped(Exception):
@@ -303,8 +295,8 @@ def _top1_shares(batch: PromptBatch, x: torch.Tensor, rows: torch.Tensor) -> lis
 # ---------------------------------------------------------------------------- layer by layer
 
 
-def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, batch: PromptBatch, layers: list[int]
-               ) -> Iterator[tuple[int, torch.Tensor]]:
+def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, batch: PromptBatch, layers: list[int],
+               before_layer: Callable[[], None] = lambda: None) -> Iterator[tuple[int, torch.Tensor]]:
     """(i, x): the FFN inputs x (B, T, H) of each of `layers` on the batch's prompts, in order, zero where
     the batch pads.
 
@@ -312,10 +304,13 @@ def ffn_inputs(runner: LayerwiseModel, adapter: Adapter, batch: PromptBatch, lay
     The layers after the last of `layers` are never read. LayerwiseModel runs with no padding mask,
     and none is needed: under a causal mask a prompt's tokens never see the padding after them, so
     they get the states they would get alone (position ids count from 0 either way).
+    before_layer() is called before the embeddings and each layer run (it may raise to stop).
     """
     groups = batch.groups()
+    before_layer()
     states = runner.start([batch.ids[rows, : int(batch.real[rows].sum(1).max())] for rows in groups])
     for index in range(max(layers) + 1):
+        before_layer()
         if index in layers:
             yield index, _padded(batch, groups, _layer_ffn_inputs(runner, adapter, index, states))
         else:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import filecmp
 import functools
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -241,12 +241,13 @@ def _vocab(path: Path) -> dict | None:
 # ---------------------------------------------------------------------------- the transform
 
 
-def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: torch.Tensor,
+def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], torch.Tensor],
                 scales: Sequence[float], shared_scales: Sequence[float]) -> MoELayer:
     """Each source's FFN as an expert (cut into spec.granularity pieces sharing its router row).
 
-    router: (E, H), one row per source expert; the G pieces of one source repeat its row and
+    router() gives (E, H), one row per source expert; the G pieces of one source repeat its row and
     their down projection is scaled by G (their renormalised weights are 1/G of the source's).
+    It is not called when planning (meta tensors): the row may still be being learnt.
     """
     G, share = spec.granularity, 1.0 / (len(ffns.shared) + 1)
     check_divisible(ffns.experts[0].intermediate_size, G)
@@ -260,8 +261,8 @@ def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: torch.Tensor,
                           lambda j: by_source[j // G][j % G].scaled(G * share * scales[j // G]))
     shared = LazyExperts(len(ffns.shared), lambda s: ffns.shared[s].scaled(share * shared_scales[s]))
     like = ffns.experts[0].up
-    return MoELayer(experts=experts, router=router.to(like.dtype).to(like.device).repeat_interleave(G, dim=0),
-                    topk=spec.active_experts, shared=shared)
+    rows = like.new_empty(len(ffns.experts), like.shape[-1]) if like.is_meta else router().to(like)
+    return MoELayer(experts=experts, router=rows.repeat_interleave(G, dim=0), topk=spec.active_experts, shared=shared)
 
 
 # ---------------------------------------------------------------------------- the whole merge
@@ -297,7 +298,11 @@ class Merge:
 
     reader: MergeReader
     transform: Callable[[LayerFFNs, Spec, int], MoELayer]
-    learning: Learning | None = None  # prompt-learnt gates, learnt while the shards are written
+    learning: Learning | None = None  # prompt-learnt gates
+
+    def running(self, on_layer: Callable[[int, int], None]) -> AbstractContextManager:
+        """The context the conversion runs in: prompt-learnt gates are learnt alongside it."""
+        return self.learning.running(on_layer) if self.learning else nullcontext()
 
     def notes(self) -> dict:
         """moeify.json's routing report (prompt-learnt gates): asked for once the shards are written."""
@@ -310,13 +315,11 @@ class Merge:
         return gates.routing_lines(self.learning.gates()) if self.learning else []
 
 
-@contextmanager
-def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path],
-            on_layer: Callable[[int, int], None] = lambda done, total: None) -> Iterator[Merge]:
-    """Open and check every source against BASE, start learning the gates, and bind the transform.
+def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path]) -> Merge:
+    """Open and check every source against BASE, set up the gates, and bind the transform.
 
-    Prompt-learnt gates run alongside the conversion inside this context (gates.Learning): the
-    writer waits for a layer's router row when it reaches it, and planning needs only its shape.
+    Prompt-learnt gates are learnt inside Merge.running(), alongside the conversion: the writer
+    waits for a layer's router row when it reaches it.
     """
     from moeify import gates
 
@@ -329,15 +332,13 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path],
     opened = {name: open_source(folder, name, base, adapter, layers) for name, folder in folders.items()}
     reader = MergeReader.of(adapter, [opened[e.source] for e in experts], [opened[s.source] for s in shared])
     hidden = int(base.config[adapter.hidden_field])
-    prompted = spec.gate in gates.PROMPTED
+    learning = gates.Learning(spec, base_folder, adapter, layers, experts) if spec.gate in gates.PROMPTED else None
     scales, shared_scales = [e.scale for e in experts], [s.scale for s in shared]
-    with gates.Learning(spec, base_folder, adapter, layers, experts, on_layer) if prompted else nullcontext() as learning:
-        def router(layer: int, like: torch.Tensor) -> torch.Tensor:
-            if like.is_meta:  # planning: the shape is enough, and the row may not be learnt yet
-                return torch.empty(len(experts), hidden, device="meta")
-            return learning.row(layer) if learning else gates.fixed_router(spec, layer, len(experts), hidden)
 
-        def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
-            return merge_layer(ffns, spec_, layer, router(layer, ffns.experts[0].up), scales, shared_scales)
+    def router(layer: int) -> torch.Tensor:
+        return learning.row(layer) if learning else gates.fixed_router(spec, layer, len(experts), hidden)
 
-        yield Merge(reader, transform, learning)
+    def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
+        return merge_layer(ffns, spec_, layer, lambda: router(layer), scales, shared_scales)
+
+    return Merge(reader, transform, learning)

@@ -287,6 +287,38 @@ def test_an_error_while_the_gates_are_learnt_is_one_line_and_writes_nothing(mode
     assert not [t for t in threading.enumerate() if t.name == "moeify-gates"]  # the thread ended with the run
 
 
+def test_an_error_while_writing_stops_the_gates_before_their_next_layer(models: Models, tmp_path: Path,
+                                                                      monkeypatch, capsys):
+    from moeify import conversion
+    from moeify.layerwise import LayerwiseModel
+
+    learnings, ran, started = [], [], threading.Event()
+    original_init, original_run_layer = gates.Learning.__init__, LayerwiseModel.run_layer
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        learnings.append(self)
+
+    def run_layer(self, index, *args, **kwargs):  # layer 0 runs on only once the run is stopping
+        ran.append(index)
+        started.set()
+        assert learnings[0]._stop.wait(timeout=60)
+        return original_run_layer(self, index, *args, **kwargs)
+
+    def write_shards(*args, **kwargs):  # fails while the gates are at layer 0
+        assert started.wait(timeout=60)
+        raise MoeifyError("no space left for the shards")
+
+    monkeypatch.setattr(gates.Learning, "__init__", init)
+    monkeypatch.setattr(LayerwiseModel, "run_layer", run_layer)
+    monkeypatch.setattr(conversion, "write_shards", write_shards)
+    output = tmp_path / "out"
+    assert_one_line_error(capsys, merge(models, output, "--moe-layers", "2"), "no space left")
+    assert ran == [0]  # layers 1 and 2 never ran: the thread stopped before each next layer
+    assert not output.exists() and not leftovers(output)
+    assert not [t for t in threading.enumerate() if t.name == "moeify-gates"]
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -102,8 +102,9 @@ def run(base: str, output: Path, spec: Spec, overwrite: bool) -> None:
     with claim(output, overwrite, protect=names, notify=ui.say) as out:  # before any download, held to the end
         folders = {name: source.resolve(name, notify=ui.say) for name in names}
         out.protect(*folders.values())  # Hub ids and .gguf files are folders in a cache only now
+        merge_ = prepare(folders[base], spec, folders)
         with ui.byte_progress("writing", counted="routers from prompts (layers)") as (set_total, advance, report), \
-                prepare(folders[base], spec, folders, report) as merge_:
+                merge_.running(report):
             result = conversion.convert(folders[base], out, spec, source=base, transform=merge_.transform,
                                         adapter=merge_.reader, notes=merge_.notes, overwrite=overwrite,
                                         on_plan=set_total, on_bytes=advance)
