@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Annotated
 
 import typer
@@ -77,6 +80,28 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     clock.start(process=argv is None)  # the summary's time: the whole process from a shell, from here in-process
+    with _rare_collections() if argv is None else nullcontext():
+        _run(argv)
+
+
+@contextmanager
+def _rare_collections() -> Iterator[None]:
+    """Python's cycle collector, tuned for a process that imports torch and transformers once and exits.
+
+    Those imports make ~600k objects, and at Python's default thresholds the full collections among
+    them cost ~1.5 s of a ~5 s start-up, and the final collection at exit ~1.6 s more (SmolLM2
+    merge, measured). Young objects are collected every 50k allocations instead of 700, and what is
+    left at the end is frozen so that exit does not scan it (exit handlers and finalisers still
+    run). In-process callers (tests, notebooks) keep Python's own settings.
+    """
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.freeze()
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False: usage errors reach us and print as one line like every other error
         code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",
