@@ -97,17 +97,19 @@ def convert(layout: str, dense: Path, text: Path, work: Path, builtin: bool = Fa
 
 
 def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every: int, work: Path,
-         lr: float | None = None, router_lr: float | None = None, schedule: str = "constant") -> list[dict]:
+         lr: float | None = None, router_lr: float | None = None, schedule: str = "constant",
+         aux: float | None = None) -> list[dict]:
     """One training run; its held-out curve as rows of step, tokens, seconds, perplexity, ratio.
 
     lr: the learning rate of what trains, instead of the job's own; router_lr: the routers' (lr when
-    not given).
+    not given); aux: the weight of the model's own router losses (default: moeify train's, 1).
     """
     out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else "")
                   + ("" if schedule == "constant" else f"-{schedule}")
-                  + ("" if text.name == "train.txt" else f"-{text.stem}"))
+                  + ("" if text.name == "train.txt" else f"-{text.stem}") + ("" if aux is None else f"-aux{aux:g}"))
     router_lr = router_lr or lr
     rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
+    rates += ["--aux", aux] if aux is not None else []
     # --trust-remote-code: the conversion in the cache may carry an earlier moeify's remote code
     # (written by moeify itself); it runs as written rather than being refused.
     moeify("train", model, "--data", text, "--eval-text", DATA / "heldout.txt", "--output", out, "--overwrite",
@@ -223,6 +225,8 @@ def main() -> None:
                         help="what the student is distilled on: Emma, or moeify's built-in corpus (the held-out kind)")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="after warmup; constant reads every budget off one curve, cosine ends lower for one")
+    parser.add_argument("--aux", type=float, help="weight of the model's own router losses (load balancing, "
+                        "z-loss); 0 distils alone (default: moeify train's, 1)")
     parser.add_argument("--router-lr", type=float, help="the routers' learning rate (default: --lr, or the job's)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -247,7 +251,7 @@ def main() -> None:
             for job in args.jobs.split(","):
                 started = time.perf_counter()
                 results[model.name, job] = heal(model, dense, job, text, args.tokens, args.eval_every, args.work,
-                                                args.lr, args.router_lr, args.schedule)
+                                                args.lr, args.router_lr, args.schedule, args.aux)
                 print(f"{model.name} {job}: {time.perf_counter() - started:.0f} s wall")
         table(results, budgets or [args.tokens])
     if not args.no_overhead:
