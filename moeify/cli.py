@@ -71,6 +71,9 @@ app.command(cls=Command)(verify)
 app.command(cls=Command, epilog="Multi-process: accelerate launch [--config_file F] -m moeify train ...")(train)
 
 
+INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a command ended by Ctrl-C
+
+
 def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed
     raise KeyboardInterrupt
 
@@ -106,6 +109,8 @@ def _run(argv: list[str] | None) -> None:
         # standalone_mode=False: usage errors reach us and print as one line like every other error
         code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",
                    standalone_mode=False)
+        if code == INTERRUPTED:  # typer ends a KeyboardInterrupt (Ctrl-C, SIGTERM) so, silently
+            _fail("aborted", INTERRUPTED)
         sys.exit(code or 0)  # as standalone Click did: typer.Exit(n) from a command, else 0
     except typer.TyperException as e:  # a usage error (exit 2) or an unreadable file argument
         _fail(f"{e.format_message()} (see `moeify --help`)", e.exit_code)

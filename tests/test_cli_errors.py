@@ -321,8 +321,9 @@ def test_signal_mid_write_leaves_nothing(tmp_path: Path, tiny_llama: Path, signu
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode != 0
+    assert child.returncode == 130
     assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()][-1] == "error: aborted", err
     assert not leftovers(output)
     if existing:
         assert snapshot(output) == before
