@@ -7,6 +7,7 @@ then streaming tensor bytes as they are produced.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -32,6 +33,7 @@ MAX_HEADER = 100_000_000  # bytes of JSON header, as the safetensors library cap
 CHUNK = 64 * 2**20  # bytes per write of the shard writer: large sequential writes
 BLOCK = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (the largest logical block in use)
 DIRECT = hasattr(os, "O_DIRECT")  # Linux and most BSDs; macOS has no O_DIRECT, only F_NOCACHE
+MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)  # POSIX madvise advice; absent on Windows
 
 # safetensors dtype codes, both ways.
 DTYPES: dict[str, torch.dtype] = {
@@ -121,8 +123,13 @@ def _check_ranges(path: Path, infos: dict[str, TensorInfo], size: int) -> None:
 class Checkpoint:
     """A folder of safetensors weights plus config.json, read one tensor at a time.
 
-    Tensors are read with pread into fresh buffers rather than memory-mapped: pages of a
-    mapping stay in the resident set after use, and peak memory must not grow with the model.
+    Each tensor read is a copy-on-write map of its file, of which it touches only its own bytes,
+    unmapped when the tensor is freed: its pages are the page cache's, so reading costs no copy and
+    no zeroed buffer (a pread into a fresh buffer took 4x the time here, mostly in the kernel).
+    Never one long-lived map of a whole file: the pages a mapping touched stay in the resident set
+    while it lasts, and peak memory must not grow with the model. As with safetensors' own loader,
+    a file cut short while a tensor of it is in use kills the process (SIGBUS); a file found short
+    when a tensor is read is refused in one line.
     """
 
     def __init__(self, folder: Path):
@@ -146,20 +153,47 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, done = memoryview(buffer.numpy()), 0
-        with open(info.path, "rb") as f:
-            while done < info.nbytes:  # one pread returns at most ~2 GiB
-                got = os.preadv(f.fileno(), [view[done:]], info.offset + done)
-                if got == 0:
-                    raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
-                done += got
-        return buffer.view(info.dtype).reshape(info.shape)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.path.stat().st_size < info.offset + info.nbytes:
+            raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
+        if info.offset % info.dtype.itemsize:
+            return _pread(info)  # a view of mapped bytes needs them aligned to the dtype
+        try:  # from the file's start: torch maps no offset; only the pages touched become resident
+            mapped = torch.from_file(str(info.path), shared=False, size=info.offset + info.nbytes, dtype=torch.uint8)
+        except RuntimeError:  # a filesystem that cannot map files
+            return _pread(info)
+        flat = mapped[info.offset:]
+        _will_need(flat)
+        return flat.view(info.dtype).reshape(info.shape)  # the tensor keeps the map, freed with it
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor with the right shape and dtype but no data, for planning."""
         info = self.info(name)
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+
+def _pread(info: TensorInfo) -> torch.Tensor:
+    """The tensor's bytes read into a fresh buffer."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    view, done = memoryview(buffer.numpy()), 0
+    with open(info.path, "rb") as f:
+        while done < info.nbytes:  # one pread returns at most ~2 GiB
+            got = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+            if got == 0:
+                raise MoeifyError(f"{info.path} is truncated while reading {info.name!r}; re-download it")
+            done += got
+    return buffer.view(info.dtype).reshape(info.shape)
+
+
+def _will_need(tensor: torch.Tensor) -> None:
+    """Ask the kernel to read a mapped tensor's pages ahead, in one go (Linux: else a fault each 128 kB)."""
+    if MADV_WILLNEED is None:
+        return
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(tensor.data_ptr() + tensor.nbytes - start),
+                      MADV_WILLNEED)
 
 
 def _read_headers(shards: list[Path]) -> dict[str, TensorInfo]:
