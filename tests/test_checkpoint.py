@@ -127,6 +127,44 @@ def test_folder_without_config_or_weights(tmp_path: Path):
         Checkpoint(tmp_path / "a")
 
 
+def one_tensor_folder(folder: Path, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file(tensors, folder / "model.safetensors")
+    return Checkpoint(folder)
+
+
+def test_a_tensor_read_is_the_readers_own_copy(tmp_path: Path):
+    """Reads map the file copy-on-write: writing into a tensor read changes neither the file nor a later read."""
+    ckpt = one_tensor_folder(tmp_path / "m", {"w": torch.arange(12.0).reshape(3, 4)})
+    first = ckpt.read("w")
+    first.mul_(-1).add_(7)
+    assert torch.equal(ckpt.read("w"), torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(load_file(tmp_path / "m" / "model.safetensors")["w"], torch.arange(12.0).reshape(3, 4))
+
+
+def test_a_tensor_on_an_odd_offset_is_read_whole(tmp_path: Path):
+    """The data of a float32 tensor may start at an odd byte in a file written by another tool: read it anyway."""
+    small, b = torch.tensor([1, 2, 3], dtype=torch.int8), torch.randn(5, 3)
+    header = json.dumps({"a": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
+                         "b": {"dtype": "F32", "shape": [5, 3], "data_offsets": [3, 63]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + raw(small) + raw(b))
+    ckpt = Checkpoint(tmp_path / "m")
+    assert ckpt.info("b").offset % 4 == 3
+    assert torch.equal(ckpt.read("b"), b) and torch.equal(ckpt.read("a"), small)
+
+
+def test_a_file_cut_short_after_opening_is_one_line_when_read(tmp_path: Path):
+    ckpt = one_tensor_folder(tmp_path / "m", {"w": torch.randn(64, 64)})
+    path = tmp_path / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # another process truncates it (a re-download, a full disk)
+    with pytest.raises(MoeifyError, match="truncated while reading 'w'"):
+        ckpt.read("w")
+
+
 def test_truncated_file_is_rejected(tmp_path: Path):
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.randn(64, 64)}, path)
