@@ -78,6 +78,7 @@ class _Job:
     moe_layers: list[int]
     transform: Transform
     dtype: torch.dtype | None  # None keeps each tensor's own dtype
+    routers: Callable[[int], torch.Tensor] | None = None  # layer -> router, written last (see plan)
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
@@ -92,10 +93,16 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
-    """Every output tensor in writing order, and the parameters a token does not use."""
+    """Every output tensor in writing order, and the parameters a token does not use.
+
+    With job.routers (a merge's routers, learnt alongside the writing), every MoE layer's router
+    comes after all other tensors, from job.routers(layer) (the transform leaves it meta): the
+    writer never waits for a router while it has experts to write.
+    """
     replaced = {name: layer for layer in job.moe_layers for name in job.adapter.ffn_names(layer).values()}
     cache = _LayerCache(job.moe)
     planned: list[PlannedTensor] = []
+    routers: list[PlannedTensor] = []
     inactive = 0
     for name in sorted(job.ckpt.names(), key=_running_order):
         layer = replaced.get(name)
@@ -109,6 +116,10 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
         skeleton = job.moe(layer, meta=True)
         for out_name, take in job.target.moe_tensors(job.adapter, layer, skeleton):
             t = take(skeleton)
+            if job.routers is not None and t is skeleton.router:
+                routers.append(PlannedTensor(out_name, tuple(t.shape), t.dtype,
+                                             lambda layer=layer, t=t: job.routers(layer).to(t.dtype)))
+                continue
             planned.append(PlannedTensor(out_name, tuple(t.shape), t.dtype,
                                          lambda layer=layer, take=take: take(cache.get(layer))))
         inactive += _inactive_params(skeleton)
@@ -116,7 +127,7 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
         meta = derive(job.cast(job.ckpt.meta(source_name)))
         planned.append(PlannedTensor(out_name, tuple(meta.shape), meta.dtype,
                                      lambda name=source_name, derive=derive: derive(job.cast(job.ckpt.read(name)))))
-    return planned, inactive
+    return planned + routers, inactive
 
 
 def _running_order(name: str) -> list[tuple[bool, int, str]]:
@@ -145,13 +156,15 @@ def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transform: Transform = upcycle,
             adapter: Adapter | None = None, notes: Callable[[], dict] = dict,
+            routers: Callable[[int], torch.Tensor] | None = None,
             overwrite: bool = False, on_plan: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> Result:
     """Convert the checkpoint in source_dir into a MoE checkpoint at output.
 
     adapter: the reader of each layer's FFN (default: the source family's own); a MoESource keeps the
     source's format and config. notes: more keys for moeify.json, asked for once the shards are
-    written (a merge's routing report is learnt alongside the writing).
+    written (a merge's routing report is learnt alongside the writing). routers: layer -> its
+    router, (E, H), when the transform leaves it meta (learnt alongside the writing): written last.
     """
     ckpt = Checkpoint(source_dir)
     if adapter is None:  # split passes its own reader for MoE sources
@@ -161,7 +174,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     moe_layers = spec.layers(adapter.num_layers(ckpt.config))
     target, reason = choose(adapter, ckpt.config, spec, moe_layers)
     dtype = None if spec.dtype is DType.AUTO else getattr(torch, spec.dtype.value)
-    job = _Job(ckpt, adapter, target, spec, moe_layers, transform, dtype)
+    job = _Job(ckpt, adapter, target, spec, moe_layers, transform, dtype, routers)
     planned, inactive = plan(job)
     total_bytes = sum(p.nbytes for p in planned)
     on_plan(total_bytes)

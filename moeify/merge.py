@@ -147,14 +147,21 @@ def _yaml(path: Path):
 
 @dataclass(frozen=True)
 class LayerFFNs:
-    """One layer's FFN from each source: experts[j] is read when first used, the last one kept."""
+    """One layer's FFN from each source: experts[j] is read when first used, the last one kept.
+
+    like: the first routed expert on the meta device (shapes and dtype, nothing read); meta: whether
+    the experts are meta too (planning).
+    """
 
     experts: Sequence[FFN]
+    like: FFN
+    meta: bool
     shared: Sequence[FFN] = field(default_factory=tuple)
 
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> LayerFFNs:
         """fn applied to each FFN as it is read (never all at once)."""
-        return LayerFFNs(_lazy(self.experts, lambda f: f.map(fn)), _lazy(self.shared, lambda f: f.map(fn)))
+        return LayerFFNs(_lazy(self.experts, lambda f: f.map(fn)), self.like.map(fn), self.meta,
+                         _lazy(self.shared, lambda f: f.map(fn)))
 
 
 def _lazy(items: Sequence[FFN], change: Callable[[FFN], FFN]) -> LazyExperts:
@@ -177,7 +184,8 @@ class MergeReader(Adapter):
         def reader(ckpts: tuple[Checkpoint, ...]) -> LazyExperts:
             return LazyExperts(len(ckpts), lambda j: Adapter.read_ffn(self, ckpts[j], layer, meta))
 
-        return LayerFFNs(reader(self.expert_ckpts), reader(self.shared_ckpts))
+        like = Adapter.read_ffn(self, self.expert_ckpts[0], layer, meta=True)
+        return LayerFFNs(reader(self.expert_ckpts), like, meta, reader(self.shared_ckpts))
 
 
 def open_source(folder: Path, name: str, base: Checkpoint, adapter: Adapter, layers: list[int]) -> Checkpoint:
@@ -241,16 +249,18 @@ def _vocab(path: Path) -> dict | None:
 # ---------------------------------------------------------------------------- the transform
 
 
-def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], torch.Tensor],
+def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], torch.Tensor] | None,
                 scales: Sequence[float], shared_scales: Sequence[float]) -> MoELayer:
     """Each source's FFN as an expert (cut into spec.granularity pieces sharing its router row).
 
-    router() gives (E, H), one row per source expert; the G pieces of one source repeat its row and
-    their down projection is scaled by G (their renormalised weights are 1/G of the source's).
-    It is not called when planning (meta tensors): the row may still be being learnt.
+    router() gives (E, H), one row per source expert; the G pieces of one source repeat its row
+    (pieces_router) and their down projection is scaled by G (their renormalised weights are 1/G of
+    the source's). It is not called when planning (meta tensors); router=None leaves the router meta
+    (rows learnt alongside the writing, written last: Merge.routers). Building the layer reads no
+    expert.
     """
     G, share = spec.granularity, 1.0 / (len(ffns.shared) + 1)
-    check_divisible(ffns.experts[0].intermediate_size, G)
+    check_divisible(ffns.like.intermediate_size, G)
 
     def cut(j: int) -> list[FFN]:
         noisy = add_noise(ffns.experts[j], spec.noise, generator(spec.seed, layer, "expert", j))
@@ -260,9 +270,15 @@ def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], to
     experts = LazyExperts(len(ffns.experts) * G,
                           lambda j: by_source[j // G][j % G].scaled(G * share * scales[j // G]))
     shared = LazyExperts(len(ffns.shared), lambda s: ffns.shared[s].scaled(share * shared_scales[s]))
-    like = ffns.experts[0].up
-    rows = like.new_empty(len(ffns.experts), like.shape[-1]) if like.is_meta else router().to(like)
-    return MoELayer(experts=experts, router=rows.repeat_interleave(G, dim=0), topk=spec.active_experts, shared=shared)
+    like = ffns.like.up
+    rows = like.new_empty(len(ffns.experts), like.shape[-1]) if ffns.meta or router is None else router()
+    return MoELayer(experts=experts, router=pieces_router(rows.to(like.dtype), G), topk=spec.active_experts,
+                    shared=shared)
+
+
+def pieces_router(rows: torch.Tensor, granularity: int) -> torch.Tensor:
+    """(E * G, H): each source's row once for each of its G pieces."""
+    return rows.repeat_interleave(granularity, dim=0)
 
 
 # ---------------------------------------------------------------------------- the whole merge
@@ -294,11 +310,16 @@ def sources_of(spec: Spec) -> tuple[list[ExpertSource], list[ExpertSource]]:
 
 @dataclass
 class Merge:
-    """What the conversion pass needs for a merge: the reader, the transform, and moeify.json's notes."""
+    """What the conversion pass needs for a merge: the reader, the transform, and moeify.json's notes.
+
+    routers: with prompt-learnt gates, layer -> its router (the transform leaves it meta), which the
+    conversion writes after every other tensor, so that the writer never waits for a row.
+    """
 
     reader: MergeReader
     transform: Callable[[LayerFFNs, Spec, int], MoELayer]
     learning: Learning | None = None  # prompt-learnt gates
+    routers: Callable[[int], torch.Tensor] | None = None
 
     def running(self, on_layer: Callable[[int, int], None]) -> AbstractContextManager:
         """The context the conversion runs in: prompt-learnt gates are learnt alongside it."""
@@ -318,8 +339,8 @@ class Merge:
 def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path]) -> Merge:
     """Open and check every source against BASE, set up the gates, and bind the transform.
 
-    Prompt-learnt gates are learnt inside Merge.running(), alongside the conversion: the writer
-    waits for a layer's router row when it reaches it.
+    Prompt-learnt gates are learnt inside Merge.running(), alongside the conversion, which writes
+    the routers last: the writer waits for a layer's row only once every expert is written.
     """
     from moeify import gates
 
@@ -335,10 +356,10 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path]) -> Merge:
     learning = gates.Learning(spec, base_folder, adapter, layers, experts) if spec.gate in gates.PROMPTED else None
     scales, shared_scales = [e.scale for e in experts], [s.scale for s in shared]
 
-    def router(layer: int) -> torch.Tensor:
-        return learning.row(layer) if learning else gates.fixed_router(spec, layer, len(experts), hidden)
-
     def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
-        return merge_layer(ffns, spec_, layer, lambda: router(layer), scales, shared_scales)
+        fixed = lambda: gates.fixed_router(spec, layer, len(experts), hidden)  # noqa: E731
+        return merge_layer(ffns, spec_, layer, None if learning else fixed, scales, shared_scales)
 
-    return Merge(reader, transform, learning)
+    if learning is None:
+        return Merge(reader, transform)
+    return Merge(reader, transform, learning, lambda layer: pieces_router(learning.row(layer), spec.granularity))

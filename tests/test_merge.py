@@ -242,31 +242,35 @@ def test_learnt_gates_read_no_layer_after_the_last_moe_layer(models: Models, gat
 
 
 def test_shards_are_written_while_the_gates_are_learnt(models: Models, tmp_path: Path, monkeypatch):
-    """The last layer's row waits until the writer has read a fine-tune's expert: a merge that learnt
-    every row before writing would never get there (and fail here after the timeout)."""
-    expert_read = threading.Event()
+    """The first layer's row waits until the writer has read a fine-tune's expert of the last layer:
+    only a writer that leaves the routers for the end gets there (else this fails after the timeout)."""
+    last_expert_read = threading.Event()
     original_read, original_fit = Checkpoint.read, gates.fit_rows
     tune = models.tunes["digits"]
 
     def read(self, name, *args, **kwargs):
-        if self.folder == tune and ".mlp." in name:
-            expert_read.set()
+        if self.folder == tune and name.startswith("model.layers.2.mlp."):
+            last_expert_read.set()
         return original_read(self, name, *args, **kwargs)
 
     fitted = []
 
     def fit_rows(batch, x):
         fitted.append(len(fitted))
-        if len(fitted) == 3:  # the last MoE layer of the tiny model's three
-            assert expert_read.wait(timeout=60), "nothing was written while the gates were learnt"
+        if len(fitted) == 1:
+            assert last_expert_read.wait(timeout=30), "the writer waited for a router while it had experts to write"
         return original_fit(batch, x)
 
     monkeypatch.setattr(Checkpoint, "read", read)
     monkeypatch.setattr(gates, "fit_rows", fit_rows)
-    assert merge(models, tmp_path / "out") == 0
-    assert len(fitted) == 3 and expert_read.is_set()
-    routing = json.loads((tmp_path / "out" / "moeify.json").read_text())["routing"]
+    out = tmp_path / "out"
+    assert merge(models, out) == 0
+    assert len(fitted) == 3 and last_expert_read.is_set()
+    routing = json.loads((out / "moeify.json").read_text())["routing"]
     assert set(routing["top1_shares"]) == {"0", "1", "2"}  # the report waited for every layer
+    names = [name for _, name in sorted((info.offset, name) for name, info in Checkpoint(out).tensors.items())]
+    routers = [i for i, name in enumerate(names) if name.endswith(".gate.weight")]
+    assert routers == list(range(len(names) - 3, len(names)))  # the three routers, after every other tensor
 
 
 def test_an_error_while_the_gates_are_learnt_is_one_line_and_writes_nothing(models: Models, tmp_path: Path,

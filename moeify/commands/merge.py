@@ -106,7 +106,8 @@ def run(base: str, output: Path, spec: Spec, overwrite: bool) -> None:
         with ui.byte_progress("writing", counted="routers from prompts (layers)") as (set_total, advance, report), \
                 merge_.running(report):
             result = conversion.convert(folders[base], out, spec, source=base, transform=merge_.transform,
-                                        adapter=merge_.reader, notes=merge_.notes, overwrite=overwrite,
+                                        adapter=merge_.reader, notes=merge_.notes,
+                                        routers=merge_.routers, overwrite=overwrite,
                                         on_plan=set_total, on_bytes=advance)
             lines = merge_.lines()
     ui.conclude(result)
