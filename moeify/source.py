@@ -287,10 +287,13 @@ def _write_origin(dest: Path, gguf: Path, more: dict | None) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+    """Read into one reused buffer: a fresh 16 MB bytes object per read cost a zero-filled map each
+    time (0.8 s of kernel time per 2 GB here)."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 24)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while done := f.readinto(buffer):
+            digest.update(view[:done])
     return digest.hexdigest()
 
 
