@@ -322,11 +322,11 @@ def _header(shard: Sequence[PlannedTensor]) -> bytes:
 
 def _write_shard(path: Path, shard: Sequence[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
     with _Sink(path) as sink:  # the file exists before any tensor is produced
-        sink.put(memoryview(_header(shard)))
+        sink.put(torch.frombuffer(bytearray(_header(shard)), dtype=torch.uint8))
         for planned in shard:
             tensor = planned.produce()
             assert tensor.shape == planned.shape and tensor.dtype == planned.dtype, planned.name
-            sink.put(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            sink.put(tensor.contiguous().reshape(-1).view(torch.uint8))
             on_bytes(planned.nbytes)
 
 
@@ -341,12 +341,15 @@ class _Sink:
     anonymous maps, every write but the last is a whole chunk, and the last is padded to a block
     and the file then cut back to its size. Upcycled experts are one tensor many times: its bytes
     are copied into the buffers once per copy, which costs less than the kernel's in-file copy.
+    The copies are torch's, which let go of the GIL: a tensor read is mapped, so a copy may wait
+    for the disk, and a merge learns its gates on another thread meanwhile.
     """
 
     def __init__(self, path: Path):
         self._chunk = CHUNK
         assert self._chunk % BLOCK == 0, self._chunk
         self._buffers = [mmap.mmap(-1, self._chunk) for _ in range(2)]  # page-aligned, as O_DIRECT wants
+        self._filled = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in self._buffers]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeify-writer")
         self._path, self._pending, self._used, self._offset, self._current = path, None, 0, 0, 0
         self._fd, self._direct = _open_for_writing(path)
@@ -364,14 +367,16 @@ class _Sink:
             finally:
                 self._pool.shutdown()
                 os.close(self._fd)
+                self._filled.clear()  # the buffers' exports, before they are closed
                 for buffer in self._buffers:
                     with suppress(BufferError):  # a view still held by an error's traceback: freed with it
                         buffer.close()
 
-    def put(self, data: memoryview) -> None:
-        while data:
+    def put(self, data: torch.Tensor) -> None:
+        """Append the bytes of a flat uint8 tensor."""
+        while len(data):
             take = min(len(data), self._chunk - self._used)
-            self._buffers[self._current][self._used:self._used + take] = data[:take]
+            self._filled[self._current][self._used:self._used + take].copy_(data[:take])
             self._used, data = self._used + take, data[take:]
             if self._used == self._chunk:
                 self._flush(self._chunk)
@@ -379,7 +384,7 @@ class _Sink:
     def _close(self) -> None:
         size, tail = self._offset + self._used, self._used
         padded = -(-tail // BLOCK) * BLOCK
-        self._buffers[self._current][tail:padded] = bytes(padded - tail)
+        self._filled[self._current][tail:padded] = 0
         self._flush(padded)
         self._wait()
         os.ftruncate(self._fd, size)  # the padding of the last block goes again
