@@ -273,6 +273,36 @@ def test_shards_are_written_while_the_gates_are_learnt(models: Models, tmp_path:
     assert routers == list(range(len(names) - 3, len(names)))  # the three routers, after every other tensor
 
 
+def test_the_gates_take_one_thread_while_the_writer_works_and_all_once_it_waits(models: Models, tmp_path: Path,
+                                                                               monkeypatch):
+    """Two threads of products beside the writer ran at a third of their speed; one keeps its pace."""
+    asked = threading.Event()
+    original_row, original_fit = gates.Learning.row, gates.fit_rows
+
+    def row(self, layer):
+        asked.set()
+        return original_row(self, layer)
+
+    threads = []
+
+    def fit_rows(batch, x):
+        threads.append(torch.get_num_threads())
+        if len(threads) == 1:  # layer 0 ran while the writer had experts to write
+            assert asked.wait(timeout=30), "the writer never asked for a router"
+        return original_fit(batch, x)
+
+    monkeypatch.setattr(gates.Learning, "row", row)
+    monkeypatch.setattr(gates, "fit_rows", fit_rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert merge(models, tmp_path / "out") == 0
+        assert threads == [1, 2, 2]
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_error_while_the_gates_are_learnt_is_one_line_and_writes_nothing(models: Models, tmp_path: Path,
                                                                            monkeypatch, capsys):
     original_fit = gates.fit_rows
