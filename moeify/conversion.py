@@ -122,7 +122,7 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
                 continue
             planned.append(PlannedTensor(out_name, tuple(t.shape), t.dtype,
                                          lambda layer=layer, take=take: take(cache.get(layer))))
-        inactive += _inactive_params(skeleton)
+        inactive += skeleton.inactive_params  # a PeerLayer counts its own (no import of peer here)
     for out_name, source_name, derive in job.target.added_tensors(job.ckpt.names()):
         meta = derive(job.cast(job.ckpt.meta(source_name)))
         planned.append(PlannedTensor(out_name, tuple(meta.shape), meta.dtype,
@@ -135,15 +135,6 @@ def _running_order(name: str) -> list[tuple[bool, int, str]]:
     where a checkpoint's header sorts them as text. A merge's writer then reaches the routers in
     the order its gates are learnt, instead of waiting for layer 10's after layer 1's."""
     return [(not part.isdecimal(), int(part) if part.isdecimal() else 0, part) for part in name.split(".")]
-
-
-def _inactive_params(moe: MoELayer) -> int:
-    from moeify.peer import PeerLayer  # here: only PEER conversions need it
-
-    if isinstance(moe, PeerLayer):  # unretrieved slots and padding, per neuron
-        return moe.inactive_params
-    per_expert = sum(t.numel() for t in moe.experts[0].tensors().values())
-    return (len(moe.experts) - moe.topk) * per_expert
 
 
 def _source_dtype(ckpt: Checkpoint) -> torch.dtype:

@@ -94,6 +94,11 @@ class MoELayer:
     scoring: Scoring = Scoring.SOFTMAX
     output_bias: torch.Tensor | None = None  # (H,) added once to the block output (a split FFN's down bias)
 
+    @property
+    def inactive_params(self) -> int:
+        """Parameters a token does not use: the experts it is not routed to (PeerLayer has its own)."""
+        return (len(self.experts) - self.topk) * sum(t.numel() for t in self.experts[0].tensors().values())
+
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> MoELayer:
         """Every weight through fn(role, tensor), as FFN.map; the router's role is "router"."""
         bias = None if self.output_bias is None else fn("output_bias", self.output_bias)
