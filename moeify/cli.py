@@ -23,7 +23,7 @@ from moeify.commands.split import split
 from moeify.commands.train import train
 from moeify.commands.upcycle import upcycle
 from moeify.commands.verify import verify
-from moeify.errors import MoeifyError
+from moeify.errors import Interrupted, MoeifyError
 from moeify.recipe import SHIPPED
 
 app = typer.Typer(
@@ -71,7 +71,7 @@ app.command(cls=Command)(verify)
 app.command(cls=Command, epilog="Multi-process: accelerate launch [--config_file F] -m moeify train ...")(train)
 
 
-INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a command ended by Ctrl-C
+INTERRUPTED = Interrupted.exit_code
 
 
 def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed

@@ -17,3 +17,9 @@ class MoeifyFailure(MoeifyError):
     """
 
     exit_code = 1
+
+
+class Interrupted(MoeifyError):
+    """The user stopped the run (Ctrl-C, SIGTERM); the message says what was kept and how to go on."""
+
+    exit_code = 130  # 128 + SIGINT: the shell's code for a command ended by Ctrl-C

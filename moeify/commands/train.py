@@ -22,6 +22,7 @@ import typer
 from moeify import ui
 from moeify.commands.options import OutputOpt, OverwriteOpt
 from moeify.commands.verify import TrustOpt
+from moeify.errors import Interrupted
 from moeify.training.settings import Objective, Precision, Schedule, Settings, Trainable
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A moeify output (folder, Hub id): native Mixtral, "
@@ -164,9 +165,8 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
             outcome = Trainer(plan, accelerator, say).run()
         except KeyboardInterrupt:
             latest = plan.checkpoints.latest()
-            say(f"interrupted: nothing written to {plan.output}; "
-                + (f"continue from {latest} with --resume" if latest else "no checkpoint had been saved yet"))
-            raise typer.Exit(130) from None
+            raise Interrupted(f"interrupted: nothing written to {plan.output}; " + (
+                f"continue from {latest} with --resume" if latest else "no checkpoint had been saved yet")) from None
         if accelerator.is_main_process:
             ui.show(display.summary(outcome))
             if plot is not None:
