@@ -96,7 +96,7 @@ def plan(job: _Job) -> tuple[list[PlannedTensor], int]:
     """Every output tensor in writing order, and the parameters a token does not use.
 
     With job.routers (a merge's routers, learnt alongside the writing), every MoE layer's router
-    comes after all other tensors, from job.routers(layer) (the transform leaves it meta): the
+    comes after all other tensors, from job.routers(layer) (not the transform's stand-in): the
     writer never waits for a router while it has experts to write.
     """
     replaced = {name: layer for layer in job.moe_layers for name in job.adapter.ffn_names(layer).values()}
@@ -155,7 +155,7 @@ def convert(source_dir: Path, output: Path, spec: Spec, *, source: str, transfor
     adapter: the reader of each layer's FFN (default: the source family's own); a MoESource keeps the
     source's format and config. notes: more keys for moeify.json, asked for once the shards are
     written (a merge's routing report is learnt alongside the writing). routers: layer -> its
-    router, (E, H), when the transform leaves it meta (learnt alongside the writing): written last.
+    router, (E, H), when the transform's is a stand-in (learnt alongside the writing): written last.
     """
     ckpt = Checkpoint(source_dir)
     if adapter is None:  # split passes its own reader for MoE sources

@@ -255,9 +255,9 @@ def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], to
 
     router() gives (E, H), one row per source expert; the G pieces of one source repeat its row
     (pieces_router) and their down projection is scaled by G (their renormalised weights are 1/G of
-    the source's). It is not called when planning (meta tensors); router=None leaves the router meta
-    (rows learnt alongside the writing, written last: Merge.routers). Building the layer reads no
-    expert.
+    the source's). It is not called when planning (meta tensors); router=None leaves zeros in its
+    place (rows learnt alongside the writing, written last from Merge.routers). Building the layer
+    reads no expert.
     """
     G, share = spec.granularity, 1.0 / (len(ffns.shared) + 1)
     check_divisible(ffns.like.intermediate_size, G)
@@ -270,8 +270,13 @@ def merge_layer(ffns: LayerFFNs, spec: Spec, layer: int, router: Callable[[], to
     experts = LazyExperts(len(ffns.experts) * G,
                           lambda j: by_source[j // G][j % G].scaled(G * share * scales[j // G]))
     shared = LazyExperts(len(ffns.shared), lambda s: ffns.shared[s].scaled(share * shared_scales[s]))
-    like = ffns.like.up
-    rows = like.new_empty(len(ffns.experts), like.shape[-1]) if ffns.meta or router is None else router()
+    like, shape = ffns.like.up, (len(ffns.experts), ffns.like.hidden_size)
+    if ffns.meta:
+        rows = like.new_empty(shape)
+    elif router is None:  # a stand-in of the right shape: tensors derived from it (Qwen2-MoE's) stay real
+        rows = torch.zeros(shape)
+    else:
+        rows = router()
     return MoELayer(experts=experts, router=pieces_router(rows.to(like.dtype), G), topk=spec.active_experts,
                     shared=shared)
 
@@ -312,7 +317,7 @@ def sources_of(spec: Spec) -> tuple[list[ExpertSource], list[ExpertSource]]:
 class Merge:
     """What the conversion pass needs for a merge: the reader, the transform, and moeify.json's notes.
 
-    routers: with prompt-learnt gates, layer -> its router (the transform leaves it meta), which the
+    routers: with prompt-learnt gates, layer -> its router (the transform's is a stand-in), which the
     conversion writes after every other tensor, so that the writer never waits for a row.
     """
 

@@ -97,12 +97,13 @@ EXPERT_NAMES = {  # format -> (expert tensor name of (layer, j, projection), sha
 }
 
 
+@pytest.mark.parametrize("gate", ["random", "hidden"])  # hidden: the routers are written last
 @pytest.mark.parametrize("target", list(EXPERT_NAMES))
-def test_merged_experts_are_their_sources_ffns(models: Models, tmp_path: Path, target: str):
+def test_merged_experts_are_their_sources_ffns(models: Models, tmp_path: Path, target: str, gate: str):
     name, shared, args = EXPERT_NAMES[target]
     out = tmp_path / "out"
     shared_args = [a for s in shared for a in ("--shared", models.base)]
-    assert merge(models, out, "--gate", "random", *shared_args, *args) == 0
+    assert merge(models, out, "--gate", gate, *shared_args, *args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == ("moeify" if target == "remote" else target)
     loads_cleanly(out, remote=target == "remote")
