@@ -7,13 +7,13 @@ then streaming tensor bytes as they are produced.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -34,6 +34,7 @@ CHUNK = 64 * 2**20  # bytes per write of the shard writer: large sequential writ
 BLOCK = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (the largest logical block in use)
 DIRECT = hasattr(os, "O_DIRECT")  # Linux and most BSDs; macOS has no O_DIRECT, only F_NOCACHE
 MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)  # POSIX madvise advice; absent on Windows
+UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}  # before 3.13 a map keeps a descriptor
 
 # safetensors dtype codes, both ways.
 DTYPES: dict[str, torch.dtype] = {
@@ -123,13 +124,15 @@ def _check_ranges(path: Path, infos: dict[str, TensorInfo], size: int) -> None:
 class Checkpoint:
     """A folder of safetensors weights plus config.json, read one tensor at a time.
 
-    Each tensor read is a copy-on-write map of its file, of which it touches only its own bytes,
-    unmapped when the tensor is freed: its pages are the page cache's, so reading costs no copy and
-    no zeroed buffer (a pread into a fresh buffer took 4x the time here, mostly in the kernel).
-    Never one long-lived map of a whole file: the pages a mapping touched stay in the resident set
-    while it lasts, and peak memory must not grow with the model. As with safetensors' own loader,
-    a file cut short while a tensor of it is in use kills the process (SIGBUS); a file found short
-    when a tensor is read is refused in one line.
+    Each tensor read is a copy-on-write map of its own bytes, unmapped when the tensor is freed:
+    its pages are the page cache's, so reading costs no copy and no zeroed buffer (a pread into a
+    fresh buffer took 4x the time here, mostly in the kernel), and it is charged to memory for its
+    own size, as the buffer was. Never one long-lived map of a whole file: the pages a mapping
+    touched stay in the resident set while it lasts, and peak memory must not grow with the model.
+    As with safetensors' own loader, a file cut short, or a disk or network filesystem failing,
+    while a mapped tensor is in use kills the process (SIGBUS); a file found short when a tensor
+    is read is refused in one line. Before Python 3.13 each live map holds a file descriptor; when
+    none is left, reads fall back to pread.
     """
 
     def __init__(self, folder: Path):
@@ -155,17 +158,21 @@ class Checkpoint:
         info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        if info.path.stat().st_size < info.offset + info.nbytes:
-            raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
         if info.offset % info.dtype.itemsize:
             return _pread(info)  # a view of mapped bytes needs them aligned to the dtype
-        try:  # from the file's start: torch maps no offset; only the pages touched become resident
-            mapped = torch.from_file(str(info.path), shared=False, size=info.offset + info.nbytes, dtype=torch.uint8)
-        except RuntimeError:  # a filesystem that cannot map files
-            return _pread(info)
-        flat = mapped[info.offset:]
-        _will_need(flat)
-        return flat.view(info.dtype).reshape(info.shape)  # the tensor keeps the map, freed with it
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        with open(info.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
+                raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
+            try:
+                mapped = mmap.mmap(f.fileno(), info.offset + info.nbytes - start, access=mmap.ACCESS_COPY,
+                                   offset=start, **UNTRACKED)
+            except OSError:  # a filesystem that cannot map files, or no descriptor left for the map
+                return _pread(info)
+        if MADV_WILLNEED is not None:
+            mapped.madvise(MADV_WILLNEED)  # the whole range is read next: ask for it in one go
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+        return flat.view(info.dtype).reshape(info.shape)  # the tensor holds the map; freed, it unmaps
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor with the right shape and dtype but no data, for planning."""
@@ -184,16 +191,6 @@ def _pread(info: TensorInfo) -> torch.Tensor:
                 raise MoeifyError(f"{info.path} is truncated while reading {info.name!r}; re-download it")
             done += got
     return buffer.view(info.dtype).reshape(info.shape)
-
-
-def _will_need(tensor: torch.Tensor) -> None:
-    """Ask the kernel to read a mapped tensor's pages ahead, in one go (Linux: else a fault each 128 kB)."""
-    if MADV_WILLNEED is None:
-        return
-    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(tensor.data_ptr() + tensor.nbytes - start),
-                      MADV_WILLNEED)
 
 
 def _read_headers(shards: list[Path]) -> dict[str, TensorInfo]:
@@ -367,7 +364,7 @@ class _Sink:
             finally:
                 self._pool.shutdown()
                 os.close(self._fd)
-                self._filled.clear()  # the buffers' exports, before they are closed
+                self._filled.clear()  # torch keeps no export of a buffer: its views must go before the unmap
                 for buffer in self._buffers:
                     with suppress(BufferError):  # a view still held by an error's traceback: freed with it
                         buffer.close()

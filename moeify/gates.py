@@ -146,6 +146,12 @@ class Learning:
     def gates(self) -> Gates:
         return self._gates.result()
 
+    def check(self) -> None:
+        """Raise what the thread raised, if it has ended so; never waits. The writer asks at each layer:
+        it writes the routers last, and a failure should not wait for every expert to be written."""
+        if self._gates.done() and self._gates.exception() is not None:
+            raise self._gates.exception()
+
     def _fits(self, before_layer: Callable[[], None]) -> Iterator[tuple[int, tuple[torch.Tensor, list[list[float]]]]]:
         if self.spec.gate is Gate.CHEAP_EMBED:  # one row for every layer
             embedded = self.runner.embeddings(self.batch.ids)
@@ -171,14 +177,17 @@ class Learning:
             torch.set_num_threads(threads)
 
     def _next_layer(self, threads: int) -> None:
-        """Before each layer: stop if told to, and take one thread while the writer works, all once it waits.
+        """Before each layer: stop if told to, and leave a core to the writer while it works, take all
+        once it waits.
 
-        Two threads of matrix products beside the writer ran at a third of their speed alone here (a
-        product waits for its slower thread, and the writer takes a core from one of them now and then);
-        one thread beside it keeps its pace, and the writer its own.
+        Two threads of matrix products beside the writer on two cores ran at a third of their speed
+        alone (a product waits for its slower thread, and the writer takes a core from one of them
+        now and then); one thread beside it keeps its pace, and the writer its own. torch's thread
+        count is the process's: threads whose first parallel operation falls in this window keep
+        the lower count (the writer's ran before).
         """
         self._check()
-        wanted = threads if self._writer_waits.is_set() else 1
+        wanted = threads if self._writer_waits.is_set() else max(1, threads - 1)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

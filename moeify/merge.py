@@ -362,6 +362,8 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path]) -> Merge:
     scales, shared_scales = [e.scale for e in experts], [s.scale for s in shared]
 
     def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
+        if learning is not None:
+            learning.check()  # a failure on the gates' thread stops the writer at its next layer
         fixed = lambda: gates.fixed_router(spec, layer, len(experts), hidden)  # noqa: E731
         return merge_layer(ffns, spec_, layer, None if learning else fixed, scales, shared_scales)
 

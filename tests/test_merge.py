@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,6 +321,32 @@ def test_an_error_while_the_gates_are_learnt_is_one_line_and_writes_nothing(mode
     assert_one_line_error(capsys, merge(models, output), "layer 1 cannot be told apart")
     assert not output.exists() and not leftovers(output)
     assert not [t for t in threading.enumerate() if t.name == "moeify-gates"]  # the thread ended with the run
+
+
+def test_an_error_of_the_gates_stops_the_writer_at_its_next_layer(models: Models, tmp_path: Path, monkeypatch,
+                                                                   capsys):
+    """The routers are written last; a failure of the gates must not wait for every expert to be written."""
+    original_read, original_fit = Checkpoint.read, gates.fit_rows
+    read = []
+
+    def fit_rows(batch, x):
+        raise MoeifyError("the prompts of layer 0 cannot be told apart")
+
+    def reading(self, name, *args, **kwargs):
+        if self.folder in models.tunes.values() and ".mlp." in name:
+            read.append(int(name.split(".")[2]))
+            if read[-1] == 1:  # let the gates' thread fail first
+                deadline = time.monotonic() + 30
+                while any(t.name == "moeify-gates" for t in threading.enumerate()) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        return original_read(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(gates, "fit_rows", fit_rows)
+    monkeypatch.setattr(Checkpoint, "read", reading)
+    output = tmp_path / "out"
+    assert_one_line_error(capsys, merge(models, output), "layer 0 cannot be told apart")
+    assert 2 not in read, read  # stopped before the last layer's experts
+    assert not output.exists() and not leftovers(output)
 
 
 def test_an_error_while_writing_stops_the_gates_before_their_next_layer(models: Models, tmp_path: Path,

@@ -164,6 +164,8 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
         try:
             outcome = Trainer(plan, accelerator, say).run()
         except KeyboardInterrupt:
+            if not accelerator.is_main_process:
+                raise Interrupted("interrupted") from None  # the main process says the rest
             latest = plan.checkpoints.latest()
             raise Interrupted(f"interrupted: nothing written to {plan.output}; " + (
                 f"continue from {latest} with --resume" if latest else "no checkpoint had been saved yet")) from None
