@@ -163,7 +163,7 @@ class Checkpoint:
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         with open(info.path, "rb") as f:
             if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
-                raise MoeifyError(f"{info.path} is truncated while reading {name!r}; re-download it")
+                raise _truncated(info)
             try:
                 mapped = mmap.mmap(f.fileno(), info.offset + info.nbytes - start, access=mmap.ACCESS_COPY,
                                    offset=start, **UNTRACKED)
@@ -188,9 +188,14 @@ def _pread(info: TensorInfo) -> torch.Tensor:
         while done < info.nbytes:  # one pread returns at most ~2 GiB
             got = os.preadv(f.fileno(), [view[done:]], info.offset + done)
             if got == 0:
-                raise MoeifyError(f"{info.path} is truncated while reading {info.name!r}; re-download it")
+                raise _truncated(info)
             done += got
     return buffer.view(info.dtype).reshape(info.shape)
+
+
+def _truncated(info: TensorInfo) -> MoeifyError:
+    """A file that became shorter than its header says, found while one of its tensors is read."""
+    return MoeifyError(f"{info.path} is truncated while reading {info.name!r}; re-download it")
 
 
 def _read_headers(shards: list[Path]) -> dict[str, TensorInfo]:

@@ -362,10 +362,11 @@ def prepare(base_folder: Path, spec: Spec, folders: dict[str, Path]) -> Merge:
     scales, shared_scales = [e.scale for e in experts], [s.scale for s in shared]
 
     def transform(ffns: LayerFFNs, spec_: Spec, layer: int) -> MoELayer:
-        if learning is not None:
+        if learning is not None:  # the rows come apart (Merge.routers)
             learning.check()  # a failure on the gates' thread stops the writer at its next layer
-        fixed = lambda: gates.fixed_router(spec, layer, len(experts), hidden)  # noqa: E731
-        return merge_layer(ffns, spec_, layer, None if learning else fixed, scales, shared_scales)
+            return merge_layer(ffns, spec_, layer, None, scales, shared_scales)
+        return merge_layer(ffns, spec_, layer, lambda: gates.fixed_router(spec, layer, len(experts), hidden),
+                           scales, shared_scales)
 
     if learning is None:
         return Merge(reader, transform)
