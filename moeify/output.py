@@ -83,14 +83,20 @@ class Claim:
 
     def protect(self, *sources: str | Path) -> None:
         """Refuse a DIR that is, or holds, one of the sources: replacing DIR would delete it."""
-        for source in sources:
-            places = _real_places(Path(source).expanduser())
-            for place in places:
-                if place == self.dest or self.dest in place.parents:
-                    relation = "is" if place == self.dest else "contains"
-                    what = "the source" if place == places[0] else "the files of the source"
-                    raise MoeifyError(f"output {self.dest} {relation} {what} {source}; "
-                                      "choose an output folder outside it")
+        refuse_replacing(self.dest, sources)
+
+
+def refuse_replacing(dest: Path, sources: Iterable[str | Path | None]) -> None:
+    """Refuse an output DIR that is, or holds, one of the sources (None: none): replacing DIR would
+    delete it. A run that reads its sources long before it writes checks this first too."""
+    dest = _real_output(dest)
+    for source in filter(None, sources):
+        places = _real_places(Path(source).expanduser())
+        for place in places:
+            if place == dest or dest in place.parents:
+                relation = "is" if place == dest else "contains"
+                what = "the source" if place == places[0] else "the files of the source"
+                raise MoeifyError(f"output {dest} {relation} {what} {source}; choose an output folder outside it")
 
 
 def _quiet(line: str) -> None:
@@ -269,6 +275,10 @@ def _real_output(dest: Path) -> Path:
     path = path.resolve()
     if path == path.parent:
         raise MoeifyError(f"output {path} is the root folder; choose a folder inside it")
+    here = Path.cwd()
+    if path == here or path in here.parents:  # `--output ""` (an unset variable) names it too
+        raise MoeifyError(f"output {path} {'is' if path == here else 'holds'} the current folder, which the "
+                          f"output would replace; choose a new folder for it")
     return path
 
 

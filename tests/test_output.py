@@ -184,6 +184,17 @@ def test_output_holding_the_source_is_refused(tmp_path: Path, output: str):
     assert tree(source) == OLD and hidden(dest.parent) == []
 
 
+@pytest.mark.parametrize("given", ["", ".", "..", "here"])
+def test_output_that_is_or_holds_the_current_folder_is_refused(tmp_path: Path, monkeypatch, given: str):
+    """`--output ""` (an unset shell variable) is the current folder: replacing it would delete the user's files."""
+    here = old_output(tmp_path / "work" / "here")
+    monkeypatch.chdir(here)
+    with pytest.raises(MoeifyError, match="the current folder"):
+        with staged_output(Path(given) if given != "here" else here, overwrite=True):
+            pass
+    assert tree(here) == OLD and hidden(tmp_path / "work") == [] and hidden(tmp_path) == []
+
+
 def test_output_holding_the_files_a_source_links_to_is_refused(tmp_path: Path):
     """A Hub cache snapshot is a folder of links into blobs/: the blobs are the source too."""
     blobs = tmp_path / "hub" / "models--acme--tiny" / "blobs"

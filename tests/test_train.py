@@ -406,6 +406,24 @@ def test_output_in_the_way_needs_overwrite(models: dict[str, Path], tmp_path: Pa
     assert not (out / "old.txt").exists() and (out / "moeify.json").is_file()
 
 
+@pytest.mark.parametrize("output", ["model", "teacher", "holds the data", "holds the checkpoints"])
+def test_an_output_that_would_replace_an_input_is_refused_before_training(models: dict[str, Path], tmp_path: Path,
+                                                                          capsys, output: str):
+    model, teacher, data = tmp_path / "model", tmp_path / "teacher", tmp_path / "texts" / "train.txt"
+    shutil.copytree(models["mixtral"], model)
+    shutil.copytree(models["llama"], teacher)
+    data.parent.mkdir()
+    shutil.copy(TEXT, data)
+    before = {p: p.read_bytes() for p in (*model.rglob("*"), *teacher.rglob("*"), data) if p.is_file()}
+    out = {"model": model, "teacher": teacher, "holds the data": data.parent,
+           "holds the checkpoints": tmp_path / "runs"}[output]
+    code = train(model, out, "--steps", 1, "--overwrite", "--teacher", teacher, "--distill", 1, "--data", data,
+                 "--checkpoint-dir", tmp_path / "runs" / "ckpt")
+    assert_one_line_error(capsys, code, str(out), "choose an output folder outside it")
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "runs").exists()
+
+
 def test_earlier_checkpoints_need_resume_or_overwrite(models: dict[str, Path], tmp_path: Path, capsys):
     out, other = tmp_path / "out", tmp_path / "other"
     assert train(models["mixtral"], out, "--steps", 2, "--save-every", 1) == 0

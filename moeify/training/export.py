@@ -35,7 +35,7 @@ def write(model: nn.Module, state: dict[str, torch.Tensor], source: Path, output
     adapter folder (--no-merge-lora), moves into output/adapter."""
     before = Checkpoint(source)
     record = json.loads((source / RECORD).read_text())
-    with staged_output(output, overwrite) as staging:
+    with staged_output(output, overwrite, protect=[source]) as staging:
         model.save_pretrained(staging, state_dict=cast(state, before), safe_serialization=True,
                               max_shard_size=record.get("max_shard_size", "5GB"))
         _same_tensors(before, Checkpoint(staging))

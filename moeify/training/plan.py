@@ -17,7 +17,7 @@ from pathlib import Path
 from moeify import source
 from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
-from moeify.output import check_output
+from moeify.output import check_output, refuse_replacing
 from moeify.spec import Mode
 from moeify.training import data, lora
 from moeify.training.checkpoints import Checkpoints
@@ -82,8 +82,20 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
                           f"it or --overwrite to start over")
     notes: list[str] = []
     teacher, teacher_dir, teacher_code = _teacher(settings, record, model_dir, tokenizer, trust_remote_code, notes)
+    # Before hours of training: writing the output replaces it whole.
+    refuse_replacing(output, [model_dir, teacher_dir, settings.data, settings.eval_text])
+    _checkpoints_beside(checkpoints.folder, output)
     return Plan(model, model_dir, code, record, settings, corpus, teacher, teacher_dir, teacher_code, steps, output,
                 checkpoints, resume_from, run, overwrite, notes)
+
+
+def _checkpoints_beside(folder: Path, output: Path) -> None:
+    """Checkpoints inside the output would be deleted when the trained model replaces it (and make it
+    a folder with files, which only --overwrite may replace, once training is over)."""
+    folder, output = folder.resolve(), output.resolve()
+    if folder == output or output in folder.parents:
+        raise MoeifyError(f"the checkpoint folder {folder} is inside the output {output}, which the trained "
+                          f"model replaces whole; choose an output folder outside it or another --checkpoint-dir")
 
 
 def _record(model: str, folder: Path) -> dict:
