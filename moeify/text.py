@@ -1,8 +1,9 @@
-"""User text files (calibration, verify): a bounded prefix, refused when it is not text.
+"""User text files (calibration, verify, training data): refused when they are not text.
 
 --text and --calibration may name any file: a 2 GB dump, a checkpoint, an image. Only the prefix
 a caller can use is read, never more than MAX_BYTES, and bytes that do not look like text are
 refused in one line before a tokenizer sees them (a tokenizer given a 2 GB file took 4-9 GB).
+Training data is read whole (read_whole), with the same check.
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ def read_plain(path: Path, flag: str, chars: int | None = None) -> str:
     sniff.add(raw, text)
     sniff.check(path, flag)
     return text if chars is None else text[:chars]
+
+
+def read_whole(path: Path, flag: str) -> str:
+    """All of a UTF-8 text file, refused as read_plain refuses a prefix that is not text. For training
+    data, which is meant to be large and is tokenised whole: no MAX_BYTES."""
+    raw = Path(path).read_bytes()
+    text = raw.decode("utf-8", "replace")
+    sniff = _Sniff()
+    sniff.add(raw, text)
+    sniff.check(path, flag)
+    return text
 
 
 def read_jsonl(path: Path, flag: str, chars: int | None = None) -> list[str]:

@@ -350,6 +350,9 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
         (tmp_path / "data" / "short.txt").write_text("hello")
         return [models["mixtral"], "--data", tmp_path / "data" / "short.txt", "--seq-len", 32], \
             ("short.txt", "fewer than one --seq-len sequence")
+    if kind == "data binary":
+        (tmp_path / "data" / "bin.txt").write_bytes(bytes(range(256)) * 40)
+        return [models["mixtral"], "--data", tmp_path / "data" / "bin.txt"], ("bin.txt", "not a text file")
     if kind == "bad jsonl":
         (tmp_path / "data" / "d.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
         return [models["mixtral"], "--data", tmp_path / "data" / "d.jsonl"], ("line 2", "\"text\"", "\"messages\"")
@@ -375,8 +378,9 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
     raise AssertionError(kind)
 
 
-BAD = ["dense", "not moeify", "foreign code", "data missing", "data empty", "data a folder", "data other format", "data too short",
-       "bad jsonl", "chat without template", "seq-len", "teacher vocab", "freeze", "nothing left",
+BAD = ["dense", "not moeify", "foreign code", "data missing", "data empty", "data a folder", "data other format",
+       "data too short", "data binary", "bad jsonl", "chat without template", "seq-len", "teacher vocab", "freeze",
+       "nothing left",
        "resume without checkpoint", "zero weights", "eval fraction"]
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moeify.errors import MoeifyError
+from moeify.text import read_whole
 
 SUFFIXES = (".txt", ".jsonl")
 
@@ -44,7 +45,7 @@ def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
     """The documents of a .txt (the whole file) or .jsonl file ("text", or "messages" for chat)."""
     file = check_file(path, what)
     try:
-        raw = file.read_text(encoding="utf-8", errors="replace")
+        raw = read_whole(file, what)
     except OSError as e:
         raise MoeifyError(f"{what} {file} cannot be read ({e.strerror}); check its permissions") from None
     documents = _jsonl(file, raw, tokenizer) if file.suffix == ".jsonl" else [raw]
