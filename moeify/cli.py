@@ -74,8 +74,39 @@ app.command(cls=Command, epilog="Multi-process: accelerate launch [--config_file
 INTERRUPTED = Interrupted.exit_code
 
 
+_terminated = False
+
+
 def _terminate(signum, frame):  # SIGTERM cleans up like Ctrl-C: staged output is removed
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
+
+
+def _stopped() -> str:
+    """What an interruption left: every command writes through a staged output, removed when it is
+    interrupted, so an output is either whole (put in place before the signal came) or as it was."""
+    from moeify.output import WRITTEN
+
+    if WRITTEN:
+        return f"interrupted after {WRITTEN[-1]} was written whole; the summary was not printed"
+    return "interrupted: nothing was written and any earlier output is as it was; run the command again"
+
+
+def _interrupted_code() -> int:
+    """The shell's code for a command ended by the signal: 128 + SIGINT (130) or + SIGTERM (143)."""
+    return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
+
+
+def _usage_message(error: typer.TyperException) -> str:
+    # typer validates choices with pydantic, whose wording leaks into click's message
+    return error.format_message().replace("Value error, ", "")
+
+
+def _command_path(error: typer.TyperException) -> str:
+    """`moeify upcycle` for an error in upcycle's options: its --help lists them."""
+    context = getattr(error, "ctx", None)
+    return context.command_path if context is not None and context.command_path else "moeify"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,17 +136,22 @@ def _rare_collections() -> Iterator[None]:
 
 
 def _run(argv: list[str] | None) -> None:
+    from moeify.output import WRITTEN
+
+    WRITTEN.clear()  # an in-process caller's earlier runs
     try:
         # standalone_mode=False: usage errors reach us and print as one line like every other error
         code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",
                    standalone_mode=False)
         if code == INTERRUPTED:  # typer ends a KeyboardInterrupt (Ctrl-C, SIGTERM) so, silently
-            _fail("aborted", INTERRUPTED)
+            _fail(_stopped(), _interrupted_code())
         sys.exit(code or 0)  # as standalone Click did: typer.Exit(n) from a command, else 0
     except typer.TyperException as e:  # a usage error (exit 2) or an unreadable file argument
-        _fail(f"{e.format_message()} (see `moeify --help`)", e.exit_code)
+        _fail(f"{_usage_message(e)} (see `{_command_path(e)} --help`)", e.exit_code)
     except typer.Abort:  # Ctrl-C or SIGTERM; staged output was already removed
-        _fail("aborted", 1)
+        _fail(_stopped(), _interrupted_code())
+    except Interrupted as e:  # says what was kept and how to go on
+        _fail(str(e), _interrupted_code())
     except MoeifyError as e:  # the message says what to do; the type says whose fault it was
         _fail(str(e), e.exit_code)
     except OSError as e:  # the machine failed us (disk full, permissions): one line, not a traceback

@@ -35,6 +35,9 @@ from moeify.errors import MoeifyError, MoeifyFailure
 
 Notify = Callable[[str], None]
 
+# The outputs this process has put in place, latest last: what an interruption did not stop.
+WRITTEN: list[Path] = []
+
 # Errors of a rename onto DIR when something took DIR's place first.
 TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
 
@@ -151,6 +154,7 @@ def staged_output(target: Path | Claim, overwrite: bool = False,
         yield staging
         with deferred_signals():
             _put_in_place(target, staging)
+            WRITTEN.append(target.dest)
     except BaseException:
         with deferred_signals():  # a second Ctrl-C must not leave half of it behind
             shutil.rmtree(staging, ignore_errors=True)

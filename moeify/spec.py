@@ -157,8 +157,9 @@ class Spec:
             raise MoeifyError(f"--granularity must be at least 1 (got {self.granularity})")
         if self.shared_experts < 0:
             raise MoeifyError(f"--shared-experts cannot be negative (got {self.shared_experts})")
-        if self.router_std < 0 or self.noise < 0:
-            raise MoeifyError("--router-std and --noise must be zero or positive")
+        for flag, value in (("--router-std", self.router_std), ("--noise", self.noise)):
+            if value < 0:
+                raise MoeifyError(f"{flag} must be zero or positive (got {value})")
         if not 0 <= self.drop_ratio < 1:
             raise MoeifyError(f"--drop-ratio must be in [0, 1) (got {self.drop_ratio})")
         if self.seed < 0:

@@ -25,7 +25,13 @@ def test_results_on_stdout_and_usage_error_is_one_line():
     assert listed.returncode == 0 and "qwen3-0.6b" in listed.stdout and listed.stderr == ""
     wrong = subprocess.run(["moeify", "split", "x", "--bogus"], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and wrong.stdout == ""
-    assert wrong.stderr.strip().splitlines() == ["error: No such option: --bogus (see `moeify --help`)"]
+    assert wrong.stderr.strip().splitlines() == ["error: No such option: --bogus (see `moeify split --help`)"]
+    bad = subprocess.run(["moeify", "upcycle", "x", "--dtype", "bf16"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [  # the command's own help; no pydantic words
+        "error: Invalid value for '--dtype': 'bf16' is not one of 'auto', 'float32', 'bfloat16', 'float16'. "
+        "(see `moeify upcycle --help`)"]
+    top = subprocess.run(["moeify", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert top.stderr.strip().splitlines() == ["error: No such option: --bogus (see `moeify --help`)"]
 
 
 def test_every_command_is_walked():

@@ -211,7 +211,9 @@ def test_two_interrupts_during_the_swap_leave_the_new_output_whole(tmp_path: Pat
         time.sleep(0.05)
     code, err = run.go()
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 130 and lines == ["error: aborted"], err  # interrupted, as asked, and nothing else...
+    # interrupted, as asked, and nothing else...
+    assert code == 128 + signums[0] and lines == [f"error: interrupted after {output} was written whole; "
+                                                   "the summary was not printed"], err
     assert experts(output) == 4 and hidden(tmp_path) == []  # ...once the swap it was in had finished
 
 
