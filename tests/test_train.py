@@ -282,6 +282,45 @@ def test_resume_after_a_kill_reaches_the_same_weights(models: dict[str, Path], t
     assert losses[0] == losses[1]  # the resumed run saw the same batches in the same order
 
 
+def _damage(step: Path, how: str) -> None:
+    state = step / "moeify_state.json"
+    if how == "state not json":
+        state.write_text("{not json")
+        return
+    if how == "state of the wrong kind":
+        state.write_text(json.dumps({"run": [], "progress": {"step": "two"}}))
+        return
+    if how == "forged step":
+        saved = json.loads(state.read_text())
+        saved["progress"]["step"] = 10**9
+        state.write_text(json.dumps(saved))
+        return
+    weights = next(p for p in step.iterdir() if p.name.startswith(("pytorch_model", "model")))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+
+
+@pytest.mark.parametrize("how", ["state not json", "state of the wrong kind", "forged step", "weights cut short"])
+def test_a_damaged_checkpoint_is_one_line(models: dict[str, Path], tmp_path: Path, capsys, how: str):
+    out = tmp_path / "out"
+    options = ("--steps", 2, "--save-every", 1)
+    assert train(models["mixtral"], tmp_path / "first", *options, "--checkpoint-dir", tmp_path / "ckpt") == 0
+    _damage(tmp_path / "ckpt" / "step-00000002", how)
+    capsys.readouterr()
+    code = train(models["mixtral"], out, *options, "--checkpoint-dir", tmp_path / "ckpt", "--resume")
+    assert_one_line_error(capsys, code, "step-00000002 is damaged", "--overwrite")
+    assert not out.exists() and not list(tmp_path.glob(".out.moeify-*"))
+
+
+def test_checkpoints_inside_the_model_are_refused(models: dict[str, Path], tmp_path: Path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(models["mixtral"], model)
+    before = sorted(p.name for p in model.iterdir())
+    code = train(model, tmp_path / "out", "--steps", 1, "--teacher", SOURCES[models["mixtral"]],
+                 "--checkpoint-dir", model / "ckpt")
+    assert_one_line_error(capsys, code, "inside the model", "--checkpoint-dir")
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_leaves_the_last_checkpoint_and_no_model(models: dict[str, Path], tmp_path: Path):
     out = tmp_path / "out"
     child = start("train", models["mixtral"], "--data", TEXT, "--output", out, *SMALL, "--steps", 500,
@@ -423,7 +462,7 @@ def test_an_output_that_would_replace_an_input_is_refused_before_training(models
            "holds the checkpoints": tmp_path / "runs"}[output]
     code = train(model, out, "--steps", 1, "--overwrite", "--teacher", teacher, "--distill", 1, "--data", data,
                  "--checkpoint-dir", tmp_path / "runs" / "ckpt")
-    assert_one_line_error(capsys, code, str(out), "choose an output folder outside it")
+    assert_one_line_error(capsys, code, str(out), "outside it")
     assert {p: p.read_bytes() for p in before} == before
     assert not (tmp_path / "runs").exists()
 

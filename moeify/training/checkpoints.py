@@ -49,10 +49,10 @@ class Checkpoints:
         return found[-1] if found else None
 
     def identity(self, path: Path) -> dict:
-        return json.loads((path / STATE).read_text())["run"]
+        return _state(path)["run"]
 
     def progress(self, path: Path) -> Progress:
-        return Progress(**json.loads((path / STATE).read_text())["progress"])
+        return _state(path)["progress"]
 
     def check_resumable(self, run: dict) -> Path:
         """The latest checkpoint, if it belongs to this run; one line naming what differs otherwise."""
@@ -109,6 +109,26 @@ class Checkpoints:
             raise
         accelerator.wait_for_everyone()
         return final
+
+
+def damaged(path: Path, why: str) -> MoeifyError:
+    return MoeifyError(f"checkpoint {path} is damaged ({why}); start over with --overwrite (without --resume), "
+                       f"or delete that step folder to resume from the one before")
+
+
+def _state(path: Path) -> dict:
+    """moeify_state.json of a checkpoint, checked: {"run": dict, "progress": Progress}."""
+    try:
+        state = json.loads((path / STATE).read_text())
+        run, saved = state["run"], state["progress"]
+        progress = Progress(**saved)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise damaged(path, f"its {STATE} is unreadable: {type(e).__name__}") from None
+    counts = (progress.step, progress.tokens)
+    if not isinstance(run, dict) or not all(isinstance(n, int) and n >= 0 for n in counts) \
+            or not isinstance(progress.seconds, (int, float)) or not isinstance(progress.evaluations, list):
+        raise damaged(path, f"its {STATE} holds values of the wrong kind")
+    return {"run": run, "progress": progress}
 
 
 def _short(value) -> str:

@@ -24,7 +24,7 @@ from moeify.errors import MoeifyError
 from moeify.loading import load_model
 from moeify.training import display, export, frozen, lora, record
 from moeify.training import teacher as teachers
-from moeify.training.checkpoints import Progress
+from moeify.training.checkpoints import Progress, damaged
 from moeify.training.data import Stream, order
 from moeify.training.evaluation import perplexity
 from moeify.training.objective import LocalLoss, Loss, RouterCoefficients, Weights
@@ -269,8 +269,13 @@ class Trainer:
     def _resume(self) -> None:
         path = self.plan.resume_from
         self.plan.checkpoints.drop_partial()
-        self.acc.load_state(str(path))
         self.progress = self.plan.checkpoints.progress(path)
+        if self.progress.step > self.plan.steps:
+            raise damaged(path, f"it says step {self.progress.step} of a run of {self.plan.steps}")
+        try:
+            self.acc.load_state(str(path))
+        except Exception as e:  # noqa: BLE001 -- a file cut short, another model's weights, pickled garbage
+            raise damaged(path, f"{type(e).__name__} while loading it") from None
         self.notify(f"resuming from {path} (step {self.progress.step} of {self.plan.steps})")
 
     # ------------------------------------------------------------------------ the result
