@@ -90,14 +90,16 @@ class Claim:
 
 
 def refuse_replacing(dest: Path, sources: Iterable[str | Path | None]) -> None:
-    """Refuse an output DIR that is, or holds, one of the sources (None: none): replacing DIR would
-    delete it. A run that reads its sources long before it writes checks this first too."""
+    """Refuse an output DIR that is, holds, or lies inside one of the sources (None: none): replacing
+    DIR would delete the source, and writing inside it would change a folder moeify only reads.
+    A run that reads its sources long before it writes checks this first too."""
     dest = _real_output(dest)
     for source in filter(None, sources):
         places = _real_places(Path(source).expanduser())
         for place in places:
-            if place == dest or dest in place.parents:
-                relation = "is" if place == dest else "contains"
+            relation = ("is" if place == dest else "contains" if dest in place.parents
+                        else "is inside" if place in dest.parents else None)
+            if relation:
                 what = "the source" if place == places[0] else "the files of the source"
                 raise MoeifyError(f"output {dest} {relation} {what} {source}; choose an output folder outside it")
 

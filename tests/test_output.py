@@ -174,10 +174,11 @@ def test_output_that_is_a_symlink_is_refused_and_left_alone(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
-@pytest.mark.parametrize("output", ["source", "parent", "grandparent"])
+@pytest.mark.parametrize("output", ["source", "parent", "grandparent", "inside"])
 def test_output_holding_the_source_is_refused(tmp_path: Path, output: str):
     source = old_output(tmp_path / "disk" / "models" / "src")
-    dest = {"source": source, "parent": source.parent, "grandparent": source.parent.parent}[output]
+    dest = {"source": source, "parent": source.parent, "grandparent": source.parent.parent,
+            "inside": source / "moe"}[output]
     with pytest.raises(MoeifyError, match="the source"):
         with staged_output(dest, overwrite=True, protect=[source]):
             pass
