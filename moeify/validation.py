@@ -121,6 +121,7 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     """Refuse a checkpoint (seen under the reader's in-memory names) that is not the model its config describes."""
     _check_layer_count(ckpt, reader)
     _check_read(ckpt, reader)
+    _check_floats(ckpt)
     verdict = _verdict(ckpt)
     if verdict.exists():
         return  # this very config with these very tensor shapes passed before
@@ -134,6 +135,15 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
             raise MoeifyError(f"the weights hold {name}, which the {_family(ckpt.config)} model of config.json "
                               f"has not (transformers would drop it); {FIX}")
     _remember(verdict)
+
+
+def _check_floats(ckpt: Checkpoint) -> None:
+    """Weights and biases are floating point: an integer one would be copied into the output as it is
+    (its bytes are the right size), and no model computes with it."""
+    for name, info in ckpt.tensors.items():
+        if name.endswith((".weight", ".bias")) and not info.dtype.is_floating_point:
+            raise MoeifyError(f"the weights hold {name} as {str(info.dtype).removeprefix('torch.')}, but model "
+                              f"weights are floating point; dequantize a quantized checkpoint first, or re-download it")
 
 
 def _check_layer_count(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:

@@ -131,6 +131,16 @@ def test_a_tensor_missing_outside_the_ffn(tmp_path: Path, tiny_llama: Path, caps
     refused(tmp_path, capsys, tiny_llama, "model.layers.2.input_layernorm.weight (64,)", "missing from the weights")
 
 
+def test_an_integer_weight_is_refused(tmp_path: Path, tiny_llama: Path, capsys):
+    """Its bytes are the right size, so it would be copied into an expert as int32 values."""
+    weights = tiny_llama / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].view(torch.int32)
+    save_file(tensors, weights, {"format": "pt"})
+    refused(tmp_path, capsys, tiny_llama, f"{name} as int32", "floating point")
+
+
 @pytest.mark.parametrize("weights, claimed, needles", [
     ("qwen2", "llama", ("the weights hold model.layers.0.self_attn.k_proj.bias", "llama model", "has not")),
     ("llama", "qwen3", ("model.layers.0.self_attn.q_norm.weight", "qwen3 model", "missing")),
