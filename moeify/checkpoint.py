@@ -215,8 +215,9 @@ def _read_config(folder: Path) -> dict:
         raise MoeifyError(f"{folder} has no config.json; point at a Hugging Face model folder")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoeifyError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise MoeifyError(f"{path} is not valid JSON ({why}); fix or re-download it") from None
     if not isinstance(config, dict):
         raise MoeifyError(f"{path} is not a JSON object; fix or re-download it")
     check_config(config)
@@ -230,7 +231,7 @@ def _shard_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             if not all(isinstance(name, str) for name in weight_map.values()):
                 raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
             raise MoeifyError(f"{index} is corrupted; re-download it") from None
         names = list(dict.fromkeys(weight_map.values()))
         for name in names:
@@ -243,6 +244,9 @@ def _shard_files(folder: Path) -> list[Path]:
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise MoeifyError(f"{folder} has no safetensors weights; convert the checkpoint to safetensors first")
+    for shard in shards:
+        if not shard.is_file():  # opening a pipe would wait for a writer forever
+            raise MoeifyError(f"{shard} is not a file (a folder, pipe or device); remove it or re-download the model")
     return shards
 
 

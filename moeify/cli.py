@@ -154,6 +154,9 @@ def _run(argv: list[str] | None) -> None:
         _fail(str(e), _interrupted_code())
     except MoeifyError as e:  # the message says what to do; the type says whose fault it was
         _fail(str(e), e.exit_code)
+    except RecursionError:  # a JSON or YAML file nested thousands deep, read where no reader expected it
+        _fail("an input file nests too deeply to read (JSON or YAML thousands of levels deep); check the files "
+              "this command reads", 2)
     except OSError as e:  # the machine failed us (disk full, permissions): one line, not a traceback
         _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
 

@@ -120,7 +120,7 @@ def groups_of(folder: Path, ckpt: Checkpoint, source: MoESource) -> int:
     try:
         record = json.loads((folder / "moeify.json").read_text())
         G = int(record.get("granularity", 1)) if record.get("mode") in ("upcycle", "merge", "expand") else 1
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return 1
     if G <= 1 or source.count % G or source.topk(ckpt.config) % G:
         return 1

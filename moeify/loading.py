@@ -107,7 +107,7 @@ def _moeify_config(folder: Path):
 def _tokenizer_auto_map(folder: Path) -> object:
     try:
         config = json.loads((folder / TOKENIZER_CONFIG).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return config.get("auto_map") if isinstance(config, dict) else None
 

@@ -240,10 +240,12 @@ def _same_bytes(a: Path, b: Path) -> bool:
 @functools.lru_cache(maxsize=8)  # BASE's is compared with every source's: read it once
 def _vocab(path: Path) -> dict | None:
     try:
-        model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
-    return model.get("vocab") if isinstance(model.get("vocab"), (dict, list)) else None
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    return vocab if isinstance(vocab, (dict, list)) else None
 
 
 # ---------------------------------------------------------------------------- the transform

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -125,6 +126,33 @@ def test_folder_without_config_or_weights(tmp_path: Path):
     (tmp_path / "a" / "config.json").write_text("[1, 2]")
     with pytest.raises(MoeifyError, match="not a JSON object"):
         Checkpoint(tmp_path / "a")
+
+
+DEEP = "[" * 200_000 + "]" * 200_000  # json.loads raises RecursionError on it
+
+
+def test_deeply_nested_config_or_index_is_one_line(tmp_path: Path):
+    folder = sharded_folder(tmp_path / "sharded", sample_tensors())
+    index = (folder / INDEX_FILE).read_text()
+    (folder / INDEX_FILE).write_text(DEEP)
+    with pytest.raises(MoeifyError, match="index.json is corrupted"):
+        Checkpoint(folder)
+    (folder / INDEX_FILE).write_text(index)
+    (folder / "config.json").write_text(DEEP)
+    with pytest.raises(MoeifyError, match="config.json is not valid JSON \\(nested too deeply\\)"):
+        Checkpoint(folder)
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_weights_that_are_not_a_file_are_refused(tmp_path: Path, kind: str):
+    """A pipe named model.safetensors would block its reader forever."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.mkdir() if kind == "folder" else os.mkfifo(weights)
+    with pytest.raises(MoeifyError, match="model.safetensors is not a file"):
+        Checkpoint(folder)
 
 
 def one_tensor_folder(folder: Path, tensors: dict[str, torch.Tensor]) -> Checkpoint:

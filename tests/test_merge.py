@@ -417,6 +417,16 @@ def bad_merge(models: Models, tmp_path: Path, kind: str) -> tuple[list, tuple[st
             "--expert", f"{models.tunes['words']}:{models.prompts['digits']}"], ("same prompts",)
 
 
+@pytest.mark.parametrize("text", ['{"model": 5}', '{"model": {"vocab": 5}}', "[1]", "[" * 100_000 + "]" * 100_000])
+def test_an_unreadable_tokenizer_json_has_no_vocabulary(tmp_path: Path, text: str):
+    """A source's tokenizer.json is compared with BASE's when both have a vocabulary, never a traceback."""
+    from moeify.merge import _vocab
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(text)
+    assert _vocab(path) is None
+
+
 @pytest.mark.parametrize("kind", ["family", "hidden size", "vocabulary", "tokens", "empty prompt file",
                                   "unknown expert", "no prompts", "same prompts"])
 def test_bad_merge_is_one_line_and_writes_nothing(models: Models, tmp_path: Path, capsys, kind: str):

@@ -62,8 +62,9 @@ def _jsonl(file: Path, raw: str, tokenizer) -> list[str]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            raise MoeifyError(f"{file} line {number} is not JSON; each line must be one JSON object") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise MoeifyError(f"{file} line {number} is not JSON (or nests too deeply); each line must be one "
+                              f"JSON object") from None
         documents.append(_document(row, file, number, tokenizer))
     return documents
 

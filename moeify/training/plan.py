@@ -111,8 +111,9 @@ def _record(model: str, folder: Path) -> dict:
                           f"`moeify upcycle` or `moeify split` first")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoeifyError(f"{path} is not valid JSON ({e.msg}); restore it from the conversion") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise MoeifyError(f"{path} is not valid JSON ({why}); restore it from the conversion") from None
     if not isinstance(record, dict):
         raise MoeifyError(f"{path} is not a JSON object; restore it from the conversion")
     return record
