@@ -93,7 +93,7 @@ def _experts(value: object, what: str) -> list[ExpertSource]:
 
 
 def _gate(mode: object) -> tuple[str, float | None]:
-    if mode not in GATES:
+    if not isinstance(mode, str) or mode not in GATES:  # a list or mapping cannot even be looked up
         raise MoeifyError(f"mergekit-moe config: gate_mode {mode!r} is not one moeify supports; "
                           f"known: {', '.join(GATES)}")
     return GATES[mode]
@@ -138,7 +138,7 @@ def _format(architecture: object, shared: bool) -> str:
 
 
 def _dtype(value: object) -> str:
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise MoeifyError(f"mergekit-moe config: dtype {value!r} is not one moeify writes; "
                           f"use float32, float16 or bfloat16")
     return DTYPES[value]

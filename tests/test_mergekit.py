@@ -86,6 +86,8 @@ def test_shared_experts_residual_scale_and_architecture_qwen(models: Models, tmp
     (lambda t: t.replace("    negative_prompts:", "    noise_scale: 0.1\n    negative_prompts:"),
      ("different noise_scale values",)),
     (lambda t: t.replace("dtype: float32", "dtype: int8"), ("dtype 'int8'",)),
+    (lambda t: t.replace("gate_mode: hidden", "gate_mode: [hidden]"), ("gate_mode ['hidden']",)),
+    (lambda t: t.replace("dtype: float32", "dtype: {a: 1}"), ("dtype {'a': 1}",)),
 ])
 def test_unsupported_mergekit_fields_are_one_line(models: Models, tmp_path: Path, capsys, change, needles):
     path = tmp_path / "bad.yml"
