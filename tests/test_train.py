@@ -199,6 +199,22 @@ def test_plot_draws_the_log(models: dict[str, Path], tmp_path: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_without_a_suffix_is_a_png_and_says_so(models: dict[str, Path], tmp_path: Path, capsys):
+    assert train(models["mixtral"], tmp_path / "out", "--steps", 1, "--plot", tmp_path / "curves") == 0
+    assert f"written to {tmp_path / 'curves.png'}" in capsys.readouterr().err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name, needles", [("curves.txt", ("matplotlib cannot write .txt", ".png")),
+                                           ("folder", ("is a folder",))])
+def test_a_plot_file_matplotlib_cannot_write_is_refused_before_training(models: dict[str, Path], tmp_path: Path,
+                                                                       capsys, name: str, needles):
+    (tmp_path / "folder").mkdir()
+    code = train(models["mixtral"], tmp_path / "out", "--steps", 1, "--plot", tmp_path / name)
+    assert_one_line_error(capsys, code, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no output, no checkpoints
+
+
 def test_training_twice_keeps_both_records(models: dict[str, Path], tmp_path: Path):
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert train(models["split"], once, "--steps", 1) == 0

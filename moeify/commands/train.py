@@ -23,6 +23,7 @@ from moeify import ui
 from moeify.commands.options import OutputOpt, OverwriteOpt
 from moeify.commands.verify import TrustOpt
 from moeify.errors import Interrupted
+from moeify.plotting import plot_file
 from moeify.training.settings import Objective, Precision, Schedule, Settings, Trainable
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A moeify output (folder, Hub id): native Mixtral, "
@@ -154,7 +155,7 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
     from moeify.training.trainer import Trainer, accelerator_for
 
     if plot is not None:
-        display.check_plotting()
+        plot = plot_file(plot)  # before training, not after it
 
     with accelerator_for(settings, ui.say) as accelerator:
         say = ui.say if accelerator.is_main_process else (lambda line: None)

@@ -65,7 +65,9 @@ def verify(
     moeify verify ./my-llama ./my-llama-4e --plot load.png --json > report.json
     """
     from moeify import verify as checks
+    from moeify.plotting import plot_file
 
+    plot = plot_file(plot) if plot is not None else None  # before the models run, not after
     report = checks.verify(source_, converted, checks.load_text(text, tokens), tokens, notify=ui.say,
                            trust_remote_code=trust_remote_code)
     if plot is not None:

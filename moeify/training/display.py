@@ -9,7 +9,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moeify.card import human
-from moeify.errors import MoeifyError
 from moeify.ui import console
 
 
@@ -78,14 +77,6 @@ def summary(outcome) -> Table:
         table.add_row("ratio to teacher", f"×{outcome.before / t:.3f} -> ×{outcome.after / t:.3f} (teacher {t:.3f})")
     table.add_row("checkpoints", str(outcome.checkpoints))
     return table
-
-
-def check_plotting() -> None:
-    """--plot needs matplotlib: refused before training, not after it."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise MoeifyError("--plot needs matplotlib; install it with `pip install moeify[plot]`") from None
 
 
 def plot(log: Path, path: Path) -> Path:
