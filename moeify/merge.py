@@ -123,7 +123,8 @@ def apply_prompt_file(experts: list[ExpertSource], path: Path) -> list[ExpertSou
                           f"to positive:/negative: lists")
     out = list(experts)
     for key, prompts in data.items():
-        matches = [j for j, e in enumerate(experts) if key in (e.source, j, str(j))]
+        # YAML reads `true:` as a boolean, which equals index 1: only a name or a whole number is a key
+        matches = [] if isinstance(key, bool) else [j for j, e in enumerate(experts) if key in (e.source, j, str(j))]
         if not matches:
             known = ", ".join(dict.fromkeys(e.source for e in experts))
             raise MoeifyError(f"prompt file {path} names expert {key!r}, which no --expert gives; experts: {known} "
@@ -304,6 +305,9 @@ def merge_spec(experts: Sequence[ExpertSource], shared: Sequence[ExpertSource], 
 
 def sources_of(spec: Spec) -> tuple[list[ExpertSource], list[ExpertSource]]:
     """(routed, shared) sources of a merge spec, checked against its expert counts."""
+    for field_ in ("expert_sources", "shared_sources"):
+        if not isinstance(getattr(spec, field_), (list, type(None))):  # a string would be read letter by letter
+            raise MoeifyError(f"{field_} must be a list of sources, one entry per expert")
     experts = [ExpertSource.from_dict(d, f"expert_sources[{j}]") for j, d in enumerate(spec.expert_sources or [])]
     shared = [ExpertSource.from_dict(d, f"shared_sources[{j}]") for j, d in enumerate(spec.shared_sources or [])]
     if len(experts) != spec.experts:

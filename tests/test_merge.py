@@ -207,6 +207,23 @@ def whole_model_rows(folder: Path, gate: Gate, layers: list[int]) -> dict[int, t
     return {i: gates.fit_rows(batch, x[i])[0] for i in layers}
 
 
+def test_a_yaml_boolean_key_names_no_expert(tmp_path: Path):
+    """`true:` is a YAML boolean, equal to 1: it must not give its prompts to expert 1."""
+    from moeify.merge import apply_prompt_file
+
+    (tmp_path / "p.yaml").write_text("true:\n  positive: [hello]\n")
+    with pytest.raises(MoeifyError, match="names expert True, which no --expert gives"):
+        apply_prompt_file([ExpertSource("a"), ExpertSource("b")], tmp_path / "p.yaml")
+
+
+def test_expert_sources_that_are_not_a_list_are_refused():
+    from moeify.merge import sources_of
+    from moeify.spec import Mode
+
+    with pytest.raises(MoeifyError, match="expert_sources must be a list"):
+        sources_of(Spec(mode=Mode.MERGE, experts=2, topk=1, expert_sources="ab"))
+
+
 def test_prompts_run_in_groups_of_similar_length():
     lengths = [40, 3, 38, 10, 29, 9, 31, 2]
     experts = [ExpertSource(name, positive=tuple("x" * n for n in part))
