@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -29,7 +28,7 @@ from torch import nn
 
 from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
-from moeify.loading import Code, code_of
+from moeify.loading import Code, code_of, quiet_transformers
 
 
 @dataclass
@@ -200,7 +199,7 @@ class LayerwiseModel:
         from transformers.modeling_utils import LoadStateDictConfig
 
         tensors = {name: self.ckpt.read(name) for name in names}
-        with _quiet():
+        with quiet_transformers():
             convert_and_load_state_dict_in_model(self.model, tensors, LoadStateDictConfig(
                 dtype=torch.float32, weight_mapping=self.mapping))
             if prefix is None:
@@ -253,7 +252,7 @@ def _skeleton(folder: Path, code: Code) -> nn.Module:
     from accelerate import init_empty_weights
 
     try:
-        with init_empty_weights(), _quiet():
+        with init_empty_weights(), quiet_transformers():
             if code is Code.MOEIFY:
                 from moeify.targets.remote_code.configuration_moeify import MoeifyConfig
                 from moeify.targets.remote_code.modeling_moeify import MoeifyForCausalLM
@@ -290,20 +289,3 @@ def _names_by_layer(names: list[str], leaf: str, count: int) -> list[list[str]]:
         if match and int(match.group(1)) < count:
             by_layer[int(match.group(1))].append(name)
     return by_layer
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers' loading bars and reports are not the user's business here."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()

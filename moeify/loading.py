@@ -9,6 +9,8 @@ version moeify shipped (moeify.trust) and moeify's own copy of those classes bui
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -53,6 +55,23 @@ def _refusal(folder: Path, auto_map: object) -> str:
             f"run; read it, then pass --trust-remote-code to run it")
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No loading bars, reports or warnings from transformers while the block runs: moeify says in
+    one line what matters to the user (a missing weight, a refusal) and has its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(folder: Path, code: Code | None = None) -> nn.Module:
     """A float32 causal LM in eval mode, built by `code` (None: code_of(folder), without the user's consent)."""
     folder = Path(folder)
@@ -65,7 +84,8 @@ def load_model(folder: Path, code: Code | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM as cls
         options = {"trust_remote_code": code is Code.FOLDER}
     try:
-        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **options)
+        with quiet_transformers():
+            model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **options)
     except Exception as e:  # includes the remote config's ValueErrors (a bad moe field, a non-FFN mlp_path)
         raise MoeifyError(f"cannot load {folder} as a causal LM ({type(e).__name__}: {_one_line(e)})") from None
     missing = sorted(info.get("missing_keys") or [])

@@ -12,7 +12,6 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,7 +255,9 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None, origin: dict 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        with _quiet_transformers():  # its loading report would list what _refuse_missing names in one line
+        from moeify.loading import quiet_transformers
+
+        with quiet_transformers():  # its loading report would list what _refuse_missing names in one line
             model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32",
                                                                output_loading_info=True)
         _refuse_missing(path, model, info["missing_keys"])
@@ -377,18 +378,6 @@ def _refuse_missing(path: Path, model, missing: set[str]) -> None:
     if missing:
         raise MoeifyError(f"GGUF file {path} lacks {len(missing)} of the {model.config.model_type} model's tensors "
                           f"(first: {min(missing)}), which would be random numbers; re-download it")
-
-
-@contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def fallback_smollm2(notify: Notify) -> Path:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from moeify import cli
 from tests.fixtures import make_tiny, run_cli
+from tests.test_split import add_char_tokenizer
 from tests.test_train import models, train  # noqa: F401  (module-scoped fixture)
 from tests.test_verify import source, trained, upcycled  # noqa: F401  (module-scoped fixtures)
 
@@ -125,6 +126,9 @@ def test_expand_summary_and_step_zero_on_stdout(tiny_llama: Path, here: Path, ca
     out, err = run(capsys, "expand", "moe", "--add", 1, "--from", "copy:0", "--output", "grown")
     assert_summary_on_stdout(out, err, "grown")
     assert "step 0: exact by construction" in out and "step 0" not in err
+    add_char_tokenizer(here / "moe")  # copy:busiest loads the model and runs it on text to find the busiest
+    _, err = run(capsys, "expand", "moe", "--add", 1, "--output", "busiest")
+    assert "Loading weights" not in err and "busiest" not in err  # no bars from transformers
 
 
 def test_push_dry_run_table_on_stdout(tiny_llama: Path, here: Path, capsys):

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moeify.errors import MoeifyError
-from moeify.loading import load_model
+from moeify.loading import load_model, quiet_transformers
 from moeify.training import display, export, frozen, lora, record
 from moeify.training import teacher as teachers
 from moeify.training.checkpoints import Progress, damaged
@@ -88,23 +88,18 @@ def _cpu_only() -> bool:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """No loading bars from transformers and no notes from accelerate's checkpoint writer (it drops
-    the tied lm_head copy and says so each time): the run has its own bar and log."""
+    """No loading bars or reports from transformers and no notes from accelerate's checkpoint writer
+    (it drops the tied lm_head copy and says so each time): the run has its own bar and log."""
     import logging
 
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     chatty = logging.getLogger("accelerate.utils.other")
     level = chatty.level
     chatty.setLevel(logging.ERROR)
     try:
-        yield
+        with quiet_transformers():
+            yield
     finally:
         chatty.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _precision(wanted: Precision, notify: Notify) -> str | None:
