@@ -25,7 +25,7 @@ RouterInitOpt = Annotated[RouterInit, typer.Option("--router-init", help="How ne
 RouterStdOpt = Annotated[float, typer.Option("--router-std", help="Std of a random router.")]
 NoiseOpt = Annotated[float, typer.Option(help="Std of Gaussian noise added to expert weights (0: exact copies).")]
 DropOpt = Annotated[float, typer.Option("--drop-ratio", help="Drop-Upcycling: share of each expert's neurons re-initialised.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for routers, noise and Drop-Upcycling.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for everything random in the conversion: the same seed gives the same output.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB or 500MB.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace a non-empty output folder.")]
 

@@ -64,7 +64,7 @@ class Checkpoints:
         if differ:
             detail = "; ".join(f"{k}: {_short(saved.get(k))} then, {_short(run.get(k))} now" for k in differ[:3])
             raise MoeifyError(f"--resume: {latest} is from another run ({detail}); resume with the same model, "
-                              f"data and settings, or start over with --overwrite")
+                              f"data and settings, or start over: --overwrite without --resume")
         return latest
 
     def clear(self) -> None:
