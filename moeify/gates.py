@@ -276,8 +276,14 @@ def fit_rows(batch: PromptBatch, x: torch.Tensor) -> tuple[torch.Tensor, list[li
     """Router rows (E, H) from FFN inputs x (B, T, H), and the top-1 shares they give (E x E)."""
     x = x.float()
     means = (x * batch.mask[..., None]).sum(1) / batch.mask.sum(1, keepdim=True)  # (B, H) per prompt
-    directions = torch.stack([_mean(means, batch, e, True) - _mean(means, batch, e, False)
-                              for e in range(batch.experts)])
+    positive = torch.stack([_mean(means, batch, e, True) for e in range(batch.experts)])
+    # An expert without negative prompts is measured against the average expert's positive ones:
+    # every state shares a large common part, which pos - neg cancels and pos alone keeps, so rows
+    # with and without negatives would not compare (an expert with negatives among experts without
+    # got none of its own tokens). With no negatives anywhere this is the centring below.
+    average = positive.mean(0)
+    negative = [_mean(means, batch, e, False) for e in range(batch.experts)]
+    directions = positive - torch.stack([average if n is None else n for n in negative])
     directions = directions - directions.mean(0)
     norms = directions.norm(dim=1, keepdim=True)
     if float(norms.max()) <= 1e-6 * max(float(means.norm(dim=1).max()), 1e-30):
@@ -289,9 +295,10 @@ def fit_rows(batch: PromptBatch, x: torch.Tensor) -> tuple[torch.Tensor, list[li
     return rows, _top1_shares(batch, x, rows)
 
 
-def _mean(means: torch.Tensor, batch: PromptBatch, e: int, positive: bool) -> torch.Tensor:
+def _mean(means: torch.Tensor, batch: PromptBatch, e: int, positive: bool) -> torch.Tensor | None:
+    """The mean of expert e's positive (or negative) prompt means; None when it has no such prompt."""
     chosen = means[(batch.expert == e) & (batch.positive == positive)]
-    return chosen.mean(0) if len(chosen) else means.new_zeros(means.shape[1])
+    return chosen.mean(0) if len(chosen) else None
 
 
 def _sharpness(logits: torch.Tensor) -> float:

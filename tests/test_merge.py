@@ -224,6 +224,22 @@ def test_expert_sources_that_are_not_a_list_are_refused():
         sources_of(Spec(mode=Mode.MERGE, experts=2, topk=1, expert_sources="ab"))
 
 
+def test_negative_prompts_for_some_experts_only_keep_every_expert_routed():
+    """States share a large common part; an expert with negative prompts among experts without must still
+    get its own tokens (its row, pos - neg, lacks that part, while the others' rows kept it)."""
+    experts = [ExpertSource("a", positive=("a1", "a2"), negative=("b3",)),
+               ExpertSource("b", positive=("b1", "b2")), ExpertSource("c", positive=("c1", "c2"))]
+    batch = gates.PromptBatch.of(lambda text: {"input_ids": [1, 2, 3, 4]}, experts)
+    gen = torch.Generator().manual_seed(0)
+    kinds = torch.eye(16)[:3]
+    common = torch.cat([torch.zeros(3), 10 * torch.randn(13, generator=gen)])  # large, apart from the kinds
+    kind = {"a": 0, "b": 1, "c": 2}
+    prompts = [p for e in experts for p in (*e.positive, *e.negative)]
+    x = torch.stack([common + kinds[kind[p[0]]] + 0.05 * torch.randn(4, 16, generator=gen) for p in prompts])
+    _, shares = gates.fit_rows(batch, x)
+    assert [shares[e][e] for e in range(3)] == [1.0, 1.0, 1.0], shares
+
+
 def test_prompts_run_in_groups_of_similar_length():
     lengths = [40, 3, 38, 10, 29, 9, 31, 2]
     experts = [ExpertSource(name, positive=tuple("x" * n for n in part))
