@@ -1,7 +1,8 @@
 """Router rows for a merge: fixed (random, zeros, uniform) or learnt from prompts (hidden, cheap-embed).
 
 hidden: at each MoE layer, expert e's row points from the BASE model's FFN inputs on its negative
-prompts to those on its positive prompts (per-prompt means; the rows are centred across experts,
+prompts (without any: on every expert's positive prompts, averaged over experts) to those on its
+positive prompts (per-prompt means; the rows are centred across experts,
 which a softmax cannot tell apart from the uncentred ones, then made unit length). One scale per
 layer then sets how sharp routing is: the mean top-1 softmax weight over the prompts' tokens is
 half-way between flat (1/E) and saturated (1). The first token of each prompt is left out of every
