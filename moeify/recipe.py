@@ -80,7 +80,8 @@ def spec_of(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Sp
     fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS | NOTE_KEYS} | (overrides or {})
     for name, value in fields_.items():
         _check_type(name, value)
-    return Spec.from_dict(fields_)  # unknown keys: one error naming them; numbers checked (and made floats) there
+    # unknown keys: one error naming them; numbers checked (and made floats) there
+    return Spec.from_dict(fields_, also=("source", "train"))
 
 
 def load(path: Path, overrides: dict[str, Any] | None = None) -> Spec:

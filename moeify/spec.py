@@ -212,11 +212,14 @@ class Spec:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Spec:
+    def from_dict(cls, data: dict[str, Any], also: tuple[str, ...] = ()) -> Spec:
+        """also: other fields the caller took out of data already (a recipe's source and train), named
+        among the known ones when a field is unknown."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise MoeifyError(f"unknown conversion field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise MoeifyError(f"unknown conversion field(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known | set(also)))}")
         return cls(**data)
 
 

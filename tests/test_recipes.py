@@ -117,6 +117,7 @@ def test_record_keys_are_exactly_what_conversion_adds(source, tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("experts: 4\nexpertz: 2\ncolour: red\n", "unknown conversion field(s) colour, expertz"),
+    ("trian: {data: x.txt}\n", "shared_sources, source, split_router, topk, train"),  # train: and source: are fields
     ("experts: eight\n", "recipe field experts must be a whole number (got 'eight')"),
     ("noise: true\n", "recipe field noise must be a number"),
     ("format: sideways\n", "unknown format 'sideways'"),
