@@ -181,6 +181,15 @@ def test_upcycle_defaults_continue_training_with_lm_and_aux(models: dict[str, Pa
     assert attention and all(same_bits(before[n], after[n]) for n in attention)
 
 
+def test_the_log_gives_the_rate_each_step_used(models: dict[str, Path], tmp_path: Path, capsys):
+    """Warmup, then cosine to zero: the last step still trains at a rate above zero (the next would not)."""
+    out = tmp_path / "out"
+    assert train(models["mixtral"], out, "--steps", 2, "--log-every", 1, "--lr", "5e-4") == 0
+    rates = [row["lr"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "lr" in row]
+    assert len(rates) == 2 and rates[0] == pytest.approx(5e-4) and 0 < rates[1] < 5e-4
+    assert "none saved" in capsys.readouterr().out  # --save-every 100: no checkpoint to point at
+
+
 def test_local_objective_trains_each_moe_layer_against_its_dense_ffn(models: dict[str, Path], tmp_path: Path):
     out = tmp_path / "local"
     assert train(models["split"], out, "--objective", "local", "--train", "moe", "--steps", 8, "--lr", "3e-3") == 0

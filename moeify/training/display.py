@@ -75,7 +75,10 @@ def summary(outcome) -> Table:
     if outcome.teacher_perplexity:
         t = outcome.teacher_perplexity
         table.add_row("ratio to teacher", f"×{outcome.before / t:.3f} -> ×{outcome.after / t:.3f} (teacher {t:.3f})")
-    table.add_row("checkpoints", str(outcome.checkpoints))
+    from moeify.training.checkpoints import Checkpoints
+
+    saved = Checkpoints(outcome.checkpoints, keep=1).latest() is not None
+    table.add_row("checkpoints", str(outcome.checkpoints) if saved else "none saved (fewer steps than --save-every)")
     return table
 
 

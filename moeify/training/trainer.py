@@ -121,6 +121,7 @@ class Trainer:
 
         self.plan, self.acc, self.s = plan, accelerator, plan.settings
         self.notify = notify if accelerator.is_main_process else (lambda line: None)
+        self.lr = 0.0  # the learning rate of the last optimizer step, for the log
         set_seed(self.s.seed)
         student = self._student(accelerator.distributed_type.value)
         self.selection = select(student, self.s.train, self.s.freeze)
@@ -219,6 +220,7 @@ class Trainer:
             if acc.sync_gradients and self.s.clip > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.s.clip)
             self.optimizer.step()
+            self.lr = max(self.scheduler.get_last_lr())  # the rate this step used; the log says it
             self.scheduler.step()
             self.optimizer.zero_grad()
         for name, value in (terms | {"loss": total.detach()}).items():
@@ -232,7 +234,7 @@ class Trainer:
         names = sorted(sums)
         means = self.acc.reduce(torch.stack([sums[n].float() for n in names]), reduction="mean") / self.s.grad_accum
         terms = dict(zip(names, means.tolist()))
-        lr = max(self.scheduler.get_last_lr())
+        lr = self.lr
         journal.write({"step": step, "tokens": self.progress.tokens, "lr": lr, **terms,
                        "seconds": round(self.progress.seconds, 3)})
         bar.update(step, display.line(terms, lr, rate))
