@@ -344,6 +344,10 @@ def test_checkpoints_inside_the_model_are_refused(models: dict[str, Path], tmp_p
                  "--checkpoint-dir", model / "ckpt")
     assert_one_line_error(capsys, code, "inside the model", "--checkpoint-dir")
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "out").exists()
+    (tmp_path / "a-file").write_text("not a folder")
+    code = train(model, tmp_path / "out", "--steps", 1, "--teacher", SOURCES[models["mixtral"]],
+                 "--checkpoint-dir", tmp_path / "a-file")
+    assert_one_line_error(capsys, code, "a-file is a file", "--checkpoint-dir")
 
 
 def test_ctrl_c_leaves_the_last_checkpoint_and_no_model(models: dict[str, Path], tmp_path: Path):

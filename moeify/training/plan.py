@@ -93,6 +93,8 @@ def _checkpoints_apart(folder: Path, output: Path, sources: list[Path | None]) -
     """Checkpoints inside the output would be deleted when the trained model replaces it (and make it
     a folder with files, which only --overwrite may replace, once training is over); inside a model,
     they would change a folder moeify only reads."""
+    if folder.exists() and not folder.is_dir():
+        raise MoeifyError(f"the checkpoint folder {folder} is a file; choose another --checkpoint-dir")
     folder = folder.resolve()
     for place, what in [(output.resolve(), "the output"), *((s.resolve(), "the model") for s in sources if s)]:
         if folder == place or place in folder.parents:
