@@ -336,7 +336,7 @@ def test_a_damaged_checkpoint_is_one_line(models: dict[str, Path], tmp_path: Pat
     assert not out.exists() and not list(tmp_path.glob(".out.moeify-*"))
 
 
-def test_checkpoints_inside_the_model_are_refused(models: dict[str, Path], tmp_path: Path, capsys):
+def test_a_checkpoint_folder_inside_the_model_or_a_file_is_refused(models: dict[str, Path], tmp_path: Path, capsys):
     model = tmp_path / "model"
     shutil.copytree(models["mixtral"], model)
     before = sorted(p.name for p in model.iterdir())
