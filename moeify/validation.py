@@ -121,7 +121,6 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     """Refuse a checkpoint (seen under the reader's in-memory names) that is not the model its config describes."""
     _check_layer_count(ckpt, reader)
     _check_read(ckpt, reader)
-    _check_floats(ckpt)
     verdict = _verdict(ckpt)
     if verdict.exists():
         return  # this very config with these very tensor shapes passed before
@@ -129,6 +128,7 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     expected = expected_shapes(model, reader)
     found = {name: info.shape for name, info in ckpt.tensors.items()}
     _check_expected(model, expected, found, ckpt.config)
+    _check_floats(ckpt, expected)
     dropped = _patterns((*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()), *LEGACY))
     for name in found:
         if name not in expected and not dropped.search(name):
@@ -137,11 +137,12 @@ def check_weights(ckpt: Checkpoint, reader: Adapter | MoESource) -> None:
     _remember(verdict)
 
 
-def _check_floats(ckpt: Checkpoint) -> None:
-    """Weights and biases are floating point: an integer one would be copied into the output as it is
-    (its bytes are the right size), and no model computes with it."""
+def _check_floats(ckpt: Checkpoint, expected: dict) -> None:
+    """The model's parameters are floating point: an integer one would be copied into the output as it
+    is (its bytes are the right size), and no model computes with it. Only the model's own: a family
+    may keep integer buffers it drops on load (GPT-NeoX's boolean attention mask)."""
     for name, info in ckpt.tensors.items():
-        if name.endswith((".weight", ".bias")) and not info.dtype.is_floating_point:
+        if name in expected and not info.dtype.is_floating_point:
             raise MoeifyError(f"the weights hold {name} as {str(info.dtype).removeprefix('torch.')}, but model "
                               f"weights are floating point; dequantize a quantized checkpoint first, or re-download it")
 
@@ -195,7 +196,7 @@ def _check_expected(model: nn.Module, expected: dict, found: dict, config: dict)
 
 
 def _verdict(ckpt: Checkpoint) -> Path:
-    """Where a passed check of exactly this config and these tensor shapes is remembered.
+    """Where a passed check of exactly this config and these tensor shapes and dtypes is remembered.
 
     The first model built in a process imports transformers' modeling code (about 1 s of CPU, five
     times the check itself on SmolLM2-135M); a conversion repeated on the same source skips both.
@@ -205,7 +206,7 @@ def _verdict(ckpt: Checkpoint) -> Path:
 
     from moeify.source import cache_dir
 
-    shapes = sorted((name, info.shape) for name, info in ckpt.tensors.items())
+    shapes = sorted((name, info.shape, str(info.dtype)) for name, info in ckpt.tensors.items())
     key = json.dumps([ckpt.config, shapes, transformers.__version__, _CODE], sort_keys=True, default=str)
     return cache_dir() / "checked" / hashlib.sha256(key.encode()).hexdigest()
 

@@ -141,6 +141,18 @@ def test_an_integer_weight_is_refused(tmp_path: Path, tiny_llama: Path, capsys):
     refused(tmp_path, capsys, tiny_llama, f"{name} as int32", "floating point")
 
 
+def test_an_integer_buffer_the_family_drops_passes(tmp_path: Path):
+    """Old Pythia checkpoints keep GPT-NeoX's boolean causal mask as attention.bias; transformers drops it."""
+    folder = make_tiny("gpt_neox", tmp_path / "pythia")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("attention.query_key_value.weight")]:
+        layer = name.removesuffix(".query_key_value.weight")
+        tensors[layer + ".bias"] = torch.tril(torch.ones(8, 8, dtype=torch.bool)).view(1, 1, 8, 8)
+        tensors[layer + ".masked_bias"] = torch.tensor(-1e9)
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    assert run_cli("upcycle", folder, "--experts", 2, "--topk", 1, "--output", tmp_path / "out") == 0
+
+
 @pytest.mark.parametrize("weights, claimed, needles", [
     ("qwen2", "llama", ("the weights hold model.layers.0.self_attn.k_proj.bias", "llama model", "has not")),
     ("llama", "qwen3", ("model.layers.0.self_attn.q_norm.weight", "qwen3 model", "missing")),
