@@ -138,7 +138,9 @@ def _rare_collections() -> Iterator[None]:
 def _run(argv: list[str] | None) -> None:
     from moeify.output import WRITTEN
 
+    global _terminated
     WRITTEN.clear()  # an in-process caller's earlier runs
+    _terminated = False
     try:
         # standalone_mode=False: usage errors reach us and print as one line like every other error
         code = app(args=argv if argv is not None else sys.argv[1:] or ["--help"], prog_name="moeify",

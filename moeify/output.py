@@ -80,6 +80,7 @@ class Claim:
     given: Path  # as the user wrote it, for the summary
     overwrite: bool
     seen: Seen = Seen(State.ABSENT)  # what DIR was once the lock was held
+    reported: bool = True  # the user's output, named when an interruption comes once it is in place (WRITTEN)
 
     def __fspath__(self) -> str:
         return os.fspath(self.given)
@@ -110,13 +111,13 @@ def _quiet(line: str) -> None:
 
 @contextmanager
 def claim(dest: Path, overwrite: bool, protect: Iterable[str | Path] = (), notify: Notify = _quiet,
-          wait: bool = False) -> Iterator[Claim]:
+          wait: bool = False, reported: bool = True) -> Iterator[Claim]:
     """Hold DIR for a whole run: lock it, clear what dead runs left, check it and note what it is.
 
     A second run for the same DIR is refused, naming the first one's PID; with wait, it waits.
     Parent folders made for DIR are removed again if the run fails and nothing else is in them.
     """
-    out = Claim(_real_output(dest), Path(dest), overwrite)
+    out = Claim(_real_output(dest), Path(dest), overwrite, reported=reported)
     out.protect(*protect)
     created = _make_parents(out.dest)
     lock, done = None, False
@@ -156,7 +157,8 @@ def staged_output(target: Path | Claim, overwrite: bool = False,
         yield staging
         with deferred_signals():
             _put_in_place(target, staging)
-            WRITTEN.append(target.dest)
+            if target.reported:
+                WRITTEN.append(target.dest)
     except BaseException:
         with deferred_signals():  # a second Ctrl-C must not leave half of it behind
             shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +182,9 @@ def _require_space(staging: Path, needs: int, dest: Path) -> None:
 
 
 def check_output(dest: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder without overwrite."""
+    """Refuse an output path that is a file, or a non-empty folder without overwrite (and what
+    _real_output refuses: a link, the root, the current folder or one holding it)."""
+    dest = _real_output(dest)
     if dest.is_file():
         raise MoeifyError(f"output {dest} is an existing file; choose a folder path")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:

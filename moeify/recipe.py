@@ -77,7 +77,13 @@ def read(path: Path) -> dict[str, Any]:
 
 def spec_of(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
     """Validate a recipe's fields, with command-line overrides on top, into a Spec."""
-    fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS | NOTE_KEYS} | (overrides or {})
+    overrides = overrides or {}
+    if "source" in overrides:
+        raise MoeifyError("--set source=... is not a conversion field; give the source as the SOURCE argument")
+    if "train" in overrides:
+        raise MoeifyError("--set train=... cannot replace the train: section; set its fields one by one with "
+                          "--set train.FIELD=VALUE")
+    fields_ = {k: v for k, v in data.items() if k not in RECORD_KEYS | NOTE_KEYS} | overrides
     for name, value in fields_.items():
         _check_type(name, value)
     # unknown keys: one error naming them; numbers checked (and made floats) there

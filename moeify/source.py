@@ -268,7 +268,8 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None, origin: dict 
         raise MoeifyError(f"cannot read GGUF file {path} ({type(e).__name__}: {e})") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with claim(dest, overwrite=True, notify=notify, wait=True) as out:  # runs dequantizing one file take turns
+    # runs dequantizing one file take turns; moeify's cache, not the user's output
+    with claim(dest, overwrite=True, notify=notify, wait=True, reported=False) as out:
         if not (dest / "config.json").is_file():  # the run we waited for may have written it
             with staged_output(out) as staging:
                 model.save_pretrained(staging)

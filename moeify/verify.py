@@ -422,14 +422,11 @@ def plot(report: Report, path: Path) -> Path:
     models = [m for m in (report.source, report.converted) if m.load]
     if not models:
         raise MoeifyError("neither model has routed experts, so there is no expert load to plot; drop --plot")
-    try:
-        import matplotlib
+    import matplotlib  # moeify.plotting.plot_file said so in one line if it is missing
 
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise MoeifyError("--plot needs matplotlib; install it with `pip install moeify[plot]`") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     rows = max(len(m.load) for m in models)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), min(3 + 0.12 * rows, 16)), squeeze=False)
     for ax, stats in zip(axes[0], models):

@@ -196,6 +196,19 @@ def test_output_that_is_or_holds_the_current_folder_is_refused(tmp_path: Path, m
     assert tree(here) == OLD and hidden(tmp_path / "work") == [] and hidden(tmp_path) == []
 
 
+def test_only_the_users_outputs_are_named_after_an_interruption(tmp_path: Path):
+    """The CLI names WRITTEN's last output when a signal comes after it; moeify's cache is not one."""
+    from moeify.output import WRITTEN
+
+    WRITTEN.clear()
+    with claim(tmp_path / "cache", overwrite=True, reported=False) as out, staged_output(out) as staging:
+        (staging / "f").write_text("x")
+    assert WRITTEN == []
+    with staged_output(tmp_path / "out") as staging:
+        (staging / "f").write_text("x")
+    assert WRITTEN == [tmp_path / "out"]
+
+
 def test_output_holding_the_files_a_source_links_to_is_refused(tmp_path: Path):
     """A Hub cache snapshot is a folder of links into blobs/: the blobs are the source too."""
     blobs = tmp_path / "hub" / "models--acme--tiny" / "blobs"

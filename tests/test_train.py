@@ -605,6 +605,28 @@ def test_a_bad_train_section_is_refused_before_converting(models: dict[str, Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.yaml"]
 
 
+@pytest.mark.parametrize("output", ["holds the source", "the current folder"])
+def test_a_recipe_that_trains_refuses_its_output_before_converting(models: dict[str, Path], tmp_path: Path,
+                                                                   capsys, monkeypatch, output: str):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text(RECIPE)
+    holder = tmp_path / "holder"
+    source = Path(shutil.copytree(models["llama"], holder / "llama"))
+    monkeypatch.chdir(tmp_path if output == "holds the source" else holder)
+    out = holder if output == "holds the source" else Path("")
+    code = run_cli("apply", recipe, source, "--output", out, "--overwrite", "--set", f"train.data={TEXT}")
+    assert_one_line_error(capsys, code, "contains the source" if output == "holds the source" else "current folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.yaml", "holder"]  # no .converted, no staging
+    assert sorted(p.name for p in holder.iterdir()) == ["llama"]
+
+
+def test_set_source_or_train_says_where_they_go(models: dict[str, Path], tmp_path: Path, capsys):
+    for assignment, needle in (("source=x", "SOURCE argument"), ("train=x", "--set train.FIELD=VALUE")):
+        code = run_cli("apply", "split", models["llama"], "--set", assignment, "--output", tmp_path / "out")
+        assert_one_line_error(capsys, code, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_shipped_split_heal_recipe_reads():
     from moeify import recipe as recipes
     from moeify.commands.train import recipe_section

@@ -85,7 +85,7 @@ def apply(
     if not source_name:
         raise MoeifyError("this recipe names no source; pass SOURCE after the recipe")
     _check_replay(data, source_name, explicit=source_ is not None)
-    final, output = output, train_recipe.converted(output, overwrite) if training else output
+    final, output = output, train_recipe.converted(output, overwrite, training, source_name) if training else output
     if spec.mode is Mode.SPLIT:
         _split(source_name, output, spec, overwrite)
     elif spec.mode is Mode.MERGE:

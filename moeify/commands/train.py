@@ -195,12 +195,13 @@ def recipe_section(data: dict, overrides: dict) -> Settings | None:
     return settings
 
 
-def converted(output: Path, overwrite: bool) -> Path:
+def converted(output: Path, overwrite: bool, settings: Settings, source_name: str) -> Path:
     """Where a recipe that trains writes its conversion: DIR.converted beside the trained DIR (kept, to
     compare with `moeify verify`). DIR itself is checked now, not after a long conversion."""
-    from moeify.output import check_output
+    from moeify.output import check_output, refuse_replacing
 
-    check_output(output.absolute(), overwrite)
+    check_output(output, overwrite)
+    refuse_replacing(output, [source_name, settings.teacher, settings.data, settings.eval_text])
     return output.with_name(output.name + ".converted")
 
 

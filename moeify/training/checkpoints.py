@@ -122,7 +122,7 @@ def _state(path: Path) -> dict:
         state = json.loads((path / STATE).read_text())
         run, saved = state["run"], state["progress"]
         progress = Progress(**saved)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # not OSError: a disk's trouble is its own
         raise damaged(path, f"its {STATE} is unreadable: {type(e).__name__}") from None
     counts = (progress.step, progress.tokens)
     if not isinstance(run, dict) or not all(isinstance(n, int) and n >= 0 for n in counts) \

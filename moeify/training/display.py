@@ -78,7 +78,7 @@ def summary(outcome) -> Table:
     from moeify.training.checkpoints import Checkpoints
 
     saved = Checkpoints(outcome.checkpoints, keep=1).latest() is not None
-    table.add_row("checkpoints", str(outcome.checkpoints) if saved else "none saved (fewer steps than --save-every)")
+    table.add_row("checkpoints", str(outcome.checkpoints) if saved else "none saved")
     return table
 
 

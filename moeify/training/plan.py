@@ -84,22 +84,22 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     teacher, teacher_dir, teacher_code = _teacher(settings, record, model_dir, tokenizer, trust_remote_code, notes)
     # Before hours of training: writing the output replaces it whole.
     refuse_replacing(output, [model_dir, teacher_dir, settings.data, settings.eval_text])
-    _checkpoints_apart(checkpoints.folder, output, [model_dir, teacher_dir])
+    _checkpoints_apart(checkpoints.folder, {"output": output, "model": model_dir, "teacher": teacher_dir})
     return Plan(model, model_dir, code, record, settings, corpus, teacher, teacher_dir, teacher_code, steps, output,
                 checkpoints, resume_from, run, overwrite, notes)
 
 
-def _checkpoints_apart(folder: Path, output: Path, sources: list[Path | None]) -> None:
+def _checkpoints_apart(folder: Path, places: dict[str, Path | None]) -> None:
     """Checkpoints inside the output would be deleted when the trained model replaces it (and make it
-    a folder with files, which only --overwrite may replace, once training is over); inside a model,
-    they would change a folder moeify only reads."""
+    a folder with files, which only --overwrite may replace, once training is over); inside the model
+    or the teacher (None: none), they would change a folder moeify only reads."""
     if folder.exists() and not folder.is_dir():
         raise MoeifyError(f"the checkpoint folder {folder} is a file; choose another --checkpoint-dir")
     folder = folder.resolve()
-    for place, what in [(output.resolve(), "the output"), *((s.resolve(), "the model") for s in sources if s)]:
-        if folder == place or place in folder.parents:
-            raise MoeifyError(f"the checkpoint folder {folder} is inside {what} {place}; choose another "
-                              f"--checkpoint-dir (or output folder) outside it")
+    for what, place in places.items():
+        if place is not None and (folder == place.resolve() or place.resolve() in folder.parents):
+            raise MoeifyError(f"the checkpoint folder {folder} is inside the {what} {place.resolve()}; choose "
+                              f"another --checkpoint-dir (or output folder) outside it")
 
 
 def _record(model: str, folder: Path) -> dict:

@@ -271,8 +271,11 @@ class Trainer:
             raise damaged(path, f"it says step {self.progress.step} of a run of {self.plan.steps}")
         try:
             self.acc.load_state(str(path))
+        except (OSError, MemoryError, torch.OutOfMemoryError):  # the machine's trouble (disk, memory): as it is
+            raise
         except Exception as e:  # noqa: BLE001 -- a file cut short, another model's weights, pickled garbage
-            raise damaged(path, f"{type(e).__name__} while loading it") from None
+            raise damaged(path, f"{type(e).__name__} while loading it; or saved by other versions of torch "
+                                f"and accelerate") from None
         self.notify(f"resuming from {path} (step {self.progress.step} of {self.plan.steps})")
 
     # ------------------------------------------------------------------------ the result
