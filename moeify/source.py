@@ -283,9 +283,13 @@ def _write_origin(dest: Path, gguf: Path, more: dict | None) -> None:
     if (dest / ORIGIN).is_file():
         return
     origin = {"kind": "gguf", "file": gguf.name, "sha256": file_sha256(gguf), **(more or {})}
-    staged = dest / f"{ORIGIN}.{os.getpid()}.tmp"
-    staged.write_text(json.dumps(origin, indent=2) + "\n")
-    os.replace(staged, dest / ORIGIN)  # all at once: a concurrent run reads the old state or the new
+    # A name of its own (two runs, or two threads of one, may both get here), then all at once: a
+    # concurrent reader sees the old state or the new.
+    handle, staged = tempfile.mkstemp(dir=dest, prefix=f"{ORIGIN}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        f.write(json.dumps(origin, indent=2) + "\n")
+    os.chmod(staged, 0o644)  # mkstemp's file is private; the cache's files are not
+    os.replace(staged, dest / ORIGIN)
 
 
 def file_sha256(path: Path) -> str:
