@@ -12,6 +12,7 @@ and the adapter folder in DIR/adapter (peft's own format, loadable with PeftMode
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def wrap(model: nn.Module, rank: int, alpha: float | None) -> nn.Module:
     found = targets(model)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0,
                         target_modules=found.modules, target_parameters=found.parameters or None)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers with a name it has deprecated: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_adapter(name: str) -> bool:
