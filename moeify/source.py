@@ -279,10 +279,12 @@ def from_gguf(path: Path, notify: Notify, name: str | None = None, origin: dict 
 
 
 def _write_origin(dest: Path, gguf: Path, more: dict | None) -> None:
-    """Which GGUF file a dequantized folder holds (once; a dot-file, so never copied into outputs)."""
-    if (dest / ORIGIN).is_file():
+    """Which GGUF file a dequantized folder holds, and the weight files it vouches for (once; a
+    dot-file, so never copied into outputs)."""
+    if _origin(dest) is not None:
         return
-    origin = {"kind": "gguf", "file": gguf.name, "sha256": file_sha256(gguf), **(more or {})}
+    origin = {"kind": "gguf", "file": gguf.name, "sha256": file_sha256(gguf), **(more or {}),
+              "weights": _stamp(dest)}
     # A name of its own (two runs, or two threads of one, may both get here), then all at once: a
     # concurrent reader sees the old state or the new.
     handle, staged = tempfile.mkstemp(dir=dest, prefix=f"{ORIGIN}.", suffix=".tmp")
@@ -322,9 +324,28 @@ def provenance(folder: Path) -> dict:
     return _provenance[folder]
 
 
+def _origin(folder: Path) -> dict | None:
+    """The GGUF a folder was dequantized from, while its note still vouches for the weights there: a
+    copy of the folder whose weights were then changed carries the note but not the GGUF's weights."""
+    try:
+        origin = json.loads((folder / ORIGIN).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(origin, dict) or origin.pop("weights", None) != _stamp(folder):
+        return None
+    return origin
+
+
+def _stamp(folder: Path) -> dict[str, list[int]]:
+    """Each weight file's size and modification time: rewriting the weights changes them."""
+    return {shard.name: [shard.stat().st_size, shard.stat().st_mtime_ns]
+            for shard in sorted(folder.glob("*.safetensors"))}
+
+
 def _provenance_of(folder: Path) -> dict:
-    if (folder / ORIGIN).is_file():
-        return json.loads((folder / ORIGIN).read_text())
+    origin = _origin(folder)
+    if origin is not None:
+        return origin
     match = CACHED_REPO.search(str(folder) + "/")
     if match:
         return {"kind": "hub", "repo": f"{match.group(1)}/{match.group(2)}", "revision": match.group(3)}

@@ -77,6 +77,26 @@ def test_offline_alias_records_the_dequantized_gguf(smollm2, tmp_path, monkeypat
     assert str(Path.home()) not in (output / "README.md").read_text() + (output / "moeify.json").read_text()
 
 
+def test_a_dequantized_folder_copied_and_changed_is_a_local_folder(tmp_path):
+    """The note beside a dequantized GGUF vouches for the weights it was written with, not for a copy
+    whose weights were changed afterwards."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny("llama", tmp_path / "dequantized")
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    sources._write_origin(folder, gguf, {"package": "tiny"})
+    assert sources._provenance_of(folder)["kind"] == "gguf"
+    copy = Path(shutil.copytree(folder, tmp_path / "fine-tune"))  # the note comes along
+    assert sources._provenance_of(copy)["kind"] == "gguf"
+    tensors = load_file(copy / "model.safetensors")
+    tensors = {name: t * 1.01 for name, t in tensors.items()}
+    save_file(tensors, copy / "model.safetensors", {"format": "pt"})
+    assert sources._provenance_of(copy) == {"kind": "folder", "name": "fine-tune", "weights_sha256": weights_sha256(copy)}
+
+
 def test_replay_refuses_other_weights_behind_the_same_name(tmp_path, monkeypatch, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     with_tokenizer(make_tiny("llama", first / "llama", seed=0))
