@@ -330,7 +330,11 @@ def _lock(dest: Path, wait: bool, notify: Notify) -> int:
     """
     path = _lock_path(dest)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:  # the first file the run makes beside DIR: where it learns DIR's folder takes none
+            raise MoeifyError(f"cannot write in {dest.parent} ({e.strerror}), where output {dest.name} and its "
+                              f"lock file go; choose an output folder you can write to") from None
         try:
             _flock(fd, dest, wait, notify)
             if _is_current(fd, path):

@@ -196,6 +196,13 @@ def test_output_that_is_or_holds_the_current_folder_is_refused(tmp_path: Path, m
     assert tree(here) == OLD and hidden(tmp_path / "work") == [] and hidden(tmp_path) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be made in")
+def test_an_output_folder_nothing_can_be_written_in_is_one_line():
+    with pytest.raises(MoeifyError, match="cannot write in /proc .*choose an output folder you can write to"):
+        with staged_output(Path("/proc/moeify-out")):
+            pass
+
+
 def test_only_the_users_outputs_are_named_after_an_interruption(tmp_path: Path):
     """The CLI names WRITTEN's last output when a signal comes after it; moeify's cache is not one."""
     from moeify.output import WRITTEN
