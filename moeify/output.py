@@ -86,7 +86,7 @@ class Claim:
         return os.fspath(self.given)
 
     def protect(self, *sources: str | Path) -> None:
-        """Refuse a DIR that is, or holds, one of the sources: replacing DIR would delete it."""
+        """Refuse a DIR that is, holds or lies inside one of the sources (refuse_replacing)."""
         refuse_replacing(self.dest, sources)
 
 
