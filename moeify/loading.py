@@ -87,6 +87,9 @@ def load_model(folder: Path, code: Code | None = None) -> nn.Module:
         with quiet_transformers():
             model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **options)
     except Exception as e:  # includes the remote config's ValueErrors (a bad moe field, a non-FFN mlp_path)
+        if "ignore_mismatched_sizes" in str(e):  # its report, which it points to, is quietened above
+            raise MoeifyError(f"cannot load {folder} as a causal LM: some weights' shapes differ from what its "
+                              f"config.json describes; fix the config or re-download the model") from None
         raise MoeifyError(f"cannot load {folder} as a causal LM ({type(e).__name__}: {_one_line(e)})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would run with random weights there: the comparison would be meaningless

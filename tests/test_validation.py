@@ -141,6 +141,15 @@ def test_an_integer_weight_is_refused(tmp_path: Path, tiny_llama: Path, capsys):
     refused(tmp_path, capsys, tiny_llama, f"{name} as int32", "floating point")
 
 
+def test_loading_weights_of_other_shapes_is_one_line_without_a_missing_report(tiny_llama: Path):
+    """transformers' error points at a report moeify keeps quiet: the line says what is wrong instead."""
+    from moeify.loading import load_model
+
+    with pytest.raises(MoeifyError, match="some weights' shapes differ from what its config.json describes") as e:
+        load_model(edit_config(tiny_llama, intermediate_size=128))
+    assert "report" not in str(e.value)
+
+
 def test_an_integer_buffer_the_family_drops_passes(tmp_path: Path):
     """Old Pythia checkpoints keep GPT-NeoX's boolean causal mask as attention.bias; transformers drops it."""
     folder = make_tiny("gpt_neox", tmp_path / "pythia")
