@@ -213,15 +213,21 @@ def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise MoeifyError(f"{folder} has no config.json; point at a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise MoeifyError(f"{path} is not valid JSON ({why}); fix or re-download it") from None
-    if not isinstance(config, dict):
-        raise MoeifyError(f"{path} is not a JSON object; fix or re-download it")
+    config = read_json_object(path, "fix or re-download it")
     check_config(config)
     return config
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file holding one object; one line naming the file and `fix` (what to do) otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise MoeifyError(f"{path} is not valid JSON ({why}); {fix}") from None
+    if not isinstance(value, dict):
+        raise MoeifyError(f"{path} is not a JSON object; {fix}")
+    return value
 
 
 def _shard_files(folder: Path) -> list[Path]:

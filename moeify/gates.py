@@ -2,8 +2,8 @@
 
 hidden: at each MoE layer, expert e's row points from the BASE model's FFN inputs on its negative
 prompts (without any: on every expert's positive prompts, averaged over experts) to those on its
-positive prompts (per-prompt means; the rows are centred across experts,
-which a softmax cannot tell apart from the uncentred ones, then made unit length). One scale per
+positive prompts (per-prompt means; the rows are centred across experts, which a softmax cannot
+tell apart from the uncentred ones, then made unit length). One scale per
 layer then sets how sharp routing is: the mean top-1 softmax weight over the prompts' tokens is
 half-way between flat (1/E) and saturated (1). The first token of each prompt is left out of every
 statistic: its state is the attention sink's, the same whatever the prompt.

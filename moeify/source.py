@@ -338,8 +338,11 @@ def _origin(folder: Path) -> dict | None:
 
 def _stamp(folder: Path) -> dict[str, list[int]]:
     """Each weight file's size and modification time: rewriting the weights changes them."""
-    return {shard.name: [shard.stat().st_size, shard.stat().st_mtime_ns]
-            for shard in sorted(folder.glob("*.safetensors"))}
+    stamp = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        st = shard.stat()
+        stamp[shard.name] = [st.st_size, st.st_mtime_ns]
+    return stamp
 
 
 def _provenance_of(folder: Path) -> dict:

@@ -58,19 +58,20 @@ def read_plain(path: Path, flag: str, chars: int | None = None) -> str:
     with open(path, "rb") as f:
         raw = f.read(limit)
         whole = not f.read(1)
-    # A character cut at the end of the prefix is left out, not counted as undecodable.
-    text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=whole)
-    sniff = _Sniff()
-    sniff.add(raw, text)
-    sniff.check(path, flag)
+    text = _text(raw, path, flag, final=whole)
     return text if chars is None else text[:chars]
 
 
 def read_whole(path: Path, flag: str) -> str:
     """All of a UTF-8 text file, refused as read_plain refuses a prefix that is not text. For training
     data, which is meant to be large and is tokenised whole: no MAX_BYTES."""
-    raw = Path(path).read_bytes()
-    text = raw.decode("utf-8", "replace")
+    return _text(Path(path).read_bytes(), path, flag, final=True)
+
+
+def _text(raw: bytes, path: Path, flag: str, final: bool) -> str:
+    """raw decoded, refused in one line when it does not look like text. Not final: a character cut
+    at the end of a prefix is left out, not counted as undecodable."""
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=final)
     sniff = _Sniff()
     sniff.add(raw, text)
     sniff.check(path, flag)

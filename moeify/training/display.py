@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moeify.card import human
+from moeify.training.checkpoints import Checkpoints
 from moeify.ui import console
 
 
@@ -75,8 +76,6 @@ def summary(outcome) -> Table:
     if outcome.teacher_perplexity:
         t = outcome.teacher_perplexity
         table.add_row("ratio to teacher", f"×{outcome.before / t:.3f} -> ×{outcome.after / t:.3f} (teacher {t:.3f})")
-    from moeify.training.checkpoints import Checkpoints
-
     saved = Checkpoints(outcome.checkpoints, keep=1).latest() is not None
     table.add_row("checkpoints", str(outcome.checkpoints) if saved else "none saved")
     return table

@@ -8,13 +8,13 @@ with another vocabulary, a checkpoint of another run, an output in the way.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeify import source
+from moeify.checkpoint import read_json_object
 from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
 from moeify.output import check_output, refuse_replacing
@@ -96,9 +96,9 @@ def _checkpoints_apart(folder: Path, places: dict[str, Path | None]) -> None:
     if folder.exists() and not folder.is_dir():
         raise MoeifyError(f"the checkpoint folder {folder} is a file; choose another --checkpoint-dir")
     folder = folder.resolve()
-    for what, place in places.items():
-        if place is not None and (folder == place.resolve() or place.resolve() in folder.parents):
-            raise MoeifyError(f"the checkpoint folder {folder} is inside the {what} {place.resolve()}; choose "
+    for what, place in ((what, place.resolve()) for what, place in places.items() if place is not None):
+        if folder == place or place in folder.parents:
+            raise MoeifyError(f"the checkpoint folder {folder} is inside the {what} {place}; choose "
                               f"another --checkpoint-dir (or output folder) outside it")
 
 
@@ -111,14 +111,7 @@ def _record(model: str, folder: Path) -> dict:
     if not path.is_file():
         raise MoeifyError(f"{model} has no moeify.json: `moeify train` continues moeify outputs; convert with "
                           f"`moeify upcycle` or `moeify split` first")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, RecursionError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        raise MoeifyError(f"{path} is not valid JSON ({why}); restore it from the conversion") from None
-    if not isinstance(record, dict):
-        raise MoeifyError(f"{path} is not a JSON object; restore it from the conversion")
-    return record
+    return read_json_object(path, "restore it from the conversion")
 
 
 def _check_positions(folder: Path, seq_len: int) -> None:

@@ -234,10 +234,9 @@ class Trainer:
         names = sorted(sums)
         means = self.acc.reduce(torch.stack([sums[n].float() for n in names]), reduction="mean") / self.s.grad_accum
         terms = dict(zip(names, means.tolist()))
-        lr = self.lr
-        journal.write({"step": step, "tokens": self.progress.tokens, "lr": lr, **terms,
+        journal.write({"step": step, "tokens": self.progress.tokens, "lr": self.lr, **terms,
                        "seconds": round(self.progress.seconds, 3)})
-        bar.update(step, display.line(terms, lr, rate))
+        bar.update(step, display.line(terms, self.lr, rate))
 
     def _between_steps(self, journal: display.Journal) -> None:
         step, s = self.progress.step, self.s
