@@ -84,6 +84,57 @@ def training_text(work: Path, corpus: bool = False) -> Path:
     return path
 
 
+GENSIM = "gensim==4.4.0"  # its wheel's test data: news articles and a slice of an English Wikipedia dump
+WEB_FILES = ("lee_background.cor", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+
+
+def web_text(work: Path) -> Path:
+    """Modern English of two kinds, interleaved by document: the Lee corpus (300 ABC news articles)
+    and the Wikipedia articles of a shortened 2016 dump, both shipped as test data in gensim's wheel
+    (fetched from PyPI without its dependencies, never installed), markup stripped."""
+    path = work / "web.txt"
+    if path.is_file():
+        return path
+    import bz2
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", GENSIM, "-d", tmp], check=True)
+        with zipfile.ZipFile(next(Path(tmp).glob("gensim-*.whl"))) as wheel:
+            news, wiki = (wheel.read(f"gensim/test/test_data/{name}") for name in WEB_FILES)
+    articles = [" ".join(line.split()) for line in news.decode().splitlines() if line.strip()]
+    pages = [page for page in map(_wiki_plain, _wiki_pages(bz2.decompress(wiki).decode())) if page]
+    documents = [d for pair in itertools.zip_longest(articles, pages) for d in pair if d]
+    path.write_text("\n\n".join(documents) + "\n")
+    return path
+
+
+def _wiki_pages(xml: str) -> list[str]:
+    """The wikitext of every article (redirects left out)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml)
+    texts = [t.text or "" for t in root.iter() if t.tag.endswith("}text")]
+    return [t for t in texts if not t.lstrip().upper().startswith("#REDIRECT")]
+
+
+def _wiki_plain(wikitext: str) -> str:
+    """Paragraphs of prose from wikitext: references, templates, tables, files and markup dropped,
+    links reduced to their text; lists, headings and short lines left out."""
+    text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", wikitext, flags=re.DOTALL)
+    while True:  # templates nest: strip the innermost until none is left
+        text, count = re.subn(r"\{\{[^{}]*\}\}|\{\|[^{}]*?\|\}", "", text)
+        if not count:
+            break
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)
+    text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>|'{2,}", "", text)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return "\n\n".join(line for line in lines if len(line.split()) >= 12 and not line.startswith(("*", "#", "|", "!", "=", ":", "{", "}")))
+
+
 def convert(layout: str, dense: Path, text: Path, work: Path, builtin: bool = False) -> Path:
     """The layout made once; a split calibrated on the training text, or with builtin on moeify's own corpus."""
     split = LAYOUTS[layout][0] == "split"
@@ -221,8 +272,9 @@ def main() -> None:
                                                   "(the routers' too, unless --router-lr)")
     parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
                         help="what splits are calibrated on: the training text, or moeify's built-in corpus")
-    parser.add_argument("--train-text", choices=("emma", "corpus"), default="emma",
-                        help="what the student is distilled on: Emma, or moeify's built-in corpus (the held-out kind)")
+    parser.add_argument("--train-text", choices=("emma", "corpus", "web"), default="emma",
+                        help="what the student is distilled on: Emma, moeify's built-in corpus, or web (news and "
+                             "Wikipedia, ~650k tokens of modern English, the held-out kind)")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="after warmup; constant reads every budget off one curve, cosine ends lower for one")
     parser.add_argument("--aux", type=float, help="weight of the model's own router losses (load balancing, "
@@ -242,7 +294,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     dense = fallback_smollm2(notify=print)
-    text = training_text(args.work, corpus=args.train_text == "corpus")
+    text = web_text(args.work) if args.train_text == "web" else training_text(args.work, args.train_text == "corpus")
     budgets = [int(b) for b in args.budgets.split(",") if int(b) <= args.tokens]
     if not args.overhead_only:
         results = {}

@@ -23,12 +23,13 @@ from moeify import source
 from moeify.conversion import convert
 from moeify.errors import MoeifyError
 from moeify.spec import Format, Spec
-from moeify.training import data
+from moeify.training import data, documents
 from moeify.training.checkpoints import Checkpoints
 from moeify.training.settings import Precision, Settings, Trainable
 from moeify.training.trainer import _precision
 from tests.fixtures import make_tiny, run_cli
 from tests.test_cli_errors import assert_one_line_error
+from tests.test_documents import table_file
 from tests.test_split import add_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +234,37 @@ def test_training_twice_keeps_both_records(models: dict[str, Path], tmp_path: Pa
     assert record_of(twice)["source"] == record_of(models["split"])["source"]  # still the dense source
 
 
+@pytest.mark.parametrize("kind", ["parquet", "dataset folder"])
+def test_tables_and_dataset_folders_train_like_their_text(models: dict[str, Path], tmp_path: Path, kind: str):
+    """The same paragraphs as a .jsonl, a Parquet file and a folder `datasets` reads (a stream: read
+    only as far as the run needs) train the same steps to the same weights."""
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    if kind == "parquet":
+        data_path = table_file(tmp_path / "rows.parquet", {"text": paragraphs})
+    else:
+        data_path = tmp_path / "set"
+        data_path.mkdir()
+        table_file(data_path / "train.parquet", {"text": paragraphs})
+    held = tmp_path / "held.txt"  # held-out text of its own: every run trains on all it reads
+    held.write_text(paragraphs[-1])
+    common = ("--steps", 2, "--eval-text", held)
+    assert run_cli("train", models["mixtral"], "--data", jsonl, "--output", tmp_path / "a", *SMALL, *common,
+                   "--teacher", SOURCES[models["mixtral"]]) == 0
+    assert run_cli("train", models["mixtral"], "--data", data_path, "--output", tmp_path / "b", *SMALL, *common,
+                   "--teacher", SOURCES[models["mixtral"]], "--save-every", 1) == 0
+    a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
+    if kind == "parquet":  # read whole, like the .jsonl: the same sequences in the same order
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    else:  # a stream of 2 steps' sequences is a prefix of the file's: another permutation, so another run
+        assert record_of(tmp_path / "b")["training"][-1]["tokens"] == 2 * 4 * 32
+    assert record_of(tmp_path / "b")["training"][-1]["settings"]["data"] == data_path.name
+    shutil.rmtree(tmp_path / "b")  # its checkpoints are kept: the stream is read the same way again
+    assert run_cli("train", models["mixtral"], "--data", data_path, "--output", tmp_path / "b", *SMALL, *common,
+                   "--teacher", SOURCES[models["mixtral"]], "--save-every", 1, "--resume") == 0
+
+
 def test_the_recorded_source_is_the_default_teacher(models: dict[str, Path], tmp_path: Path, monkeypatch, capsys):
     """moeify.json names a local source by its folder name: found from the folder that holds it, and only
     when its weights are the recorded ones."""
@@ -410,10 +442,23 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
         return [models["mixtral"], "--data", tmp_path / "data" / "empty.txt"], ("empty.txt", "is empty")
     if kind == "data a folder":
         (tmp_path / "data" / "folder.txt").mkdir()
-        return [models["mixtral"], "--data", tmp_path / "data" / "folder.txt"], ("folder.txt", "not a file")
+        return [models["mixtral"], "--data", tmp_path / "data" / "folder.txt"], ("folder.txt", "without data files")
     if kind == "data other format":
+        (tmp_path / "data" / "d.csv").write_text("text\nhello\n")
+        return [models["mixtral"], "--data", tmp_path / "data" / "d.csv"], ("d.csv", ".txt, .jsonl, .parquet or .arrow")
+    if kind == "data bad parquet":
         (tmp_path / "data" / "d.parquet").write_bytes(b"PAR1")
-        return [models["mixtral"], "--data", tmp_path / "data" / "d.parquet"], ("d.parquet", ".txt or .jsonl")
+        return [models["mixtral"], "--data", tmp_path / "data" / "d.parquet"], ("d.parquet", "not a readable parquet")
+    if kind == "table without text":
+        table_file(tmp_path / "data" / "t.parquet", {"body": ["no text column here"]})
+        return [models["mixtral"], "--data", tmp_path / "data" / "t.parquet"], ("t.parquet", "\"text\"", "body")
+    if kind == "stream without length":
+        (tmp_path / "data" / "set").mkdir()
+        (tmp_path / "data" / "set" / "train.jsonl").write_text('{"text": "some words"}\n')
+        return [models["mixtral"], "--data", tmp_path / "data" / "set"], ("set", "--steps or --max-tokens")
+    if kind == "hub dataset unreachable":
+        return [models["mixtral"], "--data", "nobody-here/no-such-dataset", "--steps", 1], \
+            ("nobody-here/no-such-dataset", "neither a file here nor a dataset")
     if kind == "data too short":
         (tmp_path / "data" / "short.txt").write_text("hello")
         return [models["mixtral"], "--data", tmp_path / "data" / "short.txt", "--seq-len", 32], \
@@ -447,6 +492,7 @@ def bad_case(kind: str, models: dict[str, Path], tmp_path: Path) -> tuple[list[o
 
 
 BAD = ["dense", "not moeify", "foreign code", "data missing", "data empty", "data a folder", "data other format",
+       "data bad parquet", "table without text", "stream without length", "hub dataset unreachable",
        "data too short", "data binary", "bad jsonl", "chat without template", "seq-len", "teacher vocab", "freeze",
        "nothing left",
        "resume without checkpoint", "zero weights", "eval fraction"]
@@ -531,7 +577,7 @@ def test_chat_messages_go_through_the_template(models: dict[str, Path], tmp_path
     path = tmp_path / "chat.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     '{"text": "plain"}\n')
-    assert data.read_documents(str(path), tokenizer) == ["user: hi\nassistant: yo\n", "plain"]
+    assert documents.read_documents(str(path), tokenizer) == ["user: hi\nassistant: yo\n", "plain"]
 
 
 def test_fp16_without_a_gpu_falls_back_to_fp32():

@@ -28,8 +28,9 @@ from moeify.training.settings import Objective, Precision, Schedule, Settings, T
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="A moeify output (folder, Hub id): native Mixtral, "
                                          "Qwen2-MoE, Qwen3-MoE or the remote format.")]
-DataOpt = Annotated[str, typer.Option("--data", help="Training text: .txt, or .jsonl with \"text\" or "
-                                      "\"messages\" (rendered with the chat template).")]
+DataOpt = Annotated[str, typer.Option("--data", help="Training text: .txt; .jsonl, .parquet or .arrow with "
+                                      "\"text\" or \"messages\" (rendered with the chat template); a dataset folder; "
+                                      "or a Hub dataset NAME[:CONFIG], streamed (give --steps or --max-tokens).")]
 TrainOpt = Annotated[Trainable | None, typer.Option("--train", help="What trains. Default: routers for a split, "
                                                     "moe for an upcycle.")]
 FreezeOpt = Annotated[list[str] | None, typer.Option("--freeze", metavar="PATTERN", help="Keep parameters matching "
@@ -60,7 +61,7 @@ ScheduleOpt = Annotated[Schedule, typer.Option("--schedule", help="After warmup:
 ClipOpt = Annotated[float, typer.Option("--clip", help="Gradient norm clipping (0: off).")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto: bf16 on a GPU that has it, else fp32.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Data order and everything random.")]
-EvalTextOpt = Annotated[str | None, typer.Option("--eval-text", help="Held-out text file "
+EvalTextOpt = Annotated[str | None, typer.Option("--eval-text", help="Held-out text, any kind --data takes "
                                                  "(default: the end of DATA).")]
 EvalFractionOpt = Annotated[float, typer.Option("--eval-fraction", help="Share of DATA held out without "
                                                 "--eval-text.")]
@@ -182,16 +183,16 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
 def recipe_section(data: dict, overrides: dict) -> Settings | None:
     """Take a recipe's `train:` section and any --set train.FIELD=VALUE out of its conversion fields,
     validated (data file included) before the conversion starts; None when the recipe only converts."""
-    from moeify.training.data import check_file
+    from moeify.training.documents import check_data
 
     section = data.pop("train", None)
     given = {key.split(".", 1)[1]: overrides.pop(key) for key in list(overrides) if key.startswith("train.")}
     if section is None and not given:
         return None
     settings = Settings.from_recipe({} if section is None else section, given)
-    check_file(settings.data, "train.data")
+    check_data(settings.data, "train.data")
     if settings.eval_text is not None:
-        check_file(settings.eval_text, "train.eval_text")
+        check_data(settings.eval_text, "train.eval_text")
     return settings
 
 

@@ -7,18 +7,17 @@ exactly what an uninterrupted run would have seen next, on any number of process
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from moeify.errors import MoeifyError
-from moeify.text import read_whole
+from moeify.training.documents import documents, is_stream
 
-SUFFIXES = (".txt", ".jsonl")
+EVAL_TOKENS = 65_536  # held-out tokens read from a stream given as --eval-text
 
 
 @dataclass(frozen=True)
@@ -29,67 +28,16 @@ class Corpus:
     held_out: torch.Tensor
 
 
-def check_file(path: str, what: str = "--data") -> Path:
-    """A .txt or .jsonl file that exists: checked before anything long runs."""
-    file = Path(path).expanduser()
-    if file.suffix not in SUFFIXES:
-        raise MoeifyError(f"{what} {path} is not a .txt or .jsonl file; convert it to one of those")
-    if not file.exists():
-        raise MoeifyError(f"{what} {file} does not exist; check the path")
-    if not file.is_file():
-        raise MoeifyError(f"{what} {file} is not a file; pass a .txt or .jsonl file")
-    return file
-
-
-def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
-    """The documents of a .txt (the whole file) or .jsonl file ("text", or "messages" for chat)."""
-    file = check_file(path, what)
-    try:
-        raw = read_whole(file, what)
-    except OSError as e:
-        raise MoeifyError(f"{what} {file} cannot be read ({e.strerror}); check its permissions") from None
-    documents = _jsonl(file, raw, tokenizer) if file.suffix == ".jsonl" else [raw]
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise MoeifyError(f"{what} {file} is empty; give it some text in the model's language")
-    return documents
-
-
-def _jsonl(file: Path, raw: str, tokenizer) -> list[str]:
-    documents = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            raise MoeifyError(f"{file} line {number} is not JSON (or nests too deeply); each line must be one "
-                              f"JSON object") from None
-        documents.append(_document(row, file, number, tokenizer))
-    return documents
-
-
-def _document(row: object, file: Path, number: int, tokenizer) -> str:
-    """One JSONL row as text: its "text", or its "messages" through the model's chat template."""
-    if isinstance(row, dict) and isinstance(row.get("text"), str):
-        return row["text"]
-    if not (isinstance(row, dict) and isinstance(row.get("messages"), list)):
-        raise MoeifyError(f"{file} line {number} has neither a \"text\" string nor a \"messages\" list")
-    if not getattr(tokenizer, "chat_template", None):
-        raise MoeifyError(f"{file} line {number} holds chat messages, but the model's tokenizer has no chat "
-                          f"template; give plain \"text\" rows instead")
-    try:
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
-    except Exception as e:  # a malformed conversation: the template raises its own errors
-        raise MoeifyError(f"{file} line {number}: the chat template rejects these messages ({e})") from None
-
-
-def token_ids(documents: list[str], tokenizer) -> torch.Tensor:
-    """Every document's ids, each followed by the end-of-text token: (N,)."""
+def token_ids(texts: Iterable[str], tokenizer, limit: int | None = None) -> torch.Tensor:
+    """Every document's ids, each followed by the end-of-text token: (N,); with limit, documents are
+    read only until that many ids are gathered (the last one cut)."""
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for document in documents:
+    for document in texts:
         ids += tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"] + end
+        if limit is not None and len(ids) >= limit:
+            del ids[limit:]
+            break
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -99,11 +47,20 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: full * seq_len].reshape(full, seq_len)
 
 
-def corpus(data: str, eval_text: str | None, eval_fraction: float, seq_len: int, tokenizer) -> Corpus:
-    """Training and held-out sequences; refuses data too short for one of each."""
-    sequences = _packed(data, "--data", seq_len, tokenizer)
+def corpus(data: str, eval_text: str | None, eval_fraction: float, seq_len: int, tokenizer,
+           train_tokens: int | None = None) -> Corpus:
+    """Training and held-out sequences; refuses data too short for one of each.
+
+    train_tokens: how many tokens the run trains on, read from a stream (a folder, a Hub dataset) and
+    not beyond; a file is read whole.
+    """
+    wanted = None
+    if train_tokens is not None:  # whole sequences, enough that the held-out share leaves train_tokens
+        held_share = 0.0 if eval_text is not None else eval_fraction
+        wanted = math.ceil(math.ceil(train_tokens / seq_len) / (1 - held_share)) * seq_len
+    sequences = _packed(data, "--data", seq_len, tokenizer, wanted)
     if eval_text is not None:
-        return Corpus(sequences, _packed(eval_text, "--eval-text", seq_len, tokenizer))
+        return Corpus(sequences, _packed(eval_text, "--eval-text", seq_len, tokenizer, EVAL_TOKENS))
     held = math.ceil(eval_fraction * len(sequences))
     if held and len(sequences) - held < 1:
         raise MoeifyError(f"--data gives {len(sequences)} sequence(s) of {seq_len} tokens, too few to hold "
@@ -111,8 +68,12 @@ def corpus(data: str, eval_text: str | None, eval_fraction: float, seq_len: int,
     return Corpus(sequences[: len(sequences) - held], sequences[len(sequences) - held:])
 
 
-def _packed(path: str, what: str, seq_len: int, tokenizer) -> torch.Tensor:
-    ids = token_ids(read_documents(path, tokenizer, what), tokenizer)
+def _packed(path: str, what: str, seq_len: int, tokenizer, stream_tokens: int | None) -> torch.Tensor:
+    """The data's sequences; a stream is read to stream_tokens tokens, and must be given them."""
+    if stream_tokens is None and is_stream(path):
+        raise MoeifyError(f"{what} {path} is a dataset read as a stream, so moeify reads only what the run needs: "
+                          f"give --steps or --max-tokens")
+    ids = token_ids(documents(path, tokenizer, what), tokenizer, stream_tokens if is_stream(path) else None)
     sequences = pack(ids, seq_len)
     if len(sequences) == 0:
         raise MoeifyError(f"{what} {path} gives {ids.numel()} tokens, fewer than one --seq-len sequence "

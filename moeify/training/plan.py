@@ -19,7 +19,7 @@ from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
 from moeify.output import check_output, refuse_replacing
 from moeify.spec import Mode
-from moeify.training import data, lora
+from moeify.training import data, documents, lora
 from moeify.training.checkpoints import Checkpoints
 from moeify.training.settings import Objective, Settings
 from moeify.verify import read_config, routing_of
@@ -72,10 +72,11 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     if tokenizer is None:
         raise MoeifyError(f"{model} has no tokenizer; copy its source's tokenizer files into {model_dir}")
     _check_positions(model_dir, settings.seq_len)
-    corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer)
+    corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer,
+                         _tokens(settings))
     steps = _steps(settings, len(corpus.train))
     checkpoints = Checkpoints(checkpoint_dir or output.with_name(output.name + ".checkpoints"), settings.keep)
-    run = _identity(model_dir, settings, processes)
+    run = _identity(model_dir, settings, processes, corpus)
     resume_from = checkpoints.check_resumable(run) if resume else None
     if not resume and checkpoints.complete() and not overwrite:
         raise MoeifyError(f"{checkpoints.folder} holds checkpoints of an earlier run; pass --resume to continue "
@@ -188,13 +189,27 @@ def _steps(settings: Settings, sequences: int) -> int:
     return min(limits) if limits else math.ceil(sequences / per_step)
 
 
-def _identity(model_dir: Path, settings: Settings, processes: int) -> dict:
-    """What makes a run this run: the model's config, the data's bytes, every trajectory setting."""
-    files = {"model_config": model_dir / "config.json", "data_sha256": Path(settings.data).expanduser()}
+def _tokens(settings: Settings) -> int | None:
+    """The tokens --steps or --max-tokens will train on (None: neither given, one pass over the data)."""
+    steps = _steps(settings, 0)
+    return steps * settings.batch_size * settings.grad_accum * settings.seq_len if steps else None
+
+
+def _identity(model_dir: Path, settings: Settings, processes: int, corpus: data.Corpus) -> dict:
+    """What makes a run this run: the model's config, the data (a file's bytes, a stream's tokens),
+    every trajectory setting."""
+    digests = {"model_config": _sha256(model_dir / "config.json"),
+               "data_sha256": _data_sha256(settings.data, corpus.train)}
     if settings.eval_text:
-        files["eval_text_sha256"] = Path(settings.eval_text).expanduser()
-    return {"model": str(model_dir.resolve()), **{k: _sha256(p) for k, p in files.items()},
-            "processes": processes, **settings.trajectory()}
+        digests["eval_text_sha256"] = _data_sha256(settings.eval_text, corpus.held_out)
+    return {"model": str(model_dir.resolve()), **digests, "processes": processes, **settings.trajectory()}
+
+
+def _data_sha256(path: str, sequences) -> str:
+    """A file's bytes; for a stream (a dataset folder, a Hub dataset), the tokens read from it."""
+    if documents.is_stream(path):
+        return hashlib.sha256(sequences.numpy().tobytes()).hexdigest()
+    return _sha256(Path(path).expanduser())
 
 
 def _sha256(path: Path) -> str:

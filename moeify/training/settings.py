@@ -150,7 +150,7 @@ class Settings:
             raise MoeifyError("a recipe's train: section must be a mapping of training fields (like steps: 200)")
         data = {**section, **(overrides or {})}
         if "data" not in data:
-            raise MoeifyError("the recipe trains but names no data; pass --set train.data=FILE (.txt or .jsonl)")
+            raise MoeifyError("the recipe trains but names no data; pass --set train.data=FILE (.txt, .jsonl, .parquet, .arrow, a dataset folder or a Hub dataset name)")
         return cls.from_dict({name: _typed(name, value) for name, value in data.items()})
 
     @classmethod

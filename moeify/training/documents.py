@@ -1,0 +1,236 @@
+"""Where training text comes from: the documents of a file, a dataset folder or a Hub dataset.
+
+- .txt: the whole file is one document; .jsonl: one per line.
+- .parquet, .arrow (Arrow IPC, as `datasets` writes it): one per row, read a batch at a time.
+- a folder: what `datasets` reads there (data files, or a `save_to_disk` folder).
+- NAME or NAME:CONFIG of a Hub dataset, streamed (needs `datasets` and the network).
+
+A row gives its "text", or its "messages" rendered with the model's chat template. Folders and
+Hub datasets are streams: moeify reads only as many tokens as the run needs, which it must know
+(--steps or --max-tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from moeify.errors import MoeifyError
+from moeify.text import read_whole
+
+TEXTS = (".txt", ".jsonl")
+TABLES = (".parquet", ".arrow")
+KINDS = ".txt, .jsonl, .parquet or .arrow"
+FOLDER_FILES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")  # what `datasets` reads in a folder
+FILE_LIKE = (*FOLDER_FILES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip")  # a missing one is a file, not a dataset
+# What a Hub dataset id looks like (an optional owner, a name, an optional :config): anything
+# else that is not a file here is a mistyped path, not a dataset.
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?")
+
+
+def check_data(path: str, what: str = "--data") -> Path | None:
+    """The local file or folder, checked before anything long runs; None for a Hub dataset name."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        return _dataset_folder(file, what)
+    if not file.exists() and file.suffix.lower() not in FILE_LIKE and HUB_NAME.fullmatch(path):
+        return None
+    if file.suffix not in TEXTS + TABLES:
+        raise MoeifyError(f"{what} {path} is not a {KINDS} file, a dataset folder or a Hub dataset name; "
+                          f"convert it to one of those")
+    if not file.exists():
+        raise MoeifyError(f"{what} {file} does not exist; check the path")
+    if not file.is_file():
+        raise MoeifyError(f"{what} {file} is not a file; pass a {KINDS} file")
+    return file
+
+
+def _dataset_folder(folder: Path, what: str) -> Path:
+    saved = any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
+    if not saved and not any(f.suffix in FOLDER_FILES for f in folder.rglob("*") if f.is_file()):
+        raise MoeifyError(f"{what} {folder} is a folder without data files ({', '.join(FOLDER_FILES)}); "
+                          f"pass a {KINDS} file, or a folder of them")
+    return folder
+
+
+def is_stream(path: str) -> bool:
+    """Whether the data is read as a stream (a folder or a Hub dataset), not a file read whole."""
+    file = check_data(path)
+    return file is None or file.is_dir()
+
+
+def documents(path: str, tokenizer, what: str = "--data") -> Iterator[str]:
+    """The non-empty documents of the data, in order; refuses data that has none."""
+    file = check_data(path, what)
+    if file is None:
+        rows = _hub_rows(path, what)
+    elif file.is_dir():
+        rows = _folder_rows(file, what)
+    elif file.suffix in TABLES:
+        rows = _table_rows(file, what)
+    else:
+        rows = _text_rows(file, what)
+    empty = True
+    for where, row in rows:
+        document = _document(row, where, tokenizer)
+        if document.strip():
+            empty = False
+            yield document
+    if empty:
+        raise MoeifyError(f"{what} {path} is empty; give it some text in the model's language")
+
+
+def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
+    return list(documents(path, tokenizer, what))
+
+
+# ---------------------------------------------------------------------------- rows by kind
+
+
+# Each yields (where, row): where names the row in messages ("FILE line 3", "NAME row 12").
+
+
+def _text_rows(file: Path, what: str) -> Iterator[tuple[str, object]]:
+    try:
+        raw = read_whole(file, what)
+    except OSError as e:
+        raise MoeifyError(f"{what} {file} cannot be read ({e.strerror}); check its permissions") from None
+    if file.suffix == ".txt":
+        yield str(file), {"text": raw}
+        return
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{file} line {number}", json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise MoeifyError(f"{file} line {number} is not JSON (or nests too deeply); each line must be "
+                                  f"one JSON object") from None
+
+
+def _table_rows(file: Path, what: str) -> Iterator[tuple[str, object]]:
+    """Rows of a Parquet or Arrow IPC file, the "text" or "messages" column alone, a batch at a time."""
+    pa = _require("pyarrow", what, file)
+    try:
+        batches, columns = _batches(pa, file)
+        column = _column(columns, file)
+        number = 0
+        for batch in batches(column):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield f"{file} row {number}", {column: value}
+    except (pa.ArrowException, OSError) as e:
+        raise MoeifyError(f"{what} {file} is not a readable {file.suffix[1:]} file ({e}); check it or "
+                          f"convert it to .jsonl") from None
+
+
+def _batches(pa, file: Path):
+    """(batches(column) -> record batches of that column, the file's column names)."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(file)
+        return (lambda column: table.iter_batches(columns=[column], batch_size=1024)), table.schema_arrow.names
+    from pyarrow import ipc
+
+    source = pa.memory_map(str(file))
+    try:  # `datasets` writes the stream format; pyarrow's own default is the file format
+        reader = ipc.open_stream(source)
+        return (lambda column: (b.select([column]) for b in reader)), reader.schema.names
+    except pa.ArrowInvalid:
+        reader = ipc.open_file(source)
+        return (lambda column: (reader.get_batch(i).select([column]) for i in range(reader.num_record_batches))), \
+            reader.schema.names
+
+
+def _column(columns: list[str], where: object) -> str:
+    for column in ("text", "messages"):
+        if column in columns:
+            return column
+    raise MoeifyError(f"{where} has no \"text\" or \"messages\" column (it has {', '.join(columns) or 'none'}); "
+                      f"rename the column that holds the text")
+
+
+def _folder_rows(folder: Path, what: str) -> Iterator[tuple[str, object]]:
+    """A `save_to_disk` folder, or a folder of data files as `datasets` reads one (its train split)."""
+    datasets = _require("datasets", what, folder)
+    try:
+        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            rows = datasets.load_from_disk(str(folder))
+            rows = rows["train"] if isinstance(rows, datasets.DatasetDict) else rows
+        else:
+            rows = datasets.load_dataset(str(folder), split="train", streaming=True)
+        yield from _numbered(rows, folder)
+    except MoeifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- datasets raises its own kinds for every unreadable folder
+        raise MoeifyError(f"{what} {folder} is not a dataset folder `datasets` can read ({type(e).__name__}: "
+                          f"{e}); pass a {KINDS} file instead") from None
+
+
+def _hub_rows(name: str, what: str) -> Iterator[tuple[str, object]]:
+    """The train split of a Hub dataset, streamed: only the rows the run reads are fetched."""
+    datasets = _require("datasets", what, name)
+    repo, _, config = name.partition(":")
+    try:
+        with _quiet_hub(datasets):
+            yield from _numbered(datasets.load_dataset(repo, config or None, split="train", streaming=True), name)
+    except MoeifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- offline, unknown, gated, no train split: each its own kind
+        raise MoeifyError(f"{what} {name} is neither a file here nor a dataset moeify can read from the Hub "
+                          f"({type(e).__name__}); check the name, or pass a {KINDS} file") from None
+
+
+@contextmanager
+def _quiet_hub(datasets) -> Iterator[None]:
+    """No progress bars from `datasets`, no retry warnings from huggingface_hub: the one line an
+    unreachable dataset gets says it all."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    bars, level = datasets.is_progress_bar_enabled(), hub_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _numbered(rows: Iterable[dict], where: object) -> Iterator[tuple[str, object]]:
+    column = None
+    for number, row in enumerate(rows, 1):
+        column = column or _column(list(row), where)
+        yield f"{where} row {number}", {column: row[column]}
+
+
+def _require(module: str, what: str, where: object):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise MoeifyError(f"{what} {where} needs the `{module}` package: pip install 'moeify[train]', or pass a "
+                          f".txt or .jsonl file") from None
+
+
+# ---------------------------------------------------------------------------- rows to text
+
+
+def _document(row: object, where: str, tokenizer) -> str:
+    """One row as text: its "text", or its "messages" through the model's chat template."""
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row, dict) and row.get("text", 0) is None:  # a null cell in a table: no document
+        return ""
+    if not (isinstance(row, dict) and isinstance(row.get("messages"), list)):
+        raise MoeifyError(f"{where} has neither a \"text\" string nor a \"messages\" list")
+    if not getattr(tokenizer, "chat_template", None):
+        raise MoeifyError(f"{where} holds chat messages, but the model's tokenizer has no chat "
+                          f"template; give plain \"text\" rows instead")
+    try:
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    except Exception as e:  # noqa: BLE001 -- a malformed conversation: the template raises its own kinds
+        raise MoeifyError(f"{where}: the chat template rejects these messages ({e})") from None

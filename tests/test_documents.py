@@ -1,0 +1,124 @@
+"""Training text of every kind `moeify train --data` takes: the same rows give the same tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pyarrow import ipc
+from transformers import AutoTokenizer
+
+from moeify.errors import MoeifyError
+from moeify.training import data, documents
+from tests.fixtures import make_tiny
+from tests.test_split import add_char_tokenizer
+
+ROWS = [f"Row {i}: the {'quick ' * (i % 3)}brown fox jumps over dog number {i}." for i in range(40)]
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = add_char_tokenizer(make_tiny("llama", tmp_path_factory.mktemp("tok") / "llama"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT
+    return tokenizer
+
+
+def table_file(path: Path, columns: dict[str, list], arrow: str = "stream") -> Path:
+    """columns as a Parquet file, or an Arrow IPC file in the stream format (`datasets`') or file format."""
+    table = pa.table(columns)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=7)  # several row groups: read a batch at a time
+        return path
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = (ipc.new_stream if arrow == "stream" else ipc.new_file)(sink, table.schema)
+        for batch in table.to_batches(max_chunksize=7):
+            writer.write_batch(batch)
+        writer.close()
+    return path
+
+
+def jsonl_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow stream", "arrow file", "folder", "saved"])
+def test_every_kind_gives_the_jsonl_documents(tokenizer, tmp_path: Path, kind: str):
+    expected = documents.read_documents(str(jsonl_file(tmp_path / "rows.jsonl", [{"text": r} for r in ROWS])),
+                                        tokenizer)
+    columns = {"text": ROWS, "id": list(range(len(ROWS)))}  # other columns are ignored
+    if kind == "parquet":
+        path = table_file(tmp_path / "rows.parquet", columns)
+    elif kind.startswith("arrow"):
+        path = table_file(tmp_path / "rows.arrow", columns, kind.split()[1])
+    elif kind == "folder":  # data files as `datasets` reads a folder
+        path = tmp_path / "set"
+        path.mkdir()
+        table_file(path / "train.parquet", columns)
+    else:
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    assert expected == ROWS
+    assert documents.read_documents(str(path), tokenizer) == expected
+
+
+def test_a_messages_column_goes_through_the_chat_template(tokenizer, tmp_path: Path):
+    chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(3)]
+    path = table_file(tmp_path / "chat.parquet", {"messages": chats})
+    assert documents.read_documents(str(path), tokenizer) == [f"user: hi {i}\nassistant: yo\n" for i in range(3)]
+
+
+def test_a_null_text_cell_is_no_document(tokenizer, tmp_path: Path):
+    path = table_file(tmp_path / "gaps.parquet", {"text": ["first", None, "", "last"]})
+    assert documents.read_documents(str(path), tokenizer) == ["first", "last"]
+
+
+def test_a_stream_is_read_only_as_far_as_the_run_needs(tokenizer, tmp_path: Path, monkeypatch):
+    """A Hub dataset (datasets' streaming API, stood in for: no network here) is read row by row,
+    and reading stops once the run's tokens and the held-out share are gathered."""
+    import datasets
+
+    served: list[int] = []
+
+    def rows():
+        for i in range(10_000):
+            served.append(i)
+            yield {"text": ROWS[i % len(ROWS)], "url": "x"}
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or rows())
+    seq_len, train_tokens = 32, 10 * 32
+    corpus = data.corpus("someone/web-text:en", None, 0.2, seq_len, tokenizer, train_tokens)
+    assert calls == [(("someone/web-text", "en"), {"split": "train", "streaming": True})]
+    assert corpus.train.shape == (10, seq_len) and len(corpus.held_out) >= 2  # 20 % of what was read
+    wanted = (len(corpus.train) + len(corpus.held_out)) * seq_len
+    per_row = min(len(r) for r in ROWS) + 1  # characters are tokens here, plus end-of-text
+    assert len(served) <= wanted // per_row + 2  # not the 10,000 rows on offer
+    expected = data.token_ids((ROWS[i % len(ROWS)] for i in served), tokenizer)[:wanted]
+    assert torch.equal(torch.cat([corpus.train, corpus.held_out]).flatten(), expected)
+
+
+def test_a_file_is_read_whole_whatever_the_run_needs(tokenizer, tmp_path: Path):
+    path = table_file(tmp_path / "rows.parquet", {"text": ROWS})
+    whole = data.corpus(str(path), None, 0.0, 32, tokenizer)
+    assert torch.equal(data.corpus(str(path), None, 0.0, 32, tokenizer, train_tokens=64).train, whole.train)
+
+
+@pytest.mark.parametrize("name", ["nobody/no-such-set", "plain-name", "owner/name:config"])
+def test_a_name_that_is_no_file_here_is_a_hub_dataset(name: str):
+    assert documents.check_data(name) is None and documents.is_stream(name)
+
+
+@pytest.mark.parametrize("name, words", [("notes.txt", "does not exist"), ("a b c", "Hub dataset name"),
+                                         ("data.csv", ".parquet or .arrow")])
+def test_a_missing_file_is_not_taken_for_a_dataset(name: str, words: str):
+    with pytest.raises(MoeifyError, match=words):
+        documents.check_data(name)
