@@ -117,8 +117,40 @@ def test_a_name_that_is_no_file_here_is_a_hub_dataset(name: str):
     assert documents.check_data(name) is None and documents.is_stream(name)
 
 
-@pytest.mark.parametrize("name, words", [("notes.txt", "does not exist"), ("a b c", "Hub dataset name"),
-                                         ("data.csv", ".parquet or .arrow")])
-def test_a_missing_file_is_not_taken_for_a_dataset(name: str, words: str):
-    with pytest.raises(MoeifyError, match=words):
+@pytest.mark.parametrize("name", ["notes.txt", "a b c", "data.csv", "./no-notes", "../no-notes", "/no-notes", "data/",
+                                  "owner/../etc"])
+def test_a_missing_file_is_not_taken_for_a_dataset(name: str):
+    with pytest.raises(MoeifyError, match="does not exist"):
         documents.check_data(name)
+
+
+def test_an_empty_name_is_not_the_current_folder():
+    with pytest.raises(MoeifyError, match="--data is empty"):
+        documents.check_data("")
+
+
+def test_a_file_of_another_kind_is_refused(tmp_path: Path):
+    (tmp_path / "rows.csv").write_text("text\nhello\n")
+    with pytest.raises(MoeifyError, match=r"not a \.txt, \.jsonl, \.parquet or \.arrow file"):
+        documents.check_data(str(tmp_path / "rows.csv"))
+    upper = table_file(tmp_path / "ROWS.PARQUET", {"text": ["shouting suffix"]})
+    assert documents.check_data(str(upper)) == upper
+
+
+def test_a_row_uses_whichever_of_text_and_messages_it_fills(tokenizer, tmp_path: Path):
+    """Plain and chat rows mixed: a null text falls back to the messages; a row of nulls is no document."""
+    chat = [{"role": "user", "content": "hi"}]
+    rows = [{"text": None, "messages": chat}, {"text": "plain", "messages": None}, {"text": None, "messages": None}]
+    expected = ["user: hi\n", "plain"]
+    assert documents.read_documents(str(jsonl_file(tmp_path / "mixed.jsonl", rows)), tokenizer) == expected
+    table = table_file(tmp_path / "mixed.parquet", {"text": [r["text"] for r in rows],
+                                                    "messages": [r["messages"] for r in rows]})
+    assert documents.read_documents(str(table), tokenizer) == expected
+
+
+def test_a_saved_dataset_without_a_train_split_says_which_it_has(tokenizer, tmp_path: Path):
+    import datasets
+
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(MoeifyError, match="no train split \\(it has validation\\)"):
+        documents.read_documents(str(tmp_path / "d"), tokenizer)

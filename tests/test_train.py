@@ -637,6 +637,7 @@ def test_a_recipe_converts_then_trains(models: dict[str, Path], tmp_path: Path):
 @pytest.mark.parametrize("extra, needles", [
     ([], ("names no data", "--set train.data=FILE")),
     (["--set", "train.data=missing.txt"], ("train.data", "missing.txt", "does not exist")),
+    (["--set", "train.data=./notes"], ("train.data", "notes", "does not exist")),  # a path, not a Hub name
     (["--set", f"train.data={TEXT}", "--set", "train.steps=many"], ("train.steps", "whole number")),
     (["--set", f"train.data={TEXT}", "--set", "train.epochs=2"], ("unknown training field", "epochs")),
     (["--set", f"train.data={TEXT}", "--set", "train.train=heads"], ("heads", "routers|experts|moe|all")),
@@ -649,6 +650,28 @@ def test_a_bad_train_section_is_refused_before_converting(models: dict[str, Path
     code = run_cli("apply", recipe, models["llama"], "--output", tmp_path / "out", *extra)
     assert_one_line_error(capsys, code, *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.yaml"]
+
+
+def test_a_recipe_streaming_its_data_needs_a_length_before_converting(models: dict[str, Path], tmp_path: Path,
+                                                                       capsys):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text(RECIPE.replace("  steps: 2\n", ""))
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train.jsonl").write_text('{"text": "some words"}\n')
+    capsys.readouterr()
+    code = run_cli("apply", recipe, models["llama"], "--output", tmp_path / "out", "--set",
+                   f"train.data={tmp_path / 'set'}")
+    assert_one_line_error(capsys, code, "train.data", "stream", "train.steps or train.max_tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heal.yaml", "set"]
+
+
+def test_a_run_that_reads_its_data_more_than_once_says_so(models: dict[str, Path], tmp_path: Path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT.read_text()[:1000])  # 1000 characters: 31 sequences of 32, 29 to train on
+    capsys.readouterr()
+    assert run_cli("train", models["mixtral"], "--data", short, "--output", tmp_path / "out", *SMALL,
+                   "--steps", 15, "--teacher", SOURCES[models["mixtral"]]) == 0
+    assert "--data gives 928 training tokens; 15 steps read them 2.1 times over" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("output", ["holds the source", "the current folder"])

@@ -183,16 +183,14 @@ def run(model: str, output: Path, settings: Settings, *, overwrite: bool = False
 def recipe_section(data: dict, overrides: dict) -> Settings | None:
     """Take a recipe's `train:` section and any --set train.FIELD=VALUE out of its conversion fields,
     validated (data file included) before the conversion starts; None when the recipe only converts."""
-    from moeify.training.documents import check_data
+    from moeify.training.data import check_sources
 
     section = data.pop("train", None)
     given = {key.split(".", 1)[1]: overrides.pop(key) for key in list(overrides) if key.startswith("train.")}
     if section is None and not given:
         return None
     settings = Settings.from_recipe({} if section is None else section, given)
-    check_data(settings.data, "train.data")
-    if settings.eval_text is not None:
-        check_data(settings.eval_text, "train.eval_text")
+    check_sources(settings, recipe=True)
     return settings
 
 

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from moeify.errors import MoeifyError
-from moeify.training.documents import documents, is_stream
+from moeify.training.documents import check_data, documents, is_stream
 
-EVAL_TOKENS = 65_536  # held-out tokens read from a stream given as --eval-text
+EVAL_TOKENS = 65_536  # held-out tokens read from a stream given as --eval-text (at least 8 sequences)
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,20 @@ class Corpus:
 
     train: torch.Tensor
     held_out: torch.Tensor
+
+
+def check_sources(settings, recipe: bool = False) -> None:
+    """The data and held-out text are of kinds moeify reads, and a stream comes with the run's length:
+    checked before anything long (a recipe's before its conversion, naming its train.* fields)."""
+    def option(field: str) -> str:
+        return f"train.{field}" if recipe else "--" + field.replace("_", "-")
+
+    check_data(settings.data, option("data"))
+    if settings.eval_text is not None:
+        check_data(settings.eval_text, option("eval_text"))
+    if settings.steps is None and settings.max_tokens is None and is_stream(settings.data):
+        raise MoeifyError(f"{option('data')} {settings.data} is a dataset read as a stream, so moeify reads only what "
+                          f"the run needs: give {option('steps')} or {option('max_tokens')}")
 
 
 def token_ids(texts: Iterable[str], tokenizer, limit: int | None = None) -> torch.Tensor:
@@ -60,7 +74,7 @@ def corpus(data: str, eval_text: str | None, eval_fraction: float, seq_len: int,
         wanted = math.ceil(math.ceil(train_tokens / seq_len) / (1 - held_share)) * seq_len
     sequences = _packed(data, "--data", seq_len, tokenizer, wanted)
     if eval_text is not None:
-        return Corpus(sequences, _packed(eval_text, "--eval-text", seq_len, tokenizer, EVAL_TOKENS))
+        return Corpus(sequences, _packed(eval_text, "--eval-text", seq_len, tokenizer, max(EVAL_TOKENS, 8 * seq_len)))
     held = math.ceil(eval_fraction * len(sequences))
     if held and len(sequences) - held < 1:
         raise MoeifyError(f"--data gives {len(sequences)} sequence(s) of {seq_len} tokens, too few to hold "
@@ -69,10 +83,7 @@ def corpus(data: str, eval_text: str | None, eval_fraction: float, seq_len: int,
 
 
 def _packed(path: str, what: str, seq_len: int, tokenizer, stream_tokens: int | None) -> torch.Tensor:
-    """The data's sequences; a stream is read to stream_tokens tokens, and must be given them."""
-    if stream_tokens is None and is_stream(path):
-        raise MoeifyError(f"{what} {path} is a dataset read as a stream, so moeify reads only what the run needs: "
-                          f"give --steps or --max-tokens")
+    """The data's sequences; a stream is read to stream_tokens tokens (check_sources saw that it has them)."""
     ids = token_ids(documents(path, tokenizer, what), tokenizer, stream_tokens if is_stream(path) else None)
     sequences = pack(ids, seq_len)
     if len(sequences) == 0:

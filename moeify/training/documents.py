@@ -5,15 +5,16 @@
 - a folder: what `datasets` reads there (data files, or a `save_to_disk` folder).
 - NAME or NAME:CONFIG of a Hub dataset, streamed (needs `datasets` and the network).
 
-A row gives its "text", or its "messages" rendered with the model's chat template. Folders and
-Hub datasets are streams: moeify reads only as many tokens as the run needs, which it must know
-(--steps or --max-tokens).
+A row gives its "text", or its "messages" rendered with the model's chat template; a row whose
+cells are both empty (null) is no document. Folders and Hub datasets are streams: moeify reads
+only as many tokens as the run needs, which it must know (--steps or --max-tokens).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,31 +27,39 @@ TABLES = (".parquet", ".arrow")
 KINDS = ".txt, .jsonl, .parquet or .arrow"
 FOLDER_FILES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")  # what `datasets` reads in a folder
 FILE_LIKE = (*FOLDER_FILES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip")  # a missing one is a file, not a dataset
-# What a Hub dataset id looks like (an optional owner, a name, an optional :config): anything
-# else that is not a file here is a mistyped path, not a dataset.
-HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?")
+COLUMNS = ("text", "messages")
+# What a Hub dataset id looks like (an optional owner, a name, an optional :config, each starting
+# with a letter or digit): anything else that is not here (./notes, ../x, /data, data/) is a
+# mistyped path, not a dataset.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
 
 
 def check_data(path: str, what: str = "--data") -> Path | None:
     """The local file or folder, checked before anything long runs; None for a Hub dataset name."""
+    if not path.strip():
+        raise MoeifyError(f"{what} is empty; give a {KINDS} file, a dataset folder or a Hub dataset name")
     file = Path(path).expanduser()
     if file.is_dir():
         return _dataset_folder(file, what)
-    if not file.exists() and file.suffix.lower() not in FILE_LIKE and HUB_NAME.fullmatch(path):
+    if not file.exists() and _suffix(file) not in FILE_LIKE and HUB_NAME.fullmatch(path) and ".." not in path:
         return None
-    if file.suffix not in TEXTS + TABLES:
-        raise MoeifyError(f"{what} {path} is not a {KINDS} file, a dataset folder or a Hub dataset name; "
-                          f"convert it to one of those")
     if not file.exists():
         raise MoeifyError(f"{what} {file} does not exist; check the path")
+    if _suffix(file) not in TEXTS + TABLES:
+        raise MoeifyError(f"{what} {path} is not a {KINDS} file, a dataset folder or a Hub dataset name; "
+                          f"convert it to one of those")
     if not file.is_file():
         raise MoeifyError(f"{what} {file} is not a file; pass a {KINDS} file")
     return file
 
 
+def _suffix(file: Path) -> str:
+    return file.suffix.lower()
+
+
 def _dataset_folder(folder: Path, what: str) -> Path:
     saved = any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
-    if not saved and not any(f.suffix in FOLDER_FILES for f in folder.rglob("*") if f.is_file()):
+    if not saved and not any(_suffix(f) in FOLDER_FILES for f in folder.rglob("*") if f.is_file()):
         raise MoeifyError(f"{what} {folder} is a folder without data files ({', '.join(FOLDER_FILES)}); "
                           f"pass a {KINDS} file, or a folder of them")
     return folder
@@ -69,7 +78,7 @@ def documents(path: str, tokenizer, what: str = "--data") -> Iterator[str]:
         rows = _hub_rows(path, what)
     elif file.is_dir():
         rows = _folder_rows(file, what)
-    elif file.suffix in TABLES:
+    elif _suffix(file) in TABLES:
         rows = _table_rows(file, what)
     else:
         rows = _text_rows(file, what)
@@ -98,7 +107,7 @@ def _text_rows(file: Path, what: str) -> Iterator[tuple[str, object]]:
         raw = read_whole(file, what)
     except OSError as e:
         raise MoeifyError(f"{what} {file} cannot be read ({e.strerror}); check its permissions") from None
-    if file.suffix == ".txt":
+    if _suffix(file) == ".txt":
         yield str(file), {"text": raw}
         return
     for number, line in enumerate(raw.splitlines(), 1):
@@ -111,63 +120,64 @@ def _text_rows(file: Path, what: str) -> Iterator[tuple[str, object]]:
 
 
 def _table_rows(file: Path, what: str) -> Iterator[tuple[str, object]]:
-    """Rows of a Parquet or Arrow IPC file, the "text" or "messages" column alone, a batch at a time."""
+    """Rows of a Parquet or Arrow IPC file, its "text" and "messages" columns alone, a batch at a time."""
     pa = _require("pyarrow", what, file)
     try:
         batches, columns = _batches(pa, file)
-        column = _column(columns, file)
         number = 0
-        for batch in batches(column):
-            for value in batch.column(0).to_pylist():
+        for batch in batches(_columns(columns, file)):
+            for row in batch.to_pylist():
                 number += 1
-                yield f"{file} row {number}", {column: value}
+                yield f"{file} row {number}", row
     except (pa.ArrowException, OSError) as e:
         raise MoeifyError(f"{what} {file} is not a readable {file.suffix[1:]} file ({e}); check it or "
                           f"convert it to .jsonl") from None
 
 
 def _batches(pa, file: Path):
-    """(batches(column) -> record batches of that column, the file's column names)."""
-    if file.suffix == ".parquet":
+    """(batches(columns) -> record batches of those columns, the file's column names)."""
+    if _suffix(file) == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.ParquetFile(file)
-        return (lambda column: table.iter_batches(columns=[column], batch_size=1024)), table.schema_arrow.names
+        return (lambda columns: table.iter_batches(columns=columns, batch_size=1024)), table.schema_arrow.names
     from pyarrow import ipc
 
     source = pa.memory_map(str(file))
     try:  # `datasets` writes the stream format; pyarrow's own default is the file format
         reader = ipc.open_stream(source)
-        return (lambda column: (b.select([column]) for b in reader)), reader.schema.names
+        return (lambda columns: (b.select(columns) for b in reader)), reader.schema.names
     except pa.ArrowInvalid:
         reader = ipc.open_file(source)
-        return (lambda column: (reader.get_batch(i).select([column]) for i in range(reader.num_record_batches))), \
+        return (lambda columns: (reader.get_batch(i).select(columns) for i in range(reader.num_record_batches))), \
             reader.schema.names
 
 
-def _column(columns: list[str], where: object) -> str:
-    for column in ("text", "messages"):
-        if column in columns:
-            return column
-    raise MoeifyError(f"{where} has no \"text\" or \"messages\" column (it has {', '.join(columns) or 'none'}); "
-                      f"rename the column that holds the text")
+def _columns(columns: list[str], where: object) -> list[str]:
+    """The text columns a table has: "text", "messages" or both (a row uses the one it fills)."""
+    present = [column for column in COLUMNS if column in columns]
+    if not present:
+        raise MoeifyError(f"{where} has no \"text\" or \"messages\" column (it has {', '.join(columns) or 'none'}); "
+                          f"rename the column that holds the text")
+    return present
 
 
 def _folder_rows(folder: Path, what: str) -> Iterator[tuple[str, object]]:
     """A `save_to_disk` folder, or a folder of data files as `datasets` reads one (its train split)."""
     datasets = _require("datasets", what, folder)
-    try:
-        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
-            rows = datasets.load_from_disk(str(folder))
-            rows = rows["train"] if isinstance(rows, datasets.DatasetDict) else rows
-        else:
-            rows = datasets.load_dataset(str(folder), split="train", streaming=True)
-        yield from _numbered(rows, folder)
+    try:  # a cache of its own, gone afterwards: reading a folder writes nothing of the user's
+        with tempfile.TemporaryDirectory(prefix="moeify-dataset-") as cache:
+            if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+                rows = datasets.load_from_disk(str(folder))
+                rows = _train_split(rows, folder) if isinstance(rows, datasets.DatasetDict) else rows
+            else:
+                rows = datasets.load_dataset(str(folder), split="train", streaming=True, cache_dir=cache)
+            yield from _numbered(rows, folder)
     except MoeifyError:
         raise
     except Exception as e:  # noqa: BLE001 -- datasets raises its own kinds for every unreadable folder
-        raise MoeifyError(f"{what} {folder} is not a dataset folder `datasets` can read ({type(e).__name__}: "
-                          f"{e}); pass a {KINDS} file instead") from None
+        raise MoeifyError(f"{what} {folder} is not a dataset folder `datasets` can read ({_short(e)}); "
+                          f"pass a {KINDS} file instead") from None
 
 
 def _hub_rows(name: str, what: str) -> Iterator[tuple[str, object]]:
@@ -181,7 +191,7 @@ def _hub_rows(name: str, what: str) -> Iterator[tuple[str, object]]:
         raise
     except Exception as e:  # noqa: BLE001 -- offline, unknown, gated, no train split: each its own kind
         raise MoeifyError(f"{what} {name} is neither a file here nor a dataset moeify can read from the Hub "
-                          f"({type(e).__name__}); check the name, or pass a {KINDS} file") from None
+                          f"({_short(e)}); check the name, or pass a {KINDS} file") from None
 
 
 @contextmanager
@@ -201,11 +211,24 @@ def _quiet_hub(datasets) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _train_split(splits, folder: Path):
+    if "train" not in splits:
+        raise MoeifyError(f"{folder} has no train split (it has {', '.join(splits)}); save the rows to train on "
+                          f"as its train split")
+    return splits["train"]
+
+
+def _short(error: Exception) -> str:
+    """An exception as its kind and the first line of what it says, at most 160 characters."""
+    said = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return f"{type(error).__name__}: {said}" if said else type(error).__name__
+
+
 def _numbered(rows: Iterable[dict], where: object) -> Iterator[tuple[str, object]]:
-    column = None
+    columns = None
     for number, row in enumerate(rows, 1):
-        column = column or _column(list(row), where)
-        yield f"{where} row {number}", {column: row[column]}
+        columns = columns or _columns(list(row), where)
+        yield f"{where} row {number}", {column: row[column] for column in columns}
 
 
 def _require(module: str, what: str, where: object):
@@ -223,8 +246,8 @@ def _document(row: object, where: str, tokenizer) -> str:
     """One row as text: its "text", or its "messages" through the model's chat template."""
     if isinstance(row, dict) and isinstance(row.get("text"), str):
         return row["text"]
-    if isinstance(row, dict) and row.get("text", 0) is None:  # a null cell in a table: no document
-        return ""
+    if isinstance(row, dict) and any(c in row for c in COLUMNS) and all(row.get(c) is None for c in COLUMNS):
+        return ""  # empty (null) cells: no document
     if not (isinstance(row, dict) and isinstance(row.get("messages"), list)):
         raise MoeifyError(f"{where} has neither a \"text\" string nor a \"messages\" list")
     if not getattr(tokenizer, "chat_template", None):

@@ -72,12 +72,8 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     if tokenizer is None:
         raise MoeifyError(f"{model} has no tokenizer; copy its source's tokenizer files into {model_dir}")
     _check_positions(model_dir, settings.seq_len)
-    corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer,
-                         _tokens(settings))
-    steps = _steps(settings, len(corpus.train))
+    data.check_sources(settings)
     checkpoints = Checkpoints(checkpoint_dir or output.with_name(output.name + ".checkpoints"), settings.keep)
-    run = _identity(model_dir, settings, processes, corpus)
-    resume_from = checkpoints.check_resumable(run) if resume else None
     if not resume and checkpoints.complete() and not overwrite:
         raise MoeifyError(f"{checkpoints.folder} holds checkpoints of an earlier run; pass --resume to continue "
                           f"it or --overwrite to start over")
@@ -86,6 +82,13 @@ def make(model: str, output: Path, settings: Settings, *, processes: int = 1, ov
     # Before hours of training: writing the output replaces it whole.
     refuse_replacing(output, [model_dir, teacher_dir, settings.data, settings.eval_text])
     _checkpoints_apart(checkpoints.folder, {"output": output, "model": model_dir, "teacher": teacher_dir})
+    # The data last: a stream from the Hub may take long to read, so every cheaper check comes first.
+    corpus = data.corpus(settings.data, settings.eval_text, settings.eval_fraction, settings.seq_len, tokenizer,
+                         _tokens(settings))
+    steps = _steps(settings, len(corpus.train))
+    notes += _repetition(settings, steps, len(corpus.train))
+    run = _identity(model_dir, settings, processes, corpus)
+    resume_from = checkpoints.check_resumable(run) if resume else None
     return Plan(model, model_dir, code, record, settings, corpus, teacher, teacher_dir, teacher_code, steps, output,
                 checkpoints, resume_from, run, overwrite, notes)
 
@@ -187,6 +190,16 @@ def _steps(settings: Settings, sequences: int) -> int:
     if settings.max_tokens is not None:
         limits.append(math.ceil(settings.max_tokens / (per_step * settings.seq_len)))
     return min(limits) if limits else math.ceil(sequences / per_step)
+
+
+def _repetition(settings: Settings, steps: int, sequences: int) -> list[str]:
+    """A note when the run reads its data more than once: held-out perplexity stops falling sooner on
+    repeated text (benchmarks/heal.py), and a stream shorter than the run is otherwise silent."""
+    passes = steps * settings.batch_size * settings.grad_accum / sequences
+    if passes <= 1 or (settings.steps is None and settings.max_tokens is None):  # one pass, rounded up to a step
+        return []
+    return [f"--data gives {sequences * settings.seq_len:,} training tokens; {steps} steps read them {passes:.1f} "
+            f"times over (more varied text heals further)"]
 
 
 def _tokens(settings: Settings) -> int | None:
