@@ -198,8 +198,8 @@ def _repetition(settings: Settings, steps: int, sequences: int) -> list[str]:
     passes = steps * settings.batch_size * settings.grad_accum / sequences
     if passes <= 1 or (settings.steps is None and settings.max_tokens is None):  # one pass, rounded up to a step
         return []
-    return [f"--data gives {sequences * settings.seq_len:,} training tokens; {steps} steps read them {passes:.1f} "
-            f"times over (more varied text heals further)"]
+    return [(f"--data gives {sequences * settings.seq_len:,} training tokens; {steps} steps read them {passes:.1f} "
+             f"times over (more varied text heals further)")]
 
 
 def _tokens(settings: Settings) -> int | None:
