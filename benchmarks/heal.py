@@ -6,11 +6,15 @@
     python benchmarks/heal.py --jobs routers,moe,local        # global distillation vs layer-wise (local)
     python benchmarks/heal.py --layouts g64s8 --calibration builtin   # splits calibrated on moeify's corpus
     python benchmarks/heal.py --overhead-only                   # the loop against a bare accelerate loop
+    python benchmarks/heal.py --layouts g8 --calibration builtin --jobs all --aux 0 --lr 2e-4 --schedule cosine \
+        --train-text web --no-overhead                          # the best G=8 recipe so far
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. Training text:
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
-paragraphs reflowed, or with --train-text corpus moeify's built-in calibration corpus. Held-out
-text: benchmarks/data/heldout.txt (modern prose, disjoint from both). Each conversion is made
+paragraphs reflowed; with --train-text corpus moeify's built-in calibration corpus; with
+--train-text web ~650k tokens of modern English (300 ABC news articles and the Wikipedia articles
+of a shortened 2016 dump, test data in gensim's wheel, fetched once from PyPI). Held-out
+text: benchmarks/data/heldout.txt (modern prose, disjoint from all three). Each conversion is made
 once with the moeify CLI, then each job is one `python -m moeify train` run with a constant
 learning rate after warmup (10% of the steps; --schedule cosine decays it instead), scored on the
 held-out text every --eval-every steps: the table reads the curve at each token budget, so one
@@ -157,7 +161,8 @@ def heal(model: Path, dense: Path, job: str, text: Path, tokens: int, eval_every
     """
     out = work / (f"{model.name}-{job}" + (f"-lr{lr:g}" if lr else "") + (f"-r{router_lr:g}" if router_lr else "")
                   + ("" if schedule == "constant" else f"-{schedule}")
-                  + ("" if text.name == "train.txt" else f"-{text.stem}") + ("" if aux is None else f"-aux{aux:g}"))
+                  + ("" if text.name == "train.txt" else f"-{text.stem}") + ("" if aux is None else f"-aux{aux:g}")
+                  + ("" if (SEQ_LEN, BATCH) == (256, 4) else f"-s{SEQ_LEN}b{BATCH}"))
     router_lr = router_lr or lr
     rates = (["--lr", lr] if lr else []) + (["--router-lr", router_lr] if router_lr else [])
     rates += ["--aux", aux] if aux is not None else []
