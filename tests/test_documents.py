@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -154,3 +155,13 @@ def test_a_saved_dataset_without_a_train_split_says_which_it_has(tokenizer, tmp_
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(MoeifyError, match="no train split \\(it has validation\\)"):
         documents.read_documents(str(tmp_path / "d"), tokenizer)
+
+
+@pytest.mark.parametrize("module, kind", [("pyarrow", "parquet"), ("datasets", "folder")])
+def test_tables_and_folders_without_their_package_say_which_to_install(tokenizer, tmp_path: Path, monkeypatch,
+                                                                       module: str, kind: str):
+    table = table_file(tmp_path / "rows.parquet", {"text": ROWS})
+    path = table if kind == "parquet" else tmp_path
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError, as when absent
+    with pytest.raises(MoeifyError, match=f"needs the `{module}` package: pip install 'moeify\\[train\\]'"):
+        documents.read_documents(str(path), tokenizer)

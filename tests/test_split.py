@@ -6,6 +6,7 @@ Tiny models for everything but two tests on the real SmolLM2-135M.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,7 +249,8 @@ def test_calibration_reads_plain_text_and_jsonl(tmp_path):
         calibration.read_texts(str(tmp_path / "c.jsonl"))
 
 
-def test_a_dataset_name_without_datasets_installed_is_a_clear_error():
+def test_a_dataset_name_without_datasets_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it raises ImportError, as when absent
     with pytest.raises(MoeifyError, match="needs `pip install datasets`"):
         calibration.read_texts("wikitext:wikitext-2-raw-v1")
 
