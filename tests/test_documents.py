@@ -30,6 +30,10 @@ def tokenizer(tmp_path_factory):
     return tokenizer
 
 
+def read(path: str | Path, tokenizer) -> list[str]:
+    return list(documents.documents(str(path), tokenizer))
+
+
 def table_file(path: Path, columns: dict[str, list], arrow: str = "stream") -> Path:
     """columns as a Parquet file, or an Arrow IPC file in the stream format (`datasets`') or file format."""
     table = pa.table(columns)
@@ -51,7 +55,7 @@ def jsonl_file(path: Path, rows: list[dict]) -> Path:
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow stream", "arrow file", "folder", "saved"])
 def test_every_kind_gives_the_jsonl_documents(tokenizer, tmp_path: Path, kind: str):
-    expected = documents.read_documents(str(jsonl_file(tmp_path / "rows.jsonl", [{"text": r} for r in ROWS])),
+    expected = read(str(jsonl_file(tmp_path / "rows.jsonl", [{"text": r} for r in ROWS])),
                                         tokenizer)
     columns = {"text": ROWS, "id": list(range(len(ROWS)))}  # other columns are ignored
     if kind == "parquet":
@@ -68,18 +72,18 @@ def test_every_kind_gives_the_jsonl_documents(tokenizer, tmp_path: Path, kind: s
         path = tmp_path / "saved"
         datasets.Dataset.from_dict(columns).save_to_disk(str(path))
     assert expected == ROWS
-    assert documents.read_documents(str(path), tokenizer) == expected
+    assert read(str(path), tokenizer) == expected
 
 
 def test_a_messages_column_goes_through_the_chat_template(tokenizer, tmp_path: Path):
     chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(3)]
     path = table_file(tmp_path / "chat.parquet", {"messages": chats})
-    assert documents.read_documents(str(path), tokenizer) == [f"user: hi {i}\nassistant: yo\n" for i in range(3)]
+    assert read(str(path), tokenizer) == [f"user: hi {i}\nassistant: yo\n" for i in range(3)]
 
 
 def test_a_null_text_cell_is_no_document(tokenizer, tmp_path: Path):
     path = table_file(tmp_path / "gaps.parquet", {"text": ["first", None, "", "last"]})
-    assert documents.read_documents(str(path), tokenizer) == ["first", "last"]
+    assert read(str(path), tokenizer) == ["first", "last"]
 
 
 def test_a_stream_is_read_only_as_far_as_the_run_needs(tokenizer, tmp_path: Path, monkeypatch):
@@ -143,10 +147,10 @@ def test_a_row_uses_whichever_of_text_and_messages_it_fills(tokenizer, tmp_path:
     chat = [{"role": "user", "content": "hi"}]
     rows = [{"text": None, "messages": chat}, {"text": "plain", "messages": None}, {"text": None, "messages": None}]
     expected = ["user: hi\n", "plain"]
-    assert documents.read_documents(str(jsonl_file(tmp_path / "mixed.jsonl", rows)), tokenizer) == expected
+    assert read(str(jsonl_file(tmp_path / "mixed.jsonl", rows)), tokenizer) == expected
     table = table_file(tmp_path / "mixed.parquet", {"text": [r["text"] for r in rows],
                                                     "messages": [r["messages"] for r in rows]})
-    assert documents.read_documents(str(table), tokenizer) == expected
+    assert read(str(table), tokenizer) == expected
 
 
 def test_a_saved_dataset_without_a_train_split_says_which_it_has(tokenizer, tmp_path: Path):
@@ -154,7 +158,7 @@ def test_a_saved_dataset_without_a_train_split_says_which_it_has(tokenizer, tmp_
 
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(MoeifyError, match="no train split \\(it has validation\\)"):
-        documents.read_documents(str(tmp_path / "d"), tokenizer)
+        read(str(tmp_path / "d"), tokenizer)
 
 
 @pytest.mark.parametrize("module, kind", [("pyarrow", "parquet"), ("datasets", "folder")])
@@ -164,4 +168,4 @@ def test_tables_and_folders_without_their_package_say_which_to_install(tokenizer
     path = table if kind == "parquet" else tmp_path
     monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError, as when absent
     with pytest.raises(MoeifyError, match=f"needs the `{module}` package: pip install 'moeify\\[train\\]'"):
-        documents.read_documents(str(path), tokenizer)
+        read(str(path), tokenizer)

@@ -577,7 +577,7 @@ def test_chat_messages_go_through_the_template(models: dict[str, Path], tmp_path
     path = tmp_path / "chat.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     '{"text": "plain"}\n')
-    assert documents.read_documents(str(path), tokenizer) == ["user: hi\nassistant: yo\n", "plain"]
+    assert list(documents.documents(str(path), tokenizer)) == ["user: hi\nassistant: yo\n", "plain"]
 
 
 def test_fp16_without_a_gpu_falls_back_to_fp32():

@@ -58,17 +58,22 @@ def _suffix(file: Path) -> str:
 
 
 def _dataset_folder(folder: Path, what: str) -> Path:
-    saved = any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
-    if not saved and not any(_suffix(f) in FOLDER_FILES for f in folder.rglob("*") if f.is_file()):
+    if not _saved(folder) and not any(_suffix(f) in FOLDER_FILES for f in folder.rglob("*") if f.is_file()):
         raise MoeifyError(f"{what} {folder} is a folder without data files ({', '.join(FOLDER_FILES)}); "
                           f"pass a {KINDS} file, or a folder of them")
     return folder
 
 
+def _saved(folder: Path) -> bool:
+    """Whether the folder is one `datasets` wrote with save_to_disk (a Dataset or a DatasetDict)."""
+    return any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
 def is_stream(path: str) -> bool:
-    """Whether the data is read as a stream (a folder or a Hub dataset), not a file read whole."""
-    file = check_data(path)
-    return file is None or file.is_dir()
+    """Whether data that check_data accepted is read as a stream (a folder, or a Hub dataset: the
+    name of nothing here), not a file read whole. Not checked again: a folder's check walks it."""
+    file = Path(path).expanduser()
+    return file.is_dir() or not file.exists()
 
 
 def documents(path: str, tokenizer, what: str = "--data") -> Iterator[str]:
@@ -90,10 +95,6 @@ def documents(path: str, tokenizer, what: str = "--data") -> Iterator[str]:
             yield document
     if empty:
         raise MoeifyError(f"{what} {path} is empty; give it some text in the model's language")
-
-
-def read_documents(path: str, tokenizer, what: str = "--data") -> list[str]:
-    return list(documents(path, tokenizer, what))
 
 
 # ---------------------------------------------------------------------------- rows by kind
@@ -167,7 +168,7 @@ def _folder_rows(folder: Path, what: str) -> Iterator[tuple[str, object]]:
     datasets = _require("datasets", what, folder)
     try:  # a cache of its own, gone afterwards: reading a folder writes nothing of the user's
         with tempfile.TemporaryDirectory(prefix="moeify-dataset-") as cache:
-            if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            if _saved(folder):
                 rows = datasets.load_from_disk(str(folder))
                 rows = _train_split(rows, folder) if isinstance(rows, datasets.DatasetDict) else rows
             else:

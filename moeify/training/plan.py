@@ -49,7 +49,7 @@ class Plan:
     @property
     def tokens_per_step(self) -> int:
         s = self.settings
-        return s.batch_size * s.grad_accum * s.seq_len
+        return s.sequences_per_step * s.seq_len
 
 
 def make(model: str, output: Path, settings: Settings, *, processes: int = 1, overwrite: bool = False,
@@ -183,7 +183,7 @@ def _compatible(name: str, folder: Path, model_dir: Path, tokenizer, trust_remot
 
 def _steps(settings: Settings, sequences: int) -> int:
     """Optimizer steps: --steps or --max-tokens, whichever ends first; neither: one pass over the data."""
-    per_step = settings.batch_size * settings.grad_accum
+    per_step = settings.sequences_per_step
     limits = []
     if settings.steps is not None:
         limits.append(settings.steps)
@@ -195,7 +195,7 @@ def _steps(settings: Settings, sequences: int) -> int:
 def _repetition(settings: Settings, steps: int, sequences: int) -> list[str]:
     """A note when the run reads its data more than once: held-out perplexity stops falling sooner on
     repeated text (benchmarks/heal.py), and a stream shorter than the run is otherwise silent."""
-    passes = steps * settings.batch_size * settings.grad_accum / sequences
+    passes = steps * settings.sequences_per_step / sequences
     if passes <= 1 or (settings.steps is None and settings.max_tokens is None):  # one pass, rounded up to a step
         return []
     return [(f"--data gives {sequences * settings.seq_len:,} training tokens; {steps} steps read them {passes:.1f} "
@@ -205,7 +205,7 @@ def _repetition(settings: Settings, steps: int, sequences: int) -> list[str]:
 def _tokens(settings: Settings) -> int | None:
     """The tokens --steps or --max-tokens will train on (None: neither given, one pass over the data)."""
     steps = _steps(settings, 0)
-    return steps * settings.batch_size * settings.grad_accum * settings.seq_len if steps else None
+    return steps * settings.sequences_per_step * settings.seq_len if steps else None
 
 
 def _identity(model_dir: Path, settings: Settings, processes: int, corpus: data.Corpus) -> dict:

@@ -61,7 +61,7 @@ JOBS = {Mode.SPLIT: HEAL, Mode.UPCYCLE: CONTINUE}
 
 @dataclass(frozen=True)
 class Settings:
-    data: str  # a .txt or .jsonl file ("text", or "messages" rendered with the chat template)
+    data: str  # a file, dataset folder or Hub dataset name (moeify.training.documents)
     eval_text: str | None = None  # held-out text file; None: the last eval_fraction of the data
     eval_fraction: float = 0.05  # share of the packed data's sequences held out (from its end)
     seq_len: int = 256  # tokens per packed training sequence
@@ -125,6 +125,11 @@ class Settings:
             raise MoeifyError("--lora-alpha scales LoRA adapters; give --lora-rank too")
         if self.distill == 0 and self.lm == 0 and self.aux == 0:
             raise MoeifyError("every loss weight is 0 (--distill, --lm, --aux); give at least one a weight")
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences in one optimizer step, over every process and accumulated micro-batch."""
+        return self.batch_size * self.grad_accum
 
     def for_job(self, mode: Mode) -> Settings:
         """Every None the job decides, filled in from the job's defaults."""
