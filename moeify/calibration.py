@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from moeify import documents
 from moeify.adapters import Adapter
 from moeify.checkpoint import Checkpoint
 from moeify.errors import MoeifyError
@@ -107,18 +108,17 @@ class LayerStats:
 
 
 def read_texts(name: str, tokens: int | None = None) -> list[str]:
-    """The texts of a calibration file (plain text, or JSONL with a "text" field), or of a datasets name.
+    """The texts of a calibration file (plain text, or JSONL with a "text" field), or of whatever else
+    training reads (moeify.documents: a Parquet or Arrow file, a dataset folder, a Hub dataset).
 
     tokens: the budget; only the text it can use is read (16 characters a token, ~4 times what
     English needs). None reads up to moeify.text.MAX_BYTES.
     """
     chars = None if tokens is None else 16 * tokens
     path = Path(name).expanduser()
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() not in documents.TABLES:
         return _file_texts(path, chars)
-    if path.suffix in (".txt", ".jsonl", ".json") or "/" not in name and "." in name:
-        raise MoeifyError(f"calibration file {path} does not exist; check the path")
-    return _dataset_texts(name, chars)
+    return _document_texts(name, chars or MAX_BYTES)
 
 
 def _file_texts(path: Path, chars: int | None) -> list[str]:
@@ -132,29 +132,16 @@ def _file_texts(path: Path, chars: int | None) -> list[str]:
     return texts
 
 
-def _dataset_texts(name: str, chars: int | None) -> list[str]:
-    """A Hub dataset's "text" column, as NAME or NAME:CONFIG (needs `datasets` and the network).
-
-    At most 2000 rows, and rows only until `chars` characters (or moeify.text.MAX_BYTES) are gathered.
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise MoeifyError(f"calibration {name!r} is not a file, and reading it as a dataset name needs "
-                          f"`pip install datasets`; pass a text or JSONL file instead") from None
-    repo, _, config = name.partition(":")
-    try:
-        rows = datasets.load_dataset(repo, config or None, split="train", streaming=True)
-        texts, left = [], chars or MAX_BYTES
-        for row, _ in zip(rows, range(2000)):
-            if left <= 0:
-                break
-            if row.get("text", "").strip():
-                texts.append(row["text"][:left])
-                left -= len(texts[-1])
-        return texts
-    except Exception as e:
-        raise MoeifyError(f"cannot read dataset {name!r} ({type(e).__name__}); pass a text or JSONL file instead") from None
+def _document_texts(name: str, chars: int) -> list[str]:
+    """Documents until `chars` characters: a stream is read no further (no tokenizer here, so chat
+    rows are refused: calibration wants plain "text")."""
+    texts, left = [], chars
+    for text in documents.documents(name, None, "--calibration"):
+        texts.append(text[:left])
+        left -= len(texts[-1])
+        if left <= 0:
+            break
+    return texts
 
 
 def builtin_texts(tokens: int | None = None) -> list[str]:

@@ -122,7 +122,7 @@ class Spec:
     # split only: how neurons are grouped, how routers start, and the calibration text
     partition: Partition = Partition.ACTIVATION
     split_router: SplitRouter = SplitRouter.FIT
-    calibration: str | None = None  # text or JSONL file, or a datasets name; None: the built-in corpus
+    calibration: str | None = None  # a file, dataset folder or Hub dataset name (moeify.documents); None: built-in
     calibration_tokens: int = 6144  # calibration tokens: the text's, topped up from the built-in corpus
     # merge only (moeify.merge checks them): where each routed expert's FFN comes from with the prompts
     # that should reach it, the shared experts' sources, and how routers start

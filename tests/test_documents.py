@@ -13,8 +13,9 @@ import torch
 from pyarrow import ipc
 from transformers import AutoTokenizer
 
+from moeify import calibration, documents
 from moeify.errors import MoeifyError
-from moeify.training import data, documents
+from moeify.training import data
 from tests.fixtures import make_tiny
 from tests.test_split import add_char_tokenizer
 
@@ -169,3 +170,30 @@ def test_tables_and_folders_without_their_package_say_which_to_install(tokenizer
     monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError, as when absent
     with pytest.raises(MoeifyError, match=f"needs the `{module}` package: pip install 'moeify\\[train\\]'"):
         read(str(path), tokenizer)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def test_calibration_reads_tables_and_streams_as_training_does(tmp_path: Path, monkeypatch):
+    """split's --calibration takes every kind --data takes (one reader), up to its character budget."""
+    assert calibration.read_texts(str(table_file(tmp_path / "rows.parquet", {"text": ROWS}))) == ROWS
+    import datasets
+
+    served: list[int] = []
+
+    def rows():
+        for i in range(10_000):
+            served.append(i)
+            yield {"text": ROWS[i % len(ROWS)]}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows())
+    texts = calibration.read_texts("someone/web-text", tokens=100)  # 16 characters a token
+    assert sum(map(len, texts)) == 1600 and len(served) == len(texts) < 100  # read no further
+    assert texts[:-1] == [ROWS[i % len(ROWS)] for i in served[:-1]]
+
+
+def test_calibration_refuses_chat_rows_in_one_line(tmp_path: Path):
+    path = table_file(tmp_path / "chat.parquet", {"messages": [[{"role": "user", "content": "hi"}]]})
+    with pytest.raises(MoeifyError, match=r"row 1 holds chat messages, which are read only for training"):
+        calibration.read_texts(str(path))

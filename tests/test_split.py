@@ -218,7 +218,7 @@ def test_granular_upcycling_refuses_g_not_dividing_i(llama, tmp_path, capsys):
     (["--granularity", "4", "--topk", "5"], "--topk must be between 1 and the 4 routed experts"),
     (["--granularity", "4", "--shared-experts", "1", "--topk", "4"], "--topk must be between 1 and the 3 routed"),
     (["--granularity", "1"], "--granularity must be at least 2"),
-    (["--granularity", "4", "--calibration", "missing.txt"], "calibration file missing.txt does not exist"),
+    (["--granularity", "4", "--calibration", "missing.txt"], "--calibration missing.txt does not exist"),
 ])
 def test_bad_split_input_is_one_line_exit_2_and_nothing_written(llama, tmp_path, capsys, monkeypatch, options, message):
     monkeypatch.chdir(tmp_path)
@@ -251,7 +251,7 @@ def test_calibration_reads_plain_text_and_jsonl(tmp_path):
 
 def test_a_dataset_name_without_datasets_installed_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # importing it raises ImportError, as when absent
-    with pytest.raises(MoeifyError, match="needs `pip install datasets`"):
+    with pytest.raises(MoeifyError, match=r"wikitext:wikitext-2-raw-v1 needs the `datasets` package: pip install"):
         calibration.read_texts("wikitext:wikitext-2-raw-v1")
 
 

@@ -23,7 +23,8 @@ from moeify import source
 from moeify.conversion import convert
 from moeify.errors import MoeifyError
 from moeify.spec import Format, Spec
-from moeify.training import data, documents
+from moeify import documents
+from moeify.training import data
 from moeify.training.checkpoints import Checkpoints
 from moeify.training.settings import Precision, Settings, Trainable
 from moeify.training.trainer import _precision

@@ -36,7 +36,8 @@ TopkOpt = Annotated[int | None, typer.Option(
 PartitionOpt = Annotated[Partition, typer.Option(help="How neurons are grouped into experts.")]
 RouterOpt = Annotated[SplitRouter, typer.Option("--router-init", help="How routers are built for the pieces.")]
 CalibrationOpt = Annotated[str | None, typer.Option("--calibration",
-    help="Calibration text: a .txt or .jsonl ({\"text\": ...}) file, or a datasets name. "
+    help="Calibration text: a .txt or .jsonl ({\"text\": ...}) file, a .parquet/.arrow file or dataset folder "
+         "with a text column, or a Hub dataset name. "
          "Default: moeify's built-in mix of English prose, dialogue and Python code.")]
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens; what the text lacks comes from the built-in mix.")]
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moeify.errors import MoeifyError
-from moeify.training.documents import check_data, documents, is_stream
+from moeify.documents import check_data, documents, is_stream
 
 EVAL_TOKENS = 65_536  # held-out tokens read from a stream given as --eval-text (at least 8 sequences)
 

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeify import source
+from moeify import documents, source
 from moeify.checkpoint import read_json_object
 from moeify.errors import MoeifyError
 from moeify.loading import Code, code_of, tokenizer_in
 from moeify.output import check_output, refuse_replacing
 from moeify.spec import Mode
-from moeify.training import data, documents, lora
+from moeify.training import data, lora
 from moeify.training.checkpoints import Checkpoints
 from moeify.training.settings import Objective, Settings
 from moeify.verify import read_config, routing_of

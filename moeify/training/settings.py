@@ -61,7 +61,7 @@ JOBS = {Mode.SPLIT: HEAL, Mode.UPCYCLE: CONTINUE}
 
 @dataclass(frozen=True)
 class Settings:
-    data: str  # a file, dataset folder or Hub dataset name (moeify.training.documents)
+    data: str  # a file, dataset folder or Hub dataset name (moeify.documents)
     eval_text: str | None = None  # held-out text file; None: the last eval_fraction of the data
     eval_fraction: float = 0.05  # share of the packed data's sequences held out (from its end)
     seq_len: int = 256  # tokens per packed training sequence

@@ -1,4 +1,5 @@
-"""Where training text comes from: the documents of a file, a dataset folder or a Hub dataset.
+"""Where training (and calibration) text comes from: the documents of a file, a dataset folder or a
+Hub dataset.
 
 - .txt: the whole file is one document; .jsonl: one per line.
 - .parquet, .arrow (Arrow IPC, as `datasets` writes it): one per row, read a batch at a time.
@@ -26,7 +27,7 @@ TEXTS = (".txt", ".jsonl")
 TABLES = (".parquet", ".arrow")
 KINDS = ".txt, .jsonl, .parquet or .arrow"
 FOLDER_FILES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")  # what `datasets` reads in a folder
-FILE_LIKE = (*FOLDER_FILES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip")  # a missing one is a file, not a dataset
+FILE_LIKE = (*FOLDER_FILES, ".md", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip")  # a missing one is a file, not a dataset
 COLUMNS = ("text", "messages")
 # What a Hub dataset id looks like (an optional owner, a name, an optional :config, each starting
 # with a letter or digit): anything else that is not here (./notes, ../x, /data, data/) is a
@@ -251,6 +252,9 @@ def _document(row: object, where: str, tokenizer) -> str:
         return ""  # empty (null) cells: no document
     if not (isinstance(row, dict) and isinstance(row.get("messages"), list)):
         raise MoeifyError(f"{where} has neither a \"text\" string nor a \"messages\" list")
+    if tokenizer is None:  # calibration reads its text before any tokenizer is loaded
+        raise MoeifyError(f"{where} holds chat messages, which are read only for training; give plain "
+                          f"\"text\" rows instead")
     if not getattr(tokenizer, "chat_template", None):
         raise MoeifyError(f"{where} holds chat messages, but the model's tokenizer has no chat "
                           f"template; give plain \"text\" rows instead")
