@@ -13,6 +13,8 @@
    float32, Mixtral): `mergekit-moe config.yml OUT` (mergekit 0.1.5 in a throwaway venv that reuses
    this venv's torch/transformers through a .pth) and `moeify apply config.yml --output OUT`, each in
    a fresh process (posix_spawn), alternating, median wall time and peak RSS (the process's VmHWM).
+   After each pair, the start-up both pay (importing torch, transformers' tokenizer and Llama code,
+   timed alone): the most any tool that imports them could gain on mergekit-moe.
 4. Quality of both outputs: per domain, the share of held-out tokens (after the first of each line)
    whose top-1 expert is that domain's (averaged over layers), and held-out perplexity next to each
    source model's.
@@ -330,6 +332,11 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
+# What either tool imports before it merges anything (mergekit-moe's venv reuses this venv's torch and
+# transformers): a floor under both wall times, timed alone in a fresh process after each pair of runs.
+START_UP = "import torch; from transformers import AutoTokenizer; import transformers.models.llama.modeling_llama"
+
+
 def compare(yaml: Path, work: Path, runs: int) -> dict[str, Path]:
     """Both tools on one mergekit-moe YAML, alternating, each run in a fresh process; prints the medians.
     Returns each tool's output folder (from its last run)."""
@@ -338,19 +345,26 @@ def compare(yaml: Path, work: Path, runs: int) -> dict[str, Path]:
             "mergekit-moe 0.1.5": [str(tool), str(yaml)]}
     outputs = {name: work / name.split()[0] for name in jobs}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
+    start_up = []
     for run in range(runs):
         for name, command in jobs.items():
             shutil.rmtree(outputs[name], ignore_errors=True)  # outside the clock
             extra = ["--device", "cpu"] if name.startswith("mergekit") else []
             results[name].append(timed([*command, str(outputs[name]), *extra], work / f"{name.split()[0]}.log"))
             print(f"run {run + 1}: {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB")
+        start_up.append(timed([sys.executable, "-c", START_UP], work / "start-up.log")[0])
     print(f"\n{'job':<24}{'wall s':>9}{'peak RSS MB':>13}")
     medians = {}
     for name, got in results.items():
         medians[name] = (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
         print(f"{name:<24}{medians[name][0]:>9.1f}{medians[name][1]:>13.0f}")
     ours, theirs = medians.values()
-    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it\n")
+    print(f"moeify / mergekit: time {theirs[0] / ours[0]:.2f}x faster, peak memory {ours[1] / theirs[1]:.2f} of it")
+    floor = statistics.median(start_up)
+    print(f"start-up both pay (python importing torch, transformers' tokenizer and Llama modeling): {floor:.1f} s; "
+          f"after it, moeify {ours[0] - floor:.1f} s and mergekit {theirs[0] - floor:.1f} s "
+          f"({(theirs[0] - floor) / max(ours[0] - floor, 1e-9):.2f}x); no tool paying that start-up can be more "
+          f"than {theirs[0] / floor:.2f}x faster than mergekit here\n")
     return outputs
 
 
