@@ -13,8 +13,9 @@ Model: SmolLM2-135M-Instruct (moeify's offline copy), the teacher of every run. 
 Jane Austen's "Emma" (Project Gutenberg #158, public domain; benchmarks/data/austen-emma.txt),
 paragraphs reflowed; with --train-text corpus moeify's built-in calibration corpus; with
 --train-text web ~650k tokens of modern English (300 ABC news articles and the Wikipedia articles
-of a shortened 2016 dump, test data in gensim's wheel, fetched once from PyPI). Held-out
-text: benchmarks/data/heldout.txt (modern prose, disjoint from all three). Each conversion is made
+of a shortened 2016 dump, test data in gensim's wheel, fetched once from PyPI); with --train-text
+teacher text the dense model samples itself (made once per token count). Held-out
+text: benchmarks/data/heldout.txt (modern prose, disjoint from all of them). Each conversion is made
 once with the moeify CLI, then each job is one `python -m moeify train` run with a constant
 learning rate after warmup (10% of the steps; --schedule cosine decays it instead), scored on the
 held-out text every --eval-every steps: the table reads the curve at each token budget, so one
@@ -111,6 +112,43 @@ def web_text(work: Path) -> Path:
     pages = [page for page in map(_wiki_plain, _wiki_pages(bz2.decompress(wiki).decode())) if page]
     documents = [d for pair in itertools.zip_longest(articles, pages) for d in pair if d]
     path.write_text("\n\n".join(documents) + "\n")
+    return path
+
+
+def teacher_text(work: Path, dense: Path, tokens: int) -> Path:
+    """Text the teacher writes itself (data-free distillation, as in LLM-QAT): continuations of
+    256 tokens, sampled at temperature 1 (top-p 0.95), each from the first 3-8 words of a paragraph
+    of moeify's built-in calibration corpus; batches of 64 until `tokens` are written (made once)."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = work / f"teacher-{tokens}.txt"
+    if path.is_file():
+        return path
+    torch.manual_seed(0)
+    random.seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    paragraphs = []
+    for file in sorted((REPO / "moeify/data/calibration").glob("*.txt")):
+        paragraphs += [p for p in re.split(r"\n\s*\n", file.read_text()) if len(p.split()) > 8]
+    random.shuffle(paragraphs)
+    seeds = [" ".join(p.split()[:random.randint(3, 8)]) for p in paragraphs]
+    texts, written = [], 0
+    while written < tokens:
+        batch = [seeds[(len(texts) + j) % len(seeds)] for j in range(64)]
+        encoded = tokenizer(batch, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            rows = model.generate(**encoded, max_new_tokens=256, do_sample=True, temperature=1.0, top_p=0.95,
+                                  top_k=0, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        for row in rows:
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            texts.append(" ".join(text.split()))
+            written += len(tokenizer(text).input_ids)
+        print(f"teacher text: {written} tokens", flush=True)
+    path.write_text("\n\n".join(texts) + "\n")
     return path
 
 
@@ -277,9 +315,10 @@ def main() -> None:
                                                   "(the routers' too, unless --router-lr)")
     parser.add_argument("--calibration", choices=("train", "builtin"), default="train",
                         help="what splits are calibrated on: the training text, or moeify's built-in corpus")
-    parser.add_argument("--train-text", choices=("emma", "corpus", "web"), default="emma",
-                        help="what the student is distilled on: Emma, moeify's built-in corpus, or web (news and "
-                             "Wikipedia, ~650k tokens of modern English, the held-out kind)")
+    parser.add_argument("--train-text", choices=("emma", "corpus", "web", "teacher"), default="emma",
+                        help="what the student is distilled on: Emma, moeify's built-in corpus, web (news and "
+                             "Wikipedia, ~650k tokens of modern English, the held-out kind), or text the teacher "
+                             "samples itself (as many tokens as the run needs)")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="after warmup; constant reads every budget off one curve, cosine ends lower for one")
     parser.add_argument("--aux", type=float, help="weight of the model's own router losses (load balancing, "
@@ -299,7 +338,9 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     dense = fallback_smollm2(notify=print)
-    text = web_text(args.work) if args.train_text == "web" else training_text(args.work, args.train_text == "corpus")
+    text = (web_text(args.work) if args.train_text == "web"
+            else teacher_text(args.work, dense, int(args.tokens * 1.1)) if args.train_text == "teacher"
+            else training_text(args.work, args.train_text == "corpus"))
     budgets = [int(b) for b in args.budgets.split(",") if int(b) <= args.tokens]
     if not args.overhead_only:
         results = {}
