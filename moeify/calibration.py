@@ -121,6 +121,16 @@ def read_texts(name: str, tokens: int | None = None) -> list[str]:
     return _document_texts(name, chars or MAX_BYTES)
 
 
+def check_text(name: str, tokens: int) -> None:
+    """What can be checked before anything is loaded. A file is read to its budget, so that a missing,
+    empty or malformed one fails now; a stream (a dataset folder, a Hub dataset) is checked for its
+    kind alone and read once, by the calibration pass: reading it here too would fetch it twice."""
+    if Path(name).expanduser().is_file():
+        read_texts(name, tokens)
+    else:
+        documents.check_data(name, "--calibration")
+
+
 def _file_texts(path: Path, chars: int | None) -> list[str]:
     if path.suffix == ".jsonl":
         texts = read_jsonl(path, "--calibration", chars)

@@ -255,6 +255,26 @@ def test_a_dataset_name_without_datasets_installed_is_a_clear_error(monkeypatch)
         calibration.read_texts("wikitext:wikitext-2-raw-v1")
 
 
+def test_a_hub_dataset_is_read_once_by_split_and_peer(llama, tmp_path, monkeypatch):
+    """The up-front check only names a stream's kind; the calibration pass alone reads it (a Hub
+    dataset, stood in for: no network here)."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append(args)
+        return iter([{"text": "The calibration text of a streamed dataset, row %d. " % i * 4} for i in range(50)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    run("split", llama, "--output", tmp_path / "split", "--granularity", 4, "--topk", 2,
+        "--calibration", "someone/web-text", "--calibration-tokens", 256)
+    assert calls == [("someone/web-text", None)]
+    run("peer", llama, "--output", tmp_path / "peer", "--topk", 48, "--calibration", "someone/web-text",
+        "--calibration-tokens", 256)
+    assert len(calls) == 2
+
+
 def test_statistics_stream_batch_by_batch_as_if_all_at_once():
     x, c = torch.randn(40, 6), torch.rand(40, 20)
     whole, parts = calibration.LayerStats(6, 20, True), calibration.LayerStats(6, 20, True)

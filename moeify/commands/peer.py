@@ -72,7 +72,7 @@ def peer(
 
     with claim(output, overwrite, protect=[source_], notify=ui.say) as out:  # before any download, held to the end
         if calibration_ is not None:
-            calibration.read_texts(calibration_)  # a missing or empty file fails before anything is loaded
+            calibration.check_text(calibration_, calibration_tokens)  # a missing or empty file fails before anything is loaded
         folder = source.resolve(source_, notify=ui.say)
         out.protect(folder)
         config = Checkpoint(folder).config
