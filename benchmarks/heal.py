@@ -339,6 +339,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     dense = fallback_smollm2(notify=print)
     text = (web_text(args.work) if args.train_text == "web"
+            # 10 % over the run's tokens: counted per sample here, the joined file tokenises a little differently
             else teacher_text(args.work, dense, int(args.tokens * 1.1)) if args.train_text == "teacher"
             else training_text(args.work, args.train_text == "corpus"))
     budgets = [int(b) for b in args.budgets.split(",") if int(b) <= args.tokens]
