@@ -6,6 +6,8 @@
     python benchmarks/heal.py --jobs routers,moe,local        # global distillation vs layer-wise (local)
     python benchmarks/heal.py --layouts g64s8 --calibration builtin   # splits calibrated on moeify's corpus
     python benchmarks/heal.py --overhead-only                   # the loop against a bare accelerate loop
+    python benchmarks/heal.py --layouts g8,g8r --calibration builtin --jobs routers --tokens 20480 \
+        --eval-every 5 --no-overhead                            # a split without and with --refit
     python benchmarks/heal.py --layouts g8 --calibration builtin --jobs all --aux 0 --lr 2e-4 --schedule cosine \
         --train-text web --no-overhead                          # the best G=8 recipe so far
 
@@ -51,6 +53,9 @@ LAYOUTS = {
     "g64s8": ["split", "--granularity", "64", "--shared-experts", "8", "--topk", "24"],
     # The best 50 %-active layout of benchmarks/split_quality.py (x2.35 before any training).
     "g256s32": ["split", "--granularity", "256", "--shared-experts", "32", "--topk", "96"],
+    # The same two with least-squares down projections (`split --refit`), fitted on the calibration text.
+    "g8r": ["split", "--granularity", "8", "--topk", "4", "--refit"],
+    "g256s32r": ["split", "--granularity", "256", "--shared-experts", "32", "--topk", "96", "--refit"],
     "upcycle": ["upcycle", "--experts", "8", "--topk", "2", "--drop-ratio", "0.5", "--format", "remote"],
 }
 # What trains in each job, all distilled from the dense model.

@@ -2,6 +2,7 @@
 
     python benchmarks/split_quality.py              # the full table (~10-20 minutes on 2 busy CPU cores)
     python benchmarks/split_quality.py --quick      # three rows
+    python benchmarks/split_quality.py --quick --refit   # and each row with --refit's down projections
 
 Model: SmolLM2-135M-Instruct (moeify's offline copy). Calibration text: benchmarks/data/
 calibration.txt; held-out text: benchmarks/data/heldout.txt (disjoint prose). Each row splits
@@ -9,15 +10,19 @@ every FFN with moeify.split's own grouping and router code, then runs the model 
 with each FFN replaced by its routed pieces: a token keeps the shared pieces plus the top-k
 routed pieces, each with weight 1 (the remote format's "unit" scoring). The oracle router
 keeps the k pieces with the largest activation mass for that token (it sees the answer), so
-it bounds what any router could do with that grouping. No checkpoint is written: the
+it bounds what any router could do with that grouping. With --refit, each row is also scored
+with the down projections `moeify split --refit` fits (moeify.refit) on the calibration text for
+the real router. No checkpoint is written: the
 exactness of the written checkpoints is tests/test_split.py's job.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from transformers.activations import ACT2FN
 from moeify import calibration
 from moeify.adapters import adapter_for
 from moeify.checkpoint import Checkpoint
+from moeify.refit import refitted_down
 from moeify.source import fallback_smollm2
 from moeify.spec import Mode, Partition, Spec, SplitRouter
 from moeify.split import neuron_groups, route
@@ -75,14 +81,17 @@ def perplexity(model, ids: torch.Tensor) -> float:
         return math.exp(model(ids, labels=ids).loss.item())
 
 
-def evaluate(model, ffns, act, stats, spec: Spec, groups: list, oracle: bool) -> float:
-    """Held-out perplexity with every FFN split into `groups` (per layer: routed neuron groups)."""
+def evaluate(model, ffns, act, stats, spec: Spec, groups: list, oracle: bool, refit: bool = False) -> float:
+    """Held-out perplexity with every FFN split into `groups` (per layer: (shared, routed) neuron groups)."""
     mlps = [layer.mlp for layer in model.model.layers]
     for i, ffn in enumerate(ffns):
+        shared, routed = groups[i]
         piece_of = torch.full((ffn.intermediate_size,), -1, dtype=torch.long)
-        for e, g in enumerate(groups[i]):
+        for e, g in enumerate(routed):
             piece_of[g] = e
-        router = route(ffn, groups[i], spec, stats[i])
+        router = route(ffn, routed, spec, stats[i])
+        if refit:
+            ffn = replace(ffn, down=refitted_down(ffn, act, shared, routed, router, spec.topk, stats[i].inputs))
         model.model.layers[i].mlp = SplitFFN(ffn, act, piece_of, router, spec.topk, oracle)
     try:
         return perplexity(model, HELDOUT)
@@ -111,7 +120,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--router", default="fit", choices=[r.value for r in SplitRouter])
     parser.add_argument("--tokens", type=int, default=Spec.calibration_tokens,
-                        help="calibration tokens (the text's, topped up with samples from the model)")
+                        help="calibration tokens (the text's, topped up with the built-in corpus)")
+    parser.add_argument("--refit", action="store_true", help="also score each row with refitted down projections")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     folder = fallback_smollm2(print)
@@ -124,21 +134,25 @@ def main() -> None:
     HELDOUT = torch.tensor([tokenizer((DATA / "heldout.txt").read_text())["input_ids"]])
     started = time.perf_counter()
     stats = calibration.collect(folder, adapter, layers, str(DATA / "calibration.txt"), args.tokens, 0,
-                                coactivation=True, notify=print)
+                                coactivation=True, keep_inputs=args.refit, notify=print)
     print(f"calibration: {stats[0].tokens} tokens, {time.perf_counter() - started:.0f} s; "
           f"held-out: {HELDOUT.shape[1]} tokens", flush=True)
     ffns = [adapter.read_ffn(ckpt, i) for i in layers]
     dense = perplexity(model, HELDOUT)
     print(f"dense perplexity {dense:.2f}, router: {args.router}\n", flush=True)
-    print("| partition | shared | G | top-k | active share | ppl ratio, router | ppl ratio, oracle |")
-    print("|---|---|---|---|---|---|---|")
+    refit = " ppl ratio, router + refit |" if args.refit else ""
+    print(f"| partition | shared | G | top-k | active share | ppl ratio, router | ppl ratio, oracle |{refit}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.refit else ""))
     for partition, G, S, k in QUICK if args.quick else FULL:
         spec = Spec(mode=Mode.SPLIT, experts=1, granularity=G, shared_experts=S, topk=k,
                     partition=Partition(partition), split_router=SplitRouter(args.router))
-        groups = [neuron_groups(ffn, spec, i, stats[i])[1] for i, ffn in enumerate(ffns)]
+        # A shallow copy each: grouping uses up a layer's co-activation sums (stats.cc), every row needs them.
+        groups = [neuron_groups(ffn, spec, i, copy.copy(stats[i])) for i, ffn in enumerate(ffns)]
         real = evaluate(model, ffns, act, stats, spec, groups, oracle=False) / dense
         best = evaluate(model, ffns, act, stats, spec, groups, oracle=True) / dense
-        print(f"| {partition} | {S}/{G} | {G} | {k} | {(S + k) / G:.0%} | ×{real:.2f} | ×{best:.2f} |", flush=True)
+        refitted = f" ×{evaluate(model, ffns, act, stats, spec, groups, False, refit=True) / dense:.2f} |" if args.refit else ""
+        print(f"| {partition} | {S}/{G} | {G} | {k} | {(S + k) / G:.0%} | ×{real:.2f} | ×{best:.2f} |{refitted}",
+              flush=True)
     print(f"| single neurons (reference) | 0 | {ffns[0].intermediate_size} | 50% | 50% | — | "
           f"×{neuron_oracle(model, ffns, act, 0.5) / dense:.2f} |")
     print(f"\n{time.perf_counter() - started:.0f} s")

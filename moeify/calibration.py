@@ -58,18 +58,21 @@ class LayerStats:
     hidden: int
     intermediate: int
     coactivation: bool  # keep C^T C (I, I) as well: only the activation partition needs it
+    keep_inputs: bool = False  # keep X itself: a refit (moeify.refit) needs it once the pieces are chosen
     tokens: int = 0
     mass: torch.Tensor = field(init=False)  # (I,) sum of C
     hot: torch.Tensor = field(init=False)  # (I,) tokens on which the neuron is strongly active
     xx: torch.Tensor = field(init=False)  # (H, H) X^T X
     xs: torch.Tensor = field(init=False)  # (H, I) X^T S, S = C / C.sum(1): least-squares routers, any grouping
     cc: torch.Tensor | None = field(init=False)  # (I, I) C^T C
+    inputs: list[torch.Tensor] | None = field(init=False)  # the (T, H) float32 inputs, when keep_inputs
 
     def __post_init__(self) -> None:
         H, I = self.hidden, self.intermediate
         self.mass, self.hot = torch.zeros(I, dtype=torch.float64), torch.zeros(I, dtype=torch.float64)
         self.xx, self.xs = torch.zeros(H, H, dtype=torch.float64), torch.zeros(H, I, dtype=torch.float64)
         self.cc = torch.zeros(I, I) if self.coactivation else None
+        self.inputs = [] if self.keep_inputs else None
 
     @staticmethod
     def nbytes(hidden: int, intermediate: int, coactivation: bool) -> int:
@@ -78,6 +81,8 @@ class LayerStats:
     def update(self, x: torch.Tensor, c: torch.Tensor) -> None:
         """Add tokens: x (T, H) FFN inputs, c (T, I) their neuron contributions."""
         self.tokens += len(x)
+        if self.inputs is not None:
+            self.inputs.append(x.clone())
         self.mass += c.sum(0).double()
         top = c.topk(max(1, int(HOT_SHARE * self.intermediate)), dim=1).indices
         self.hot += torch.bincount(top.reshape(-1), minlength=self.intermediate).double()
@@ -232,7 +237,7 @@ def sequence_length(config: dict) -> int:
 
 
 def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
-            coactivation: bool, on_progress: Callable[[int, int], None] = lambda done, total: None,
+            coactivation: bool, keep_inputs: bool = False, on_progress: Callable[[int, int], None] = lambda done, total: None,
             notify: Callable[[str], None] = lambda line: None,
             reduce: Callable[[int, LayerStats], Any] = lambda layer, stats: stats) -> dict[int, Any]:
     """Run the dense model on calibration text and return reduce(layer, statistics) of each chosen FFN.
@@ -265,7 +270,8 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     last = max(layers)
     for index in range(last + 1):
         if index in layers:
-            stats = LayerStats(hidden, adapter.read_ffn(ckpt, index, meta=True).intermediate_size, coactivation)
+            stats = LayerStats(hidden, adapter.read_ffn(ckpt, index, meta=True).intermediate_size, coactivation,
+                               keep_inputs)
             mlp = adapter.mlp_path(index)
             runner.run_layer(index, states, lambda i, layer: _recording(
                 runner.model.get_submodule(mlp), stats, adapter.read_ffn(_Loaded(ckpt, runner.model), i), act))

@@ -160,6 +160,8 @@ def _conversion_rows(facts: Facts) -> list[tuple[str, str]]:
     if spec.mode.value == "split":
         rows += [("partition / router", f"{spec.partition.value} / {spec.split_router.value}"),
                  ("calibration", _calibration(spec))]
+        if spec.refit:
+            rows.append(("down projections", "refitted by least squares to the dense FFN (--refit)"))
     else:
         rows += [("router init", f"{spec.router_init.value} (std {spec.router_std})"),
                  ("noise / drop ratio", f"{spec.noise} / {spec.drop_ratio}")]

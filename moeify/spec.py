@@ -124,6 +124,7 @@ class Spec:
     split_router: SplitRouter = SplitRouter.FIT
     calibration: str | None = None  # a file, dataset folder or Hub dataset name (moeify.documents); None: built-in
     calibration_tokens: int = 6144  # calibration tokens: the text's, topped up from the built-in corpus
+    refit: bool = False  # least-squares down projections for the selected pieces (moeify.refit)
     # merge only (moeify.merge checks them): where each routed expert's FFN comes from with the prompts
     # that should reach it, the shared experts' sources, and how routers start
     expert_sources: list | None = None  # [{"source": str, "positive": [str], "negative": [str]}], one per expert
@@ -149,6 +150,8 @@ class Spec:
                 _check_number(f.name, getattr(self, f.name), LIMITS[f.name], whole=isinstance(f.default, int))
         if self.mode is Mode.SPLIT:
             self._validate_split()
+        elif self.refit:
+            raise MoeifyError(f"refit belongs to a split (its pieces' down projections); a {self.mode.value} has none")
         elif self.experts < 2:
             raise MoeifyError(f"--experts must be at least 2 (got {self.experts})")
         elif not 1 <= self.topk <= self.experts:
@@ -191,6 +194,11 @@ class Spec:
             raise MoeifyError(f"--topk must be between 1 and the {self.routed_experts} routed experts (got {self.topk})")
         if self.calibration_tokens < 16:
             raise MoeifyError(f"--calibration-tokens must be at least 16 (got {self.calibration_tokens})")
+        if not isinstance(self.refit, bool):
+            raise MoeifyError(f"refit must be true or false (got {_shown(self.refit)})")
+        if self.refit and self.shared_experts == 0 and self.topk >= self.routed_experts:
+            raise MoeifyError("--refit repays what unselected pieces would add, and here every piece is selected "
+                              "(the split is exact); lower --topk or drop --refit")
 
     @property
     def routed_experts(self) -> int:

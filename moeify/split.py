@@ -4,6 +4,8 @@ Dense FFN -> G pieces made of disjoint sets of intermediate neurons. The pieces'
 to the FFN's, so with unit combine weights (each selected piece weighs 1) selecting all of
 them is the dense FFN exactly, and selecting fewer is the partial sum of the chosen pieces.
 Shared experts are carved from the neurons most often strongly active on calibration text.
+With spec.refit the down projection is refitted to the chosen pieces instead (moeify.refit):
+fewer pieces then stand in for the rest on text like the calibration text.
 
 MoE layer -> every expert cut into G contiguous pieces sharing its router row (a virtual
 group, chosen together), top-k multiplied by G: exact, as in granular upcycling.
@@ -11,12 +13,14 @@ group, chosen together), top-k multiplied by G: exact, as in granular upcycling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from moeify.calibration import LayerStats
 from moeify.partition import partition
+from moeify.refit import refitted_down
 from moeify.spec import Partition, Spec, SplitRouter
 from moeify.transforms import FFN, MoELayer, Scoring, check_divisible, generator, pieces
 
@@ -32,7 +36,7 @@ def needs_calibration(spec: Spec) -> bool:
     if everything_active(spec):
         return False
     return (spec.partition is Partition.ACTIVATION or spec.split_router is SplitRouter.FIT
-            or spec.shared_experts > 0)
+            or spec.shared_experts > 0 or spec.refit)
 
 
 def everything_active(spec: Spec) -> bool:
@@ -54,10 +58,13 @@ class LayerPlan:
     shared: list[torch.Tensor]  # neuron indices of each shared expert
     groups: list[torch.Tensor]  # neuron indices of each routed expert
     router: torch.Tensor  # (E, H) float32
+    down: torch.Tensor | None = None  # (H, I) the FFN's down projection refitted to these pieces (spec.refit)
 
 
-def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None) -> LayerPlan:
-    """Group the neurons and build the router; stats are needed when needs_calibration(spec).
+def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None,
+               act: Callable | None = None) -> LayerPlan:
+    """Group the neurons and build the router; stats are needed when needs_calibration(spec), and
+    with spec.refit stats holding the FFN's inputs and act, the FFN's activation.
 
     The activation partition uses up the co-activation sums: stats.cc is None afterwards.
     """
@@ -65,7 +72,13 @@ def plan_layer(ffn: FFN, spec: Spec, layer: int, stats: LayerStats | None = None
     if stats is None and everything_active(spec):
         spec = _uncalibrated(spec)
     shared, groups = neuron_groups(ffn, spec, layer, stats)
-    return LayerPlan(shared, groups, route(ffn, groups, spec, stats))
+    router = route(ffn, groups, spec, stats)
+    if not spec.refit:
+        return LayerPlan(shared, groups, router)
+    assert stats is not None and stats.inputs is not None and act is not None, "a refit needs the FFN's inputs"
+    down = refitted_down(ffn, act, shared, groups, router, spec.topk, stats.inputs)
+    stats.inputs = None  # used up
+    return LayerPlan(shared, groups, router, down)
 
 
 def split_ffn(ffn: FFN, spec: Spec, layer: int, plan: LayerPlan | None = None) -> MoELayer:
@@ -75,7 +88,9 @@ def split_ffn(ffn: FFN, spec: Spec, layer: int, plan: LayerPlan | None = None) -
     ffn may hold meta tensors (planning): the grouping is then contiguous, only shapes matter.
     """
     if plan is None or ffn.up.is_meta:
-        plan = plan_layer(ffn, spec, layer)
+        plan = plan_layer(ffn, replace(spec, refit=False), layer)
+    if plan.down is not None:
+        ffn = replace(ffn, down=plan.down.to(ffn.down.dtype))
     experts = [_piece(ffn, g) for g in plan.groups]
     return MoELayer(experts=experts, router=plan.router.to(ffn.up.dtype), topk=spec.topk,
                     shared=[_piece(ffn, s) for s in plan.shared], scoring=Scoring.UNIT, output_bias=ffn.down_bias)

@@ -148,7 +148,7 @@ def test_bad_override_and_missing_recipe(source, tmp_path, capsys):
 
 def test_spec_of_reads_a_split_recipe():
     spec = recipe.load(recipe.find("split"))
-    assert spec.mode is Mode.SPLIT and spec.granularity == 8 and spec.topk == 4
+    assert spec.mode is Mode.SPLIT and spec.granularity == 8 and spec.topk == 4 and spec.refit
 
 
 @pytest.mark.parametrize("name", ["switch", "recipes/switch.yaml", "switch.yaml"])

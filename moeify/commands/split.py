@@ -4,6 +4,7 @@ Examples:
 
     moeify split smollm2-135m --granularity 8 --output smollm2-split8          # all 8 active: exact
     moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
+    moeify split smollm2-135m --granularity 8 --topk 4 --refit --output smollm2-8e-top4-refit  # down projections refitted
     moeify split ./my-llama --granularity 16 --shared-experts 2 --topk 6 --partition activation --output out
     moeify split ./my-mixtral --granularity 2 --output mixtral-16e                # native Mixtral, exact
     moeify split ./my-qwen3-moe --granularity 2 --output qwen3-moe-fine          # native Qwen3-MoE, exact
@@ -19,11 +20,20 @@ import typer
 
 from moeify import source, ui
 from moeify.adapters import adapter_for
-from moeify.output import claim
 from moeify.commands.options import (
-    DTypeOpt, EngineOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
+    DTypeOpt,
+    EngineOpt,
+    FormatOpt,
+    LayersOpt,
+    OutputOpt,
+    OverwriteOpt,
+    SeedOpt,
+    ShardOpt,
+    SharedOpt,
+    SourceArg,
 )
 from moeify.errors import MoeifyError
+from moeify.output import claim
 from moeify.spec import DType, Engine, Format, Mode, Partition, Spec, SplitRouter
 
 if TYPE_CHECKING:  # torch and transformers load when a split runs, not for `moeify split --help`
@@ -40,6 +50,9 @@ CalibrationOpt = Annotated[str | None, typer.Option("--calibration",
          "with a text column, or a Hub dataset name. "
          "Default: moeify's built-in mix of English prose, dialogue and Python code.")]
 TokensOpt = Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens; what the text lacks comes from the built-in mix.")]
+RefitOpt = Annotated[bool, typer.Option("--refit/--no-refit",
+    help="Refit each FFN's down projection by least squares so that the pieces a token selects reproduce the "
+         "whole FFN on the calibration text (dense source, fewer pieces than all selected).")]
 
 
 def split(
@@ -52,6 +65,7 @@ def split(
     router_init: RouterOpt = SplitRouter.FIT,
     calibration_: CalibrationOpt = None,
     calibration_tokens: TokensOpt = 6144,
+    refit: RefitOpt = False,
     moe_layers: LayersOpt = "all",
     format_: FormatOpt = Format.AUTO,
     engine: EngineOpt = Engine.ANY,
@@ -72,6 +86,8 @@ def split(
 
     moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
 
+    moeify split smollm2-135m --granularity 8 --topk 4 --refit --output smollm2-8e-top4-refit
+
     moeify split ./my-mixtral --granularity 2 --output mixtral-16e   # native Mixtral, exact
     """
     from moeify import calibration, conversion
@@ -91,7 +107,7 @@ def split(
             topk = moe.topk(config) * granularity if moe else max(granularity - shared_experts, 1)
         spec = Spec(mode=Mode.SPLIT, experts=moe.count if moe else 1, granularity=granularity, topk=topk,
                     shared_experts=shared_experts, partition=partition, split_router=router_init,
-                    calibration=calibration_, calibration_tokens=calibration_tokens, moe_layers=moe_layers,
+                    calibration=calibration_, calibration_tokens=calibration_tokens, refit=refit, moe_layers=moe_layers,
                     format=format_, engine=engine, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
         transform = _moe_transform(moe, spec) if moe else _dense_transform(folder, config, spec)
         with ui.byte_progress("writing") as (set_total, advance):
@@ -105,6 +121,8 @@ def _moe_transform(moe: MoESource, spec: Spec):
 
     if spec.shared_experts:
         raise MoeifyError("--shared-experts carves neurons of dense FFNs; a MoE source keeps its own experts")
+    if spec.refit:
+        raise MoeifyError("--refit refits the pieces of dense FFNs; a MoE source's split is exact already")
     if moe.native and spec.format is Format.REMOTE:
         raise MoeifyError(f"a {moe.model_type} source is split into its own native format; drop --format remote")
     if not moe.native and spec.format is Format.NATIVE:
@@ -145,14 +163,17 @@ def _dense_transform(folder: Path, config: dict, spec: Spec):
 
 def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int, LayerPlan]:
     """Each layer's grouping and router, from statistics on calibration text (dropped once used)."""
+    from transformers.activations import ACT2FN
+
     from moeify import calibration
     from moeify.checkpoint import Checkpoint
     from moeify.split import plan_layer
 
     ckpt = Checkpoint(folder)
+    act = ACT2FN[adapter.activation(ckpt.config)]
     # The source's dtype: planning widens only the rows it uses (a float32 FFN of a 1.1B is 138 MB).
-    reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer), spec, layer, stats)  # noqa: E731
+    reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer), spec, layer, stats, act)
     with ui.count_progress("calibrating (layers)") as report:
         return calibration.collect(folder, adapter, layers, spec.calibration, spec.calibration_tokens, spec.seed,
-                                   coactivation=spec.partition is Partition.ACTIVATION,
+                                   coactivation=spec.partition is Partition.ACTIVATION, keep_inputs=spec.refit,
                                    on_progress=report, notify=ui.say, reduce=reduce)
