@@ -237,7 +237,8 @@ def sequence_length(config: dict) -> int:
 
 
 def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None, budget: int, seed: int,
-            coactivation: bool, keep_inputs: bool = False, on_progress: Callable[[int, int], None] = lambda done, total: None,
+            coactivation: bool, keep_inputs: bool = False,
+            on_progress: Callable[[int, int], None] = lambda done, total: None,
             notify: Callable[[str], None] = lambda line: None,
             reduce: Callable[[int, LayerStats], Any] = lambda layer, stats: stats) -> dict[int, Any]:
     """Run the dense model on calibration text and return reduce(layer, statistics) of each chosen FFN.
@@ -247,7 +248,8 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     a grouping and a router) and dropped before the next layer is read, so memory is one layer,
     one layer's statistics and the tokens' hidden states, whatever the depth. Layers after the
     last chosen one are never read. on_progress(done, total) counts layers. seed is unused since
-    calibration text is no longer sampled; kept so recorded specs replay.
+    calibration text is no longer sampled; kept so recorded specs replay. keep_inputs: the layer's
+    statistics also hold its FFN inputs (tokens × H floats), for a refit once its pieces are chosen.
     """
     from transformers.activations import ACT2FN
 

@@ -4,7 +4,7 @@ Examples:
 
     moeify split smollm2-135m --granularity 8 --output smollm2-split8          # all 8 active: exact
     moeify split smollm2-135m --granularity 8 --topk 4 --calibration notes.txt --output smollm2-8e-top4
-    moeify split smollm2-135m --granularity 8 --topk 4 --refit --output smollm2-8e-top4-refit  # down projections refitted
+    moeify split smollm2-135m --granularity 8 --topk 4 --refit --output smollm2-8e-top4-refit  # least squares
     moeify split ./my-llama --granularity 16 --shared-experts 2 --topk 6 --partition activation --output out
     moeify split ./my-mixtral --granularity 2 --output mixtral-16e                # native Mixtral, exact
     moeify split ./my-qwen3-moe --granularity 2 --output qwen3-moe-fine          # native Qwen3-MoE, exact
@@ -20,20 +20,11 @@ import typer
 
 from moeify import source, ui
 from moeify.adapters import adapter_for
+from moeify.output import claim
 from moeify.commands.options import (
-    DTypeOpt,
-    EngineOpt,
-    FormatOpt,
-    LayersOpt,
-    OutputOpt,
-    OverwriteOpt,
-    SeedOpt,
-    ShardOpt,
-    SharedOpt,
-    SourceArg,
+    DTypeOpt, EngineOpt, FormatOpt, LayersOpt, OutputOpt, OverwriteOpt, SeedOpt, ShardOpt, SharedOpt, SourceArg,
 )
 from moeify.errors import MoeifyError
-from moeify.output import claim
 from moeify.spec import DType, Engine, Format, Mode, Partition, Spec, SplitRouter
 
 if TYPE_CHECKING:  # torch and transformers load when a split runs, not for `moeify split --help`
