@@ -51,7 +51,7 @@ SEQ_LEN, BATCH = 256, 4  # 1024 tokens per step; --seq-len and --batch-size chan
 LAYOUTS = {
     "g8": ["split", "--granularity", "8", "--topk", "4"],  # activation partition, fitted routers
     "g64s8": ["split", "--granularity", "64", "--shared-experts", "8", "--topk", "24"],
-    # The best 50 %-active layout of benchmarks/split_quality.py (x2.35 before any training).
+    # The best 50 %-active layout of benchmarks/split_quality.py (x2.26 before any training).
     "g256s32": ["split", "--granularity", "256", "--shared-experts", "32", "--topk", "96"],
     # The same two with least-squares down projections (`split --refit`), fitted on the calibration text.
     "g8r": ["split", "--granularity", "8", "--topk", "4", "--refit"],
