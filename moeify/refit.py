@@ -31,9 +31,12 @@ def refitted_down(ffn: FFN, act: Callable, shared: list[torch.Tensor], groups: l
 
     shared, groups: neuron indices of the shared and routed pieces; router (E, H); inputs: the
     FFN's calibration inputs, (T, H) float32 tensors. The ridge pulls towards the dense down
-    projection, which also keeps neurons that calibration never selects as they were.
+    projection, which also keeps neurons that calibration never selects as they were. The fit runs
+    in float32 (one layer's FFN widened) and the result comes back in the FFN's own dtype.
     """
-    down = ffn.down.float()
+    dtype = ffn.down.dtype
+    ffn = ffn.map(lambda role, t: t.float())
+    down = ffn.down
     owner = _owners(ffn.intermediate_size, groups)
     always = torch.zeros(ffn.intermediate_size, dtype=torch.bool)
     for piece in shared:
@@ -53,7 +56,7 @@ def refitted_down(ffn: FFN, act: Callable, shared: list[torch.Tensor], groups: l
     gram.diagonal().add_(ridge)
     cross.add_(down.T.double(), alpha=ridge)
     # Symmetric positive definite (the ridge sees to it): Cholesky, half the work of a general solve.
-    return torch.cholesky_solve(cross, torch.linalg.cholesky(gram)).T.to(ffn.down.dtype)
+    return torch.cholesky_solve(cross, torch.linalg.cholesky(gram)).T.to(dtype)
 
 
 def _owners(intermediate: int, groups: list[torch.Tensor]) -> torch.Tensor:

@@ -106,3 +106,12 @@ def test_refit_of_a_moe_source_is_refused(llama, tmp_path, capsys):
 def test_a_recipe_with_a_misplaced_or_malformed_refit_is_refused(fields, message):
     with pytest.raises(MoeifyError, match=message):
         Spec(**fields)
+
+
+def test_a_bfloat16_source_is_refitted_in_float32_and_written_in_bfloat16(tmp_path):
+    source = add_char_tokenizer(make_tiny("llama", tmp_path / "bf16", dtype=torch.bfloat16))
+    split(source, tmp_path / "plain", "--granularity", 4, "--topk", 2)
+    split(source, tmp_path / "refit", "--granularity", 4, "--topk", 2, "--refit")
+    plain, refit = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "refit"))
+    down = "model.layers.0.mlp.experts.0.down_proj.weight"
+    assert refit[down].dtype == torch.bfloat16 and not torch.equal(refit[down], plain[down])
