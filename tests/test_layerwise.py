@@ -111,8 +111,8 @@ def test_split_outputs_are_the_same_from_both_paths(tmp_path, monkeypatch):
     options = ("--granularity", 4, "--topk", 2, "--calibration", text, "--calibration-tokens", 800)
     assert run_cli("split", llama, "--output", tmp_path / "layerwise", *options) == 0
 
-    def whole(folder, adapter, layers, text_, budget, seed, coactivation, on_progress=None, notify=None,
-              reduce=lambda layer, stats: stats):
+    def whole(folder, adapter, layers, text_, budget, seed, coactivation, keep_inputs=False, on_progress=None,
+              notify=None, reduce=lambda layer, stats: stats):
         stats = whole_model_statistics(folder, layers, text_, budget)
         return {i: reduce(i, stats[i]) for i in layers}
 
