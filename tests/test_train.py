@@ -705,5 +705,5 @@ def test_the_shipped_split_heal_recipe_reads():
     settings = recipe_section(data, {"train.data": str(TEXT)})
     assert (settings.train, settings.distill, settings.lm, settings.max_tokens) == (Trainable.ROUTERS, 1.0, 0.0, 100000)
     spec = recipes.spec_of(data)
-    assert (spec.mode.value, spec.granularity, spec.topk) == ("split", 8, 4)
+    assert (spec.mode.value, spec.granularity, spec.topk, spec.refit) == ("split", 8, 4, True)
 
