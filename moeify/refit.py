@@ -37,17 +37,14 @@ def refitted_down(ffn: FFN, act: Callable, shared: list[torch.Tensor], groups: l
     dtype = ffn.down.dtype
     ffn = ffn.map(lambda role, t: t.float())
     down = ffn.down
-    owner = _owners(ffn.intermediate_size, groups)
-    always = torch.zeros(ffn.intermediate_size, dtype=torch.bool)
-    for piece in shared:
-        always[piece] = True
+    owner = _owners(ffn.intermediate_size, shared, groups)
     gram = torch.zeros(ffn.intermediate_size, ffn.intermediate_size, dtype=torch.float64)
     cross = torch.zeros(ffn.intermediate_size, ffn.hidden_size, dtype=torch.float64)
     for x in inputs:
         for part in x.split(CHUNK):
             active = neuron_activations(ffn, act, part)  # (T, I)
             target = active @ down.T  # the dense output, without its bias (the layer adds it whole)
-            chosen = _selected(part @ router.T, topk)[:, owner] | always  # (T, I)
+            chosen = _selected(part @ router.T, topk)[:, owner]  # (T, I)
             features = active * chosen
             # Products in float32 (twice as fast), sums in float64 (many chunks add up).
             gram += features.T @ features
@@ -59,16 +56,20 @@ def refitted_down(ffn: FFN, act: Callable, shared: list[torch.Tensor], groups: l
     return torch.cholesky_solve(cross, torch.linalg.cholesky(gram)).T.to(dtype)
 
 
-def _owners(intermediate: int, groups: list[torch.Tensor]) -> torch.Tensor:
-    """(I,) the routed piece each neuron belongs to; shared neurons point at an extra, never-chosen column."""
-    owner = torch.full((intermediate,), len(groups), dtype=torch.long)
+def _owners(intermediate: int, shared: list[torch.Tensor], groups: list[torch.Tensor]) -> torch.Tensor:
+    """(I,) the routed piece each neuron belongs to; shared neurons point at an extra column, E."""
+    owner = torch.full((intermediate,), -1, dtype=torch.long)
+    for piece in shared:
+        owner[piece] = len(groups)
     for e, piece in enumerate(groups):
         owner[piece] = e
+    assert (owner >= 0).all(), "shared and routed pieces must cover every neuron"
     return owner
 
 
 def _selected(logits: torch.Tensor, topk: int) -> torch.Tensor:
-    """(T, E + 1) bool: each token's top-k pieces (the last column, shared neurons' owner, is False)."""
+    """(T, E + 1) bool: each token's top-k pieces, and the extra column of the shared neurons, always on."""
     chosen = torch.zeros(logits.shape[0], logits.shape[1] + 1, dtype=torch.bool)
     chosen.scatter_(1, logits.topk(topk, dim=1).indices, True)
+    chosen[:, -1] = True
     return chosen
