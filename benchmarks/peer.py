@@ -145,7 +145,6 @@ def split_row(model, ffns, act, stats, share: float) -> float:
 
 def quality(quick: bool, tokens: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.activations import ACT2FN
 
     from moeify.source import fallback_smollm2
 
@@ -155,7 +154,7 @@ def quality(quick: bool, tokens: int) -> None:
     ckpt = Checkpoint(folder)
     adapter = adapter_for(ckpt.config)
     layers = list(range(adapter.num_layers(ckpt.config)))
-    act = ACT2FN[adapter.activation(ckpt.config)]
+    act = adapter.activation_fn(ckpt.config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     split_quality.HELDOUT = torch.tensor([tokenizer((DATA / "heldout.txt").read_text())["input_ids"]])

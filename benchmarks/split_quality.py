@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.activations import ACT2FN
 
 from moeify import calibration
 from moeify.adapters import adapter_for
@@ -128,7 +127,7 @@ def main() -> None:
     ckpt = Checkpoint(folder)
     adapter = adapter_for(ckpt.config)
     layers = list(range(adapter.num_layers(ckpt.config)))
-    act = ACT2FN[adapter.activation(ckpt.config)]
+    act = adapter.activation_fn(ckpt.config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     HELDOUT = torch.tensor([tokenizer((DATA / "heldout.txt").read_text())["input_ids"]])

@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, ClassVar
 from moeify.errors import MoeifyError
 
 if TYPE_CHECKING:  # torch and transformers load only when tensors are read: `moeify inspect` stays instant
+    from collections.abc import Callable
+
+    import torch
+
     from moeify.checkpoint import Checkpoint
     from moeify.transforms import FFN
 
@@ -96,6 +100,12 @@ class Adapter:
         from transformers import AutoConfig
 
         return getattr(AutoConfig.for_model(self.model_type), self.activation_field)
+
+    def activation_fn(self, config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The FFN's activation as a function, as the family's modeling code applies it."""
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.activation(config)]
 
     @property
     def gated(self) -> bool:

@@ -251,8 +251,6 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
     calibration text is no longer sampled; kept so recorded specs replay. keep_inputs: the layer's
     statistics also hold its FFN inputs (tokens × H floats), for a refit once its pieces are chosen.
     """
-    from transformers.activations import ACT2FN
-
     from moeify.layerwise import LayerwiseModel
     from moeify.loading import Code, tokenizer_in
 
@@ -265,7 +263,7 @@ def collect(folder: Path, adapter: Adapter, layers: list[int], text: str | None,
                           f"copy its tokenizer files in")
     batches = calibration_batches(tokenizer, text, budget, notify, sequence_length(ckpt.config))
     runner = LayerwiseModel(folder, Code.FAMILY)
-    act = ACT2FN[adapter.activation(ckpt.config)]
+    act = adapter.activation_fn(ckpt.config)
     hidden = int(ckpt.config[adapter.hidden_field])
     states = runner.start(batches)
     results: dict[int, Any] = {}

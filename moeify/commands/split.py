@@ -154,14 +154,12 @@ def _dense_transform(folder: Path, config: dict, spec: Spec):
 
 def _calibrate(folder: Path, adapter, layers: list[int], spec: Spec) -> dict[int, LayerPlan]:
     """Each layer's grouping and router, from statistics on calibration text (dropped once used)."""
-    from transformers.activations import ACT2FN
-
     from moeify import calibration
     from moeify.checkpoint import Checkpoint
     from moeify.split import plan_layer
 
     ckpt = Checkpoint(folder)
-    act = ACT2FN[adapter.activation(ckpt.config)]
+    act = adapter.activation_fn(ckpt.config)
     # The source's dtype: planning widens only the rows it uses (a float32 FFN of a 1.1B is 138 MB).
     reduce = lambda layer, stats: plan_layer(adapter.read_ffn(ckpt, layer), spec, layer, stats, act)
     with ui.count_progress("calibrating (layers)") as report:
