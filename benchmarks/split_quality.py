@@ -149,7 +149,9 @@ def main() -> None:
         groups = [neuron_groups(ffn, spec, i, copy.copy(stats[i])) for i, ffn in enumerate(ffns)]
         real = evaluate(model, ffns, act, stats, spec, groups, oracle=False) / dense
         best = evaluate(model, ffns, act, stats, spec, groups, oracle=True) / dense
-        refitted = f" ×{evaluate(model, ffns, act, stats, spec, groups, False, refit=True) / dense:.2f} |" if args.refit else ""
+        refitted = ""
+        if args.refit:
+            refitted = f" ×{evaluate(model, ffns, act, stats, spec, groups, False, refit=True) / dense:.2f} |"
         print(f"| {partition} | {S}/{G} | {G} | {k} | {(S + k) / G:.0%} | ×{real:.2f} | ×{best:.2f} |{refitted}",
               flush=True)
     print(f"| single neurons (reference) | 0 | {ffns[0].intermediate_size} | 50% | 50% | — | "

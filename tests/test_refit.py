@@ -73,7 +73,7 @@ def test_a_refitted_split_changes_only_down_projections_and_comes_closer_to_the_
     plain = split(llama, tmp_path / "plain", "--granularity", 4, "--topk", 2)
     refit = split(llama, tmp_path / "refit", "--granularity", 4, "--topk", 2, "--refit")
     assert plain == refit  # same architecture: only weights differ
-    before, after = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "refit" / "model.safetensors")
+    before, after = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "refit"))
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.endswith("down_proj.weight") for name in changed)
     text = torch.tensor([[ord(c) - 29 for c in HELDOUT.read_text()[:200] if 32 <= ord(c) < 127]])

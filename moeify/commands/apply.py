@@ -131,4 +131,5 @@ def _split(source_name: str, output, spec: Spec, overwrite: bool) -> None:
     split(source_name, output, granularity=spec.granularity, topk=spec.topk, shared_experts=spec.shared_experts,
           partition=spec.partition, router_init=spec.split_router, calibration_=spec.calibration,
           calibration_tokens=spec.calibration_tokens, refit=spec.refit, moe_layers=spec.moe_layers,
-          format_=spec.format, engine=spec.engine, dtype=spec.dtype, seed=spec.seed, max_shard_size=spec.max_shard_size, overwrite=overwrite)
+          format_=spec.format, engine=spec.engine, dtype=spec.dtype, seed=spec.seed,
+          max_shard_size=spec.max_shard_size, overwrite=overwrite)
