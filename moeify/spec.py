@@ -151,7 +151,8 @@ class Spec:
         if self.mode is Mode.SPLIT:
             self._validate_split()
         elif self.refit:
-            raise MoeifyError(f"refit belongs to a split (its pieces' down projections); a {self.mode.value} has none")
+            raise MoeifyError(f"refit belongs to a split (its pieces' down projections), not to "
+                              f"{self.mode.value} recipes; drop it")
         elif self.experts < 2:
             raise MoeifyError(f"--experts must be at least 2 (got {self.experts})")
         elif not 1 <= self.topk <= self.experts:
